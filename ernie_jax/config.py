@@ -1,0 +1,342 @@
+"""The config tree: typed, frozen dataclasses loaded from YAML with `base:` inheritance and
+`--set a.b=c` overrides. Every user mistake fails at load time with one line naming the key.
+
+    cfg = load_config("configs/tiny_moe.yaml", overrides=["train.steps=10", "moe.top_k=2"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from ernie_jax.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder shape and numerics (names follow the ERNIE 4.5 config.json where one exists)."""
+    vocab_size: int = 103424
+    hidden_size: int = 1024
+    num_layers: int = 18
+    num_heads: int = 16
+    num_kv_heads: int = 2
+    head_dim: int = 128
+    intermediate_size: int = 3072
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = True
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    init_std: float = 0.02
+    mtp_depth: int = 0  # multi-token-prediction layers (num_nextn_predict_layers)
+    mtp_loss_weight: float = 0.1
+    remat: Literal["none", "full", "dots_saveable"] = "none"
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts; `num_experts: 0` makes every layer dense."""
+    num_experts: int = 0
+    top_k: int = 2
+    intermediate_size: int = 0
+    num_shared_experts: int = 0
+    layer_start: int = 1
+    layer_end: int = -1  # -1: the last layer
+    layer_interval: int = 1
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.0  # capacity = ceil(factor * tokens * top_k / experts)
+    norm_min: float = 1e-12
+    aux_loss_weight: float = 1e-5
+    z_loss_weight: float = 0.0
+    orth_loss_weight: float = 0.0
+    orth_mode: Literal["loss", "decoupled"] = "loss"  # decoupled: SGD step on the router after the optimizer
+    group_orthogonal: bool = False
+    bias_update_rate: float = 1e-3  # aux-loss-free correction-bias step; 0 freezes the bias
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Vision encoder and adapter (the VL model); disabled for text models."""
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means 'the remaining devices'."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    pipeline: int = 1
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.01
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.1  # wsd: final fraction of steps spent in 1-sqrt decay
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    router_lr_ratio: float = 0.01
+    grad_accum_steps: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "embedded"  # "embedded" or a path/glob of .txt/.jsonl/.array_record files
+    tokenizer: str = "embedded"  # "embedded" or a directory holding tokenizer.model / tokenizer.json
+    seq_len: int = 256
+    batch_size: int = 8
+    shuffle_seed: int = 0
+    eval_fraction: float = 0.01
+    max_doc_chars: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 500
+    keep: int = 3
+    async_save: bool = True
+    init_from: str = ""  # orbax or Hugging Face directory to start from
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    eval_interval: int = 200
+    eval_steps: int = 10
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    interval: int = 10
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (following `base:` links), apply `a.b=c` overrides, validate."""
+    raw = _read_yaml_tree(os.fspath(path)) if path else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a Config from a nested dict, rejecting unknown keys and wrong types."""
+    return _build(Config, raw, prefix="")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def _read_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    if path in seen:
+        raise ConfigError(f"config {path}: `base:` chain loops back to itself; remove the cycle")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections (model:, moe:, ...), got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml_tree(os.path.join(os.path.dirname(path), base), seen + (path,))
+    _deep_merge(merged, raw)
+    return merged
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.steps=100)")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is a value, not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        typ, value, dotted = hints[name], raw[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, dotted + ".")
+        else:
+            kwargs[name] = _coerce(typ, value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(typ: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(typ):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {typ}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (arg, *_) = typing.get_args(typ) or (Any,)
+        return tuple(_coerce(arg, v, key) for v in value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the key and how to fix it."""
+    m, e = cfg.model, cfg.moe
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size"):
+        _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (GQA groups)")
+    _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
+    _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
+    _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
+    if e.num_experts:
+        _require(e.num_experts > 0, f"moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)")
+        _require(1 <= e.top_k <= e.num_experts,
+                 f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}")
+        _require(e.intermediate_size > 0, "moe.intermediate_size must be set (> 0) when moe.num_experts > 0")
+        _require(e.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0")
+        _require(e.layer_interval >= 1, f"moe.layer_interval={e.layer_interval} must be >= 1")
+        end = m.num_layers - 1 if e.layer_end == -1 else e.layer_end
+        _require(0 <= e.layer_start < m.num_layers,
+                 f"moe.layer_start={e.layer_start} must be in [0, model.num_layers={m.num_layers})")
+        _require(e.layer_start <= end < m.num_layers,
+                 f"moe.layer_end={e.layer_end} must be -1 or in [moe.layer_start, model.num_layers)")
+        _require(any(is_moe_layer(i, m.num_layers, e) for i in range(m.num_layers)),
+                 "moe.layer_start/layer_end/layer_interval select no MoE layer; widen the range")
+        _require(e.capacity_factor > 0, f"moe.capacity_factor={e.capacity_factor} must be > 0")
+        if e.group_orthogonal:
+            _require(e.num_experts % e.top_k == 0,
+                     f"moe.group_orthogonal needs moe.top_k={e.top_k} to divide moe.num_experts={e.num_experts}")
+    o = cfg.optimizer
+    _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
+    _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
+    _require(o.learning_rate >= 0, "optimizer.learning_rate must be >= 0")
+    d = cfg.data
+    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
+    _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _require(d.seq_len <= m.max_position_embeddings,
+             f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(cfg.train.steps >= 0, "train.steps must be >= 0")
+    _require(cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
+    _require(cfg.log.interval >= 1, "log.interval must be >= 1")
+    for axis in ("data", "fsdp", "tensor", "expert", "pipeline"):
+        size = getattr(cfg.mesh, axis)
+        _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
+
+
+def is_moe_layer(i: int, num_layers: int, moe: MoEConfig) -> bool:
+    """ERNIE placement rule: layer i is MoE iff (i+1) % interval == 0 and start <= i <= end."""
+    if moe.num_experts == 0:
+        return False
+    end = num_layers - 1 if moe.layer_end == -1 else moe.layer_end
+    return (i + 1) % moe.layer_interval == 0 and moe.layer_start <= i <= end

@@ -1,0 +1,241 @@
+"""Streaming conversion between Hugging Face directories, ernie_jax models and orbax checkpoints.
+
+Import fills each stacked param tensor by tensor from memory-mapped safetensors; when a scratch
+directory is given the destination arrays are disk-backed too (np.memmap), so peak host memory is
+about one tensor group rather than the whole model. Export writes shard by shard.
+Destinations are written to a temporary sibling and renamed at the end: a failed conversion
+leaves nothing at DST.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ernie_jax.config import Config, from_dict, to_json
+from ernie_jax.convert.hf_text import HFCheckpoint, config_from_hf, config_to_hf, key_table, to_hf, to_ours
+from ernie_jax.convert.safetensors_io import save_file
+from ernie_jax.errors import CheckpointError
+from ernie_jax.model.ernie import ErnieForCausalLM
+
+CONFIG_FILE = "ernie_config.json"
+PARAMS_DIR = "params"
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, flush=True)
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        if not isinstance(tree, dict) or p not in tree:
+            raise CheckpointError(f"internal key table names {'.'.join(path)}, which the model does not have")
+        tree = tree[p]
+    return tree
+
+
+def abstract_state(cfg: Config):
+    """(graphdef, pure dict of ShapeDtypeStruct) of the model, without allocating it."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, state
+
+
+def read_hf_params(ckpt: HFCheckpoint, cfg: Config, scratch: str | None = None, quiet: bool = True) -> dict:
+    """Pure param dict (numpy) for `cfg` from a HF checkpoint. Every model param must be covered."""
+    _, state = abstract_state(cfg)
+    shapes = nnx.to_pure_dict(state)
+
+    def alloc(path, leaf):
+        if scratch is None:
+            return np.zeros(leaf.shape, leaf.dtype)
+        name = os.path.join(scratch, "_".join(str(getattr(p, "key", p)) for p in path) + ".npy")
+        return np.lib.format.open_memmap(name, mode="w+", dtype=leaf.dtype, shape=leaf.shape)
+
+    params = jax.tree_util.tree_map_with_path(alloc, shapes)
+    filled = {id(leaf): 0 for leaf in jax.tree.leaves(params)}
+    table = key_table(cfg)
+    by_key = {e.key: e for e in table}
+    for n, key in enumerate(ckpt.keys_by_file(by_key)):
+        e = by_key[key]
+        if e.layout == "row" and key not in ckpt.weight_map:
+            continue  # checkpoints without a correction bias route with bias 0
+        target = _get(params, e.path)
+        t = to_ours(ckpt.get(key), e.layout)
+        want = target[e.index].shape if e.index else target.shape
+        if t.shape != want:
+            raise CheckpointError(f"{ckpt.path}: tensor {key} has shape {to_hf(t, e.layout).shape}, expected "
+                                  f"{to_hf(np.empty(want), e.layout).shape} for this config.json")
+        if e.index:
+            target[e.index] = t
+        else:
+            target[...] = t
+        filled[id(target)] += 1
+        if (n + 1) % 200 == 0:
+            _log(f"  read {n + 1}/{len(table)} tensors", quiet)
+    unfilled = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
+                if filled[id(v)] == 0 and not p[-1].key == "correction_bias"]
+    if unfilled:
+        raise CheckpointError(f"{ckpt.path}: no tensor filled {unfilled[0]}; the checkpoint does not match its config")
+    return params
+
+
+def _hf_config(ckpt: HFCheckpoint, dtype: str) -> Config:
+    cfg = config_from_hf(ckpt.config, dtype=dtype, source=os.path.join(ckpt.path, "config.json"))
+    if cfg.model.mtp_depth and "model.mtp_emb_norm.0.weight" not in ckpt.weight_map:
+        # transformers drops MTP weights on save; keep the rest of the model usable.
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mtp_depth=0))
+    return cfg
+
+
+def load_pretrained(path: str, dtype: str = "float32", quiet: bool = True) -> ErnieForCausalLM:
+    """A ready NNX model from a Hugging Face directory or an ernie_jax converted checkpoint."""
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        cfg = _read_our_config(path, dtype)
+        params = restore_params(path, cfg)
+    else:
+        ckpt = HFCheckpoint(path)
+        cfg = _hf_config(ckpt, dtype)
+        params = read_hf_params(ckpt, cfg, quiet=quiet)
+    return model_from_params(cfg, params)
+
+
+def model_from_params(cfg: Config, params: dict) -> ErnieForCausalLM:
+    graphdef, state = abstract_state(cfg)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+def save_pretrained(model: ErnieForCausalLM, path: str, shard_bytes: int = 2 << 30, quiet: bool = True) -> None:
+    """Write `model` as a Hugging Face directory (config.json + sharded safetensors + index)."""
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    write_hf(model.cfg, params, path, shard_bytes=shard_bytes, quiet=quiet)
+
+
+def write_hf(cfg: Config, params: dict, path: str, shard_bytes: int = 2 << 30, quiet: bool = True) -> None:
+    with _atomic_dir(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg), f, indent=2)
+        table = key_table(cfg)
+        groups, current, size = [], [], 0
+        for e in table:
+            target = _get(params, e.path)
+            nbytes = int(np.prod(target.shape[len(e.index):])) * target.dtype.itemsize
+            if current and size + nbytes > shard_bytes:
+                groups.append(current)
+                current, size = [], 0
+            current.append(e)
+            size += nbytes
+        groups.append(current)
+        weight_map, total = {}, 0
+        for i, group in enumerate(groups):
+            name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
+            tensors = {}
+            for e in group:
+                target = _get(params, e.path)
+                tensors[e.key] = to_hf(np.asarray(target[e.index] if e.index else target), e.layout)
+                weight_map[e.key] = name
+                total += tensors[e.key].nbytes
+            save_file(tensors, os.path.join(tmp, name))
+            _log(f"  wrote {name} ({len(tensors)} tensors)", quiet)
+        if len(groups) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+class _atomic_dir:
+    """Write into a temporary sibling of `path`, rename into place only on success."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def __enter__(self) -> str:
+        if os.path.exists(self.path) and (not os.path.isdir(self.path) or os.listdir(self.path)):
+            raise CheckpointError(f"destination {self.path} already exists and is not empty; choose a new directory")
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".partial-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if os.path.isdir(self.path):
+            os.rmdir(self.path)
+        os.rename(self.tmp, self.path)
+        return False
+
+
+# ----------------------------------------------------------------------------- orbax side
+
+def _read_our_config(path: str, dtype: str | None = None) -> Config:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        raw = json.load(f)
+    if dtype:
+        raw.setdefault("model", {})["dtype"] = dtype
+    return from_dict(raw)
+
+
+def save_params(path: str, cfg: Config, params: dict, quiet: bool = True) -> None:
+    """Orbax checkpoint of the params + our config JSON (what the trainer's init_from reads)."""
+    import orbax.checkpoint as ocp
+    with _atomic_dir(path) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+            ckptr.wait_until_finished()
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(to_json(cfg))
+    _log(f"  saved orbax params to {path}", quiet)
+
+
+def restore_params(path: str, cfg: Config, shardings: Callable | None = None) -> dict:
+    """Restore the pure param dict saved by `save_params` (onto `shardings(path, leaf)` if given)."""
+    import orbax.checkpoint as ocp
+    _, state = abstract_state(cfg)
+    target = nnx.to_pure_dict(state)
+    if shardings is not None:
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, l: jax.ShapeDtypeStruct(l.shape, l.dtype, sharding=shardings(p, l)), target)
+    full = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(full):
+        raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory: convert it with "
+                              f"`python -m ernie_jax.convert hf-to-ernie`")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(full, target)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: params do not match {CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+
+
+def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False) -> Config:
+    """HF directory -> orbax params checkpoint + ernie_config.json, streaming through disk-backed arrays."""
+    ckpt = HFCheckpoint(src)
+    cfg = _hf_config(ckpt, dtype)
+    _log(f"converting {src} -> {dst} ({len(ckpt.weight_map)} tensors)", quiet)
+    scratch = tempfile.mkdtemp(prefix=".ernie-convert-", dir=os.path.dirname(os.path.abspath(dst)) or ".")
+    try:
+        params = read_hf_params(ckpt, cfg, scratch=scratch, quiet=quiet)
+        save_params(dst, cfg, params, quiet=quiet)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return cfg
+
+
+def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = False) -> Config:
+    """orbax params checkpoint (from hf-to-ernie or training) -> HF directory."""
+    if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
+        raise CheckpointError(f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer")
+    cfg = _read_our_config(src)
+    params = jax.tree.map(np.asarray, restore_params(src, cfg))
+    _log(f"exporting {src} -> {dst}", quiet)
+    write_hf(cfg, params, dst, shard_bytes=shard_bytes, quiet=quiet)
+    return cfg

@@ -1,0 +1,17 @@
+"""User-facing error types: one per layer, each message names the key/file/tensor and the fix."""
+
+
+class ErnieJaxError(Exception):
+    """Base class for errors a user can cause (bad config, data or checkpoint)."""
+
+
+class ConfigError(ErnieJaxError, ValueError):
+    """A config file, override or value is invalid."""
+
+
+class DataError(ErnieJaxError, ValueError):
+    """A data source or tokenizer is missing or unusable."""
+
+
+class CheckpointError(ErnieJaxError, ValueError):
+    """A checkpoint (orbax or Hugging Face) is missing, corrupt or of another model."""

@@ -1,0 +1,239 @@
+"""The ERNIE 4.5 decoder: pre-norm blocks, stacked and scanned, with optional MoE and MTP.
+
+Layer layout. ERNIE places MoE at layer i iff (i+1) % interval == 0 and start <= i <= end, so the
+decoder is: a `prefix` stack of dense layers, a stack of `units` (interval-1 dense layers then one
+MoE layer, repeated), and a `suffix` stack of dense layers. Each stack is one scan, so compile time
+does not grow with depth. `layer_plan` maps global layer indices onto this layout (conversion).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ernie_jax.config import Config, is_moe_layer
+from ernie_jax.model.attention import Attention, attention_mask
+from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
+from ernie_jax.model.moe import MoEBlock
+from ernie_jax.model.rope import rope_angles
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Counts of the three stacks; `locate(i)` -> (stack, unit, slot) for global layer i."""
+    num_prefix: int
+    num_units: int
+    dense_per_unit: int
+    num_suffix: int
+
+    @property
+    def num_moe(self) -> int:
+        return self.num_units
+
+    def locate(self, i: int) -> tuple[str, int, int]:
+        """('prefix', j, -1) | ('units', u, slot) with slot == dense_per_unit for MoE | ('suffix', j, -1)."""
+        if i < self.num_prefix:
+            return ("prefix", i, -1)
+        i -= self.num_prefix
+        per = self.dense_per_unit + 1
+        if i < self.num_units * per:
+            return ("units", i // per, i % per)
+        return ("suffix", i - self.num_units * per, -1)
+
+
+def layer_plan(cfg: Config) -> LayerPlan:
+    n = cfg.model.num_layers
+    moe_ids = [i for i in range(n) if is_moe_layer(i, n, cfg.moe)]
+    if not moe_ids:
+        return LayerPlan(n, 0, 0, 0)
+    interval = cfg.moe.layer_interval
+    first = moe_ids[0] - (interval - 1)
+    return LayerPlan(first, len(moe_ids), interval - 1, n - 1 - moe_ids[-1])
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+@struct.dataclass
+class ModelOutput:
+    """logits [B,S,V]; router_losses: named scalars summed over MoE layers; expert_load [L_moe,E];
+    mtp_logits [D,B,S,V] or None; hidden [B,S,H] (last hidden state before the final norm)."""
+    logits: jax.Array
+    router_losses: dict
+    expert_load: Any = None
+    dropped_fraction: Any = None
+    mtp_logits: Any = None
+    hidden: Any = None
+
+
+class DecoderLayer(nnx.Module):
+    """x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x)), FFN dense SwiGLU or MoE."""
+
+    def __init__(self, cfg: Config, moe: bool, *, rngs: nnx.Rngs):
+        m = cfg.model
+        kw = dict(rngs=rngs, std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+        self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
+        self.self_attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, **kw)
+        self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
+        self.mlp = MoEBlock(m.hidden_size, cfg.moe, **kw) if moe else SwiGLU(m.hidden_size, m.intermediate_size, **kw)
+        self.is_moe = moe
+
+    def __call__(self, x, angles, mask, token_mask):
+        x = x + self.self_attn(self.input_layernorm(x), angles, mask)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            y, stats = self.mlp(h, token_mask)
+        else:
+            y, stats = self.mlp(h), {}
+        return x + y, stats
+
+
+def _stack(n: int, make, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+        return make(r)
+    return create(rngs)
+
+
+def _scan_layers(stack, x, ctx, remat: str):
+    """Apply a stacked DecoderLayer (or unit) over its leading axis with nnx.scan."""
+    def apply(layer, x, ctx):
+        return layer(x, *ctx)
+    if remat != "none":
+        apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
+    def body(x, layer, ctx):
+        return apply(layer, x, ctx)
+    return body(x, stack, ctx)
+
+
+class MoEUnit(nnx.Module):
+    """`dense_per_unit` dense layers followed by one MoE layer (one period of the layer pattern)."""
+
+    def __init__(self, cfg: Config, dense_per_unit: int, *, rngs: nnx.Rngs):
+        self.remat = cfg.model.remat
+        self.dense = _stack(dense_per_unit, lambda r: DecoderLayer(cfg, False, rngs=r), rngs) \
+            if dense_per_unit else None
+        self.moe = DecoderLayer(cfg, True, rngs=rngs)
+
+    def __call__(self, x, angles, mask, token_mask):
+        if self.dense is not None:
+            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask), self.remat)
+        return self.moe(x, angles, mask, token_mask)
+
+
+class MTPLayer(nnx.Module):
+    """One multi-token-prediction depth: Linear_{2H->H}([norm(emb_shifted); norm(h_prev)]) -> dense layer."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        m = cfg.model
+        pd = _dtype(m.param_dtype)
+        self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
+        self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
+        self.linear_proj = Linear(2 * m.hidden_size, m.hidden_size, axes=("mlp", "embed"), rngs=rngs,
+                                  std=m.init_std, dtype=_dtype(m.dtype), param_dtype=pd)
+        self.block = DecoderLayer(cfg, False, rngs=rngs)
+
+    def __call__(self, h, emb, angles, mask, token_mask):
+        u = self.linear_proj(jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1))
+        out, _ = self.block(u, angles, mask, token_mask)
+        return out
+
+
+class ErnieForCausalLM(nnx.Module):
+    """ERNIE 4.5 text model (dense or MoE). Call with input_ids [B,S] -> ModelOutput."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        m = cfg.model
+        self.cfg = cfg
+        self.plan = plan = layer_plan(cfg)
+        dt, pd = _dtype(m.dtype), _dtype(m.param_dtype)
+        self.embed_tokens = Embed(m.vocab_size, m.hidden_size, rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd)
+        dense = lambda r: DecoderLayer(cfg, False, rngs=r)  # noqa: E731
+        self.prefix = _stack(plan.num_prefix, dense, rngs) if plan.num_prefix else None
+        self.units = _stack(plan.num_units, lambda r: MoEUnit(cfg, plan.dense_per_unit, rngs=r), rngs) \
+            if plan.num_units else None
+        self.suffix = _stack(plan.num_suffix, dense, rngs) if plan.num_suffix else None
+        self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
+        self.lm_head = None if m.tie_word_embeddings else Linear(
+            m.hidden_size, m.vocab_size, axes=("embed", "vocab"), rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd)
+        self.mtp = _stack(m.mtp_depth, lambda r: MTPLayer(cfg, rngs=r), rngs) if m.mtp_depth else None
+
+    def head(self, h: jax.Array) -> jax.Array:
+        h = self.norm(h)
+        return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> ModelOutput:
+        """input_ids [B,S]; positions [B,S] (default arange); segment_ids [B,S] (0 = padding,
+        equal ids attend to each other; default all ones). inputs_embeds replaces the lookup."""
+        m = self.cfg.model
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, s), jnp.int32)
+        angles = rope_angles(positions, m.head_dim, m.rope_theta)
+        mask = attention_mask(segment_ids)
+        token_mask = segment_ids > 0
+        ctx = (angles, mask, token_mask)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
+        if self.prefix is not None:
+            x, _ = _scan_layers(self.prefix, x, ctx, m.remat)
+        stats = None
+        if self.units is not None:
+            x, stats = _scan_layers(self.units, x, ctx, m.remat)
+        if self.suffix is not None:
+            x, _ = _scan_layers(self.suffix, x, ctx, m.remat)
+        logits = self.head(x)
+        mtp_logits = self._mtp(x, input_ids, ctx) if self.mtp is not None else None
+        losses, load, dropped = _summarise_router_stats(stats)
+        return ModelOutput(logits=logits, router_losses=losses, expert_load=load, dropped_fraction=dropped,
+                           mtp_logits=mtp_logits, hidden=x)
+
+    def _mtp(self, h, input_ids, ctx):
+        """Depth d predicts token t+d+2 from h_t and the embedding of token t+d+1 (shifted left)."""
+        depth = self.cfg.model.mtp_depth
+        pad = self.cfg.model.pad_token_id
+        s = input_ids.shape[1]
+        padded = jnp.pad(input_ids, ((0, 0), (0, depth)), constant_values=pad)
+        shifted = jnp.stack([padded[:, d + 1:d + 1 + s] for d in range(depth)])   # [D,B,S]
+        embs = self.embed_tokens(shifted)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
+        def body(h, layer, emb, ctx):
+            out = layer(h, emb, *ctx)
+            return out, self.head(out)
+        _, logits = body(h, self.mtp, embs, ctx)
+        return logits
+
+
+def _summarise_router_stats(stats):
+    """Per-layer stats [L_moe, ...] -> (losses summed over layers, expert load [L_moe,E], drop fraction)."""
+    if not stats:
+        zero = jnp.zeros((), jnp.float32)
+        return {"aux_loss": zero, "z_loss": zero, "orth_loss": zero}, None, None
+    losses = {k: jnp.sum(stats[k]) for k in ("aux_loss", "z_loss", "orth_loss")}
+    dropped = jnp.sum(stats["dropped"]) / jnp.maximum(jnp.sum(stats["assignments"]), 1.0)
+    return losses, stats["expert_load"], dropped
+
+
+def router_loss_total(output: ModelOutput, cfg: Config) -> jax.Array:
+    """lambda_aux * L_aux + lambda_z * L_z + lambda_orth * L_orth (orth only in `loss` mode)."""
+    e = cfg.moe
+    r = output.router_losses
+    total = e.aux_loss_weight * r["aux_loss"] + e.z_loss_weight * r["z_loss"]
+    if e.orth_mode == "loss":
+        total = total + e.orth_loss_weight * r["orth_loss"]
+    return total

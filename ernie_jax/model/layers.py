@@ -1,0 +1,76 @@
+"""Basic layers: RMSNorm, Linear with an injectable dot_general (the FP8 hook), Embed, SwiGLU MLP.
+
+Params live in `param_dtype` (fp32 master copy); math runs in `dtype` (bf16 for training, fp32
+for parity). Every Param carries logical axis names in its `axes` metadata for the sharding rules.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DotGeneral = Callable[..., jax.Array]
+
+
+def normal_init(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x * rsqrt(mean(x^2) + eps), computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ W with W [in, out], no bias. `dot_general` is replaceable (FP8, quantised matmuls)."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, std: float,
+                 dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general):
+        self.dtype = dtype
+        self.dot_general = dot_general
+        self.kernel = nnx.Param(normal_init(std)(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        w = self.kernel[...].astype(self.dtype)
+        return self.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, H]; `attend` reuses it as a tied LM head."""
+
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.embedding = nnx.Param(normal_init(std)(rngs.params(), (vocab, dim), param_dtype),
+                                   axes=("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("bsh,vh->bsv", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN, the shared experts and the MTP layer FFN."""
+
+    def __init__(self, hidden: int, inter: int, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
+                 param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general):
+        kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general)
+        self.gate_proj = Linear(hidden, inter, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(hidden, inter, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(inter, hidden, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,161 @@
+"""The MoE block: fp32 softmax router with an aux-free correction bias, routed experts as batched
+tensors [E, ...], optional shared experts, and two dispatch implementations behind one call:
+
+- dropless: sort assignments by expert, grouped matmul with `jax.lax.ragged_dot`, unsort;
+- capacity: scatter into fixed buffers [E, C, H], batched einsum, gather back; assignments past
+  an expert's capacity are dropped (their token still gets the shared experts).
+
+Dims: T tokens, H hidden, E experts, K top-k, C capacity, I expert width.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.model import router_losses
+from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
+
+
+class CorrectionBias(nnx.Variable):
+    """Aux-loss-free routing bias: non-trainable, updated by a pure rule after each step."""
+
+
+class Router(nnx.Module):
+    """logits = x.f32 @ W [H, E]; kept in fp32 regardless of the compute dtype."""
+
+    def __init__(self, hidden: int, num_experts: int, *, rngs: nnx.Rngs, std: float):
+        self.kernel = nnx.Param(normal_init(std)(rngs.params(), (hidden, num_experts), jnp.float32),
+                                axes=("embed", "exp"))
+        self.correction_bias = CorrectionBias(jnp.zeros((num_experts,), jnp.float32), axes=("exp",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(jnp.float32), self.kernel[...], precision=jax.lax.Precision.HIGHEST)
+
+
+class Experts(nnx.Module):
+    """E SwiGLU experts stored as stacked kernels gate/up [E,H,I] and down [E,I,H]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, *, rngs: nnx.Rngs, std: float,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        init = normal_init(std)
+        self.dtype = dtype
+        self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inter), param_dtype),
+                                   axes=("exp", "embed", "mlp"))
+        self.up_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inter), param_dtype),
+                                 axes=("exp", "embed", "mlp"))
+        self.down_proj = nnx.Param(init(rngs.params(), (num_experts, inter, hidden), param_dtype),
+                                   axes=("exp", "mlp", "embed"))
+
+    def kernels(self):
+        return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+
+
+def route(logits: jax.Array, bias: jax.Array, top_k: int, norm_min: float):
+    """Softmax in fp32; select top-k on p + bias; weights from unbiased p, renormalised.
+
+    Returns probs [T,E], selected expert ids [T,K], combine weights [T,K].
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, idx = jax.lax.top_k(probs + bias, top_k)
+    weights = jnp.take_along_axis(probs, idx, axis=-1)
+    weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), norm_min)
+    return probs, idx, weights
+
+
+def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels) -> jax.Array:
+    """Every assignment is computed: sort by expert, ragged_dot per expert group, unsort, combine."""
+    gate, up, down = kernels
+    t, k = idx.shape
+    num_experts = gate.shape[0]
+    flat_expert = idx.reshape(-1)                                     # [T*K], token-major
+    order = jnp.argsort(flat_expert, stable=True)
+    tokens = order // k
+    xs = jnp.take(x, tokens, axis=0)                                  # [T*K, H] grouped by expert
+    sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    ys = jax.lax.ragged_dot(h, down, sizes)                           # [T*K, H]
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
+    return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
+    return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
+
+
+def capacity_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, mask: jax.Array, kernels,
+                     capacity: int):
+    """Fixed buffers [E, C, H]. First choices of all tokens get slots before second choices
+    (GShard priority); padding tokens take no slot. Returns (y [T,H], kept [T,K] bool)."""
+    gate, up, down = kernels
+    t, k = idx.shape
+    num_experts = gate.shape[0]
+    expert_km = idx.T.reshape(-1)                                     # [K*T], choice-major priority
+    live = jnp.tile(mask.astype(bool), k)
+    onehot = jax.nn.one_hot(expert_km, num_experts, dtype=jnp.int32) * live[:, None]
+    slot = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # position inside its expert
+    keep = live & (slot < capacity)
+    slot = jnp.where(keep, slot, capacity)                            # out of range -> dropped by scatter
+    token = jnp.tile(jnp.arange(t), k)
+    buf = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
+    buf = buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop")
+    h = jax.nn.silu(jnp.einsum("ech,ehi->eci", buf, gate)) * jnp.einsum("ech,ehi->eci", buf, up)
+    out = jnp.einsum("eci,eih->ech", h, down)
+    ys = out.at[expert_km, slot].get(mode="fill", fill_value=0)      # [K*T, H]
+    kept = keep.reshape(k, t).T
+    ys = ys.reshape(k, t, -1).transpose(1, 0, 2)
+    y = jnp.einsum("tkh,tk->th", ys, (weights * kept).astype(ys.dtype))
+    return y, kept
+
+
+class MoEBlock(nnx.Module):
+    """Routed experts + shared experts; returns the output and a dict of named router statistics."""
+
+    def __init__(self, hidden: int, moe_cfg, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
+                 param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general):
+        self.cfg = moe_cfg
+        self.gate = Router(hidden, moe_cfg.num_experts, rngs=rngs, std=std)
+        self.experts = Experts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size, rngs=rngs, std=std,
+                               dtype=dtype, param_dtype=param_dtype)
+        shared_width = moe_cfg.intermediate_size * moe_cfg.num_shared_experts
+        self.shared_experts = SwiGLU(hidden, shared_width, rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype,
+                                     dot_general=dot_general) if shared_width else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array):
+        """x [B,S,H], token_mask [B,S] (1 = real token) -> (y [B,S,H], stats)."""
+        cfg = self.cfg
+        b, s, hdim = x.shape
+        xt = x.reshape(b * s, hdim).astype(self.dtype)
+        mask = token_mask.reshape(b * s)
+        logits = self.gate(xt)
+        probs, idx, weights = route(logits, self.gate.correction_bias[...], cfg.top_k, cfg.norm_min)
+        kernels = self.experts.kernels()
+        if cfg.dispatch == "dropless":
+            y = dropless_experts(xt, idx, weights, kernels)
+            kept = jnp.ones_like(idx, bool)
+        else:
+            cap = expert_capacity(b * s, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+            y, kept = capacity_experts(xt, idx, weights, mask, kernels, cap)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xt)
+        stats = self._stats(logits, probs, idx, kept, mask)
+        return y.reshape(b, s, hdim).astype(x.dtype), stats
+
+    def _stats(self, logits, probs, idx, kept, mask):
+        cfg = self.cfg
+        maskf = mask.astype(jnp.float32)
+        _, unbiased_idx = jax.lax.top_k(probs, cfg.top_k)
+        groups = cfg.top_k if cfg.group_orthogonal else 1
+        load = (jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32) * maskf[:, None, None]).sum((0, 1))
+        dropped = jnp.sum((~kept) * maskf[:, None])
+        return {
+            "aux_loss": router_losses.aux_balance_loss(probs, unbiased_idx, mask),
+            "z_loss": router_losses.z_loss(logits, mask),
+            "orth_loss": router_losses.orthogonal_loss(self.gate.kernel[...], groups),
+            "expert_load": jax.lax.stop_gradient(load),                          # [E] tokens per expert
+            "dropped": jax.lax.stop_gradient(dropped),                           # dropped assignments
+            "assignments": jnp.sum(maskf) * cfg.top_k,
+        }
