@@ -1,0 +1,108 @@
+"""Parameter counts per component, total and active, from abstract shapes only (no allocation).
+
+    python -m ernie_jax.summary --config configs/ernie45_300b_a47b.yaml
+
+Active = what one token touches: routed experts count top_k/E of their size. MTP layers are
+training-only and reported separately (not in the totals), as are non-trainable buffers.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from ernie_jax.config import Config, load_config
+
+COMPONENTS = ("embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
+              "norms", "mtp")
+
+
+def _component(path: tuple[str, ...]) -> str:
+    names = [str(p) for p in path]
+    if names[0] == "mtp":
+        return "mtp"
+    if names[0] in ("embed_tokens", "lm_head"):
+        return "embedding" if names[0] == "embed_tokens" else "lm_head"
+    if "self_attn" in names:
+        return "attention"
+    if "experts" in names:
+        return "routed_experts"
+    if "shared_experts" in names:
+        return "shared_experts"
+    if "gate" in names and names[-1] == "kernel" and "mlp" in names and names[names.index("mlp") + 1] == "gate":
+        return "router"
+    if any(n.endswith("norm") or n.endswith("layernorm") for n in names):
+        return "norms"
+    return "dense_ffn"
+
+
+def count_params(cfg: Config) -> dict[str, float]:
+    """{component: params, 'total', 'active', 'active_non_embedding', 'buffers'} from shapes only."""
+    from ernie_jax.model.ernie import ErnieForCausalLM
+    abstract = nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    counts: dict[str, float] = defaultdict(float)
+    for path, var in nnx.to_flat_state(nnx.state(abstract)):
+        n = float(np.prod(var.shape, dtype=np.float64))
+        if isinstance(var, nnx.Param):
+            counts[_component(path)] += n
+        else:
+            counts["buffers"] += n
+    out = {c: counts.get(c, 0.0) for c in COMPONENTS}
+    out["buffers"] = counts.get("buffers", 0.0)
+    out["total"] = sum(v for c, v in out.items() if c not in ("mtp", "buffers"))
+    frac = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe.num_experts else 1.0
+    out["active"] = out["total"] - out["routed_experts"] * (1.0 - frac)
+    out["active_non_embedding"] = out["active"] - out["embedding"]
+    return out
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_summary(cfg: Config, counts: dict[str, float]) -> str:
+    frac = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe.num_experts else 1.0
+    lines = [f"{'component':<16}{'total':>12}{'active':>12}"]
+    for c in COMPONENTS:
+        if counts[c]:
+            active = counts[c] * (frac if c == "routed_experts" else 1.0)
+            lines.append(f"{c:<16}{_fmt(counts[c]):>12}{_fmt(active):>12}")
+    lines.append("-" * 40)
+    lines.append(f"{'total (no MTP)':<16}{_fmt(counts['total']):>12}{_fmt(counts['active']):>12}")
+    lines.append(f"{'non-embedding':<16}{_fmt(counts['total'] - counts['embedding']):>12}"
+                 f"{_fmt(counts['active_non_embedding']):>12}")
+    if counts["buffers"]:
+        lines.append(f"non-trainable buffers (routing bias): {_fmt(counts['buffers'])}")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "YAML config file")
+flags.DEFINE_multi_string("set", [], "override, e.g. --set moe.top_k=4")
+
+
+def main(argv):
+    del argv
+    if not FLAGS.config:
+        print("error: --config is required (e.g. --config configs/ernie45_21b_a3b.yaml)", file=sys.stderr)
+        return 2
+    from ernie_jax.errors import ErnieJaxError
+    try:
+        cfg = load_config(FLAGS.config, FLAGS.set)
+    except ErnieJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jax.config.update("jax_platforms", "cpu")
+    print(format_summary(cfg, count_params(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
