@@ -84,8 +84,11 @@ def format_summary(cfg: Config, counts: dict[str, float]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "YAML config file")
-flags.DEFINE_multi_string("set", [], "override, e.g. --set moe.top_k=4")
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("config", None, "YAML config file")
+    flags.DEFINE_multi_string("set", [], "override, e.g. --set moe.top_k=4")
 
 
 def main(argv):
@@ -105,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -1,0 +1,67 @@
+"""Orbax checkpoints of the whole training state + data-iterator state + resolved config.
+
+Saves are async with keep-N. Orbax writes each step into a temporary directory and renames it when
+complete, so a kill mid-save leaves no step behind; on top of that, restore walks back from the
+newest step and skips any step that fails to load, so a damaged directory is never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ernie_jax.errors import CheckpointError
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "data", "config"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def save(self, step: int, state, data_state: dict, config: dict) -> None:
+        self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config)), force=True)
+
+    def saved_config(self, step: int) -> dict:
+        path = os.path.join(self.directory, str(step), "config", "metadata")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable config; "
+                                  f"it is damaged") from None
+
+    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+        """(step, state, data_state) of the newest loadable step, or None when there is none."""
+        for step in reversed(self.steps()):
+            try:
+                restored = self._mgr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                return step, restored["state"], restored["data"]
+            except Exception as e:  # noqa: BLE001 - any damage means: fall back to an older step
+                logging.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one",
+                                step, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) for restoring onto the current devices."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, grain text pipelines with packing."""

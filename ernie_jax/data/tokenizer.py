@@ -1,0 +1,66 @@
+"""Tokenizers: SentencePiece `tokenizer.model` (as ERNIE ships it) or a `tokenizer.json`."""
+from __future__ import annotations
+
+import json
+import os
+
+from ernie_jax.errors import DataError
+
+EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), "embedded")
+
+
+class Tokenizer:
+    """encode(text) -> ids and decode(ids) -> text, with ERNIE's special ids."""
+
+    def __init__(self, path: str = "embedded"):
+        directory = EMBEDDED_DIR if path == "embedded" else path
+        sp_path = os.path.join(directory, "tokenizer.model")
+        json_path = os.path.join(directory, "tokenizer.json")
+        self.path = directory
+        if os.path.isfile(sp_path):
+            import sentencepiece as spm
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=sp_path)
+            except (RuntimeError, OSError) as e:
+                raise DataError(f"{sp_path} is not a SentencePiece model ({e}); point data.tokenizer elsewhere") \
+                    from None
+            self.vocab_size = self._sp.get_piece_size()
+            self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+            self.pad_id = max(self._sp.pad_id(), 0)
+            self._encode = lambda s: self._sp.encode(s)
+            self._decode = lambda ids: self._sp.decode(ids)
+        elif os.path.isfile(json_path):
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise DataError(f"{json_path} needs the `tokenizers` package: pip install tokenizers") from None
+            tok = HFTokenizer.from_file(json_path)
+            self.vocab_size = tok.get_vocab_size()
+            special = _special_ids(directory, tok)
+            self.bos_id, self.eos_id, self.pad_id = special
+            self._encode = lambda s: tok.encode(s, add_special_tokens=False).ids
+            self._decode = lambda ids: tok.decode(ids)
+        else:
+            raise DataError(f"data.tokenizer={path}: no tokenizer.model or tokenizer.json in {directory}")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+    def decode(self, ids) -> str:
+        return self._decode([int(i) for i in ids])
+
+
+def _special_ids(directory: str, tok) -> tuple[int, int, int]:
+    names = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        for k in names:
+            v = cfg.get(f"{k}_token")
+            if isinstance(v, dict):
+                v = v.get("content")
+            if v:
+                names[k] = v
+    ids = [tok.token_to_id(names[k]) for k in ("bos", "eos", "pad")]
+    return tuple(i if i is not None else d for i, d in zip(ids, (1, 2, 0)))

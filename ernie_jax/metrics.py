@@ -1,0 +1,132 @@
+"""Metrics: MoE-aware model FLOPs and MFU, metrics.jsonl + TensorBoard writers, console progress."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ernie_jax.config import Config
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+    "B200": 2250e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+}
+
+
+def train_flops_per_token(cfg: Config, seq_len: int) -> float:
+    """6 x active matmul params (routed experts at top_k/E, embedding lookup excluded, LM head
+    included) + causal attention 6 * L * S * N * D (QK^T and PV, fwd+bwd, halved for causality)."""
+    from ernie_jax.summary import count_params
+    counts = count_params(cfg)
+    matmul = counts["active"] - counts["embedding"] - counts["norms"]
+    if cfg.model.tie_word_embeddings:
+        matmul += counts["embedding"]  # the tied matrix still does the LM-head matmul
+    m = cfg.model
+    attention = 6.0 * m.num_layers * seq_len * m.num_heads * m.head_dim
+    mtp = 6.0 * counts["mtp"] if m.mtp_depth else 0.0
+    return 6.0 * matmul + attention + mtp
+
+
+def measure_cpu_peak(dtype=jnp.float32, n: int = 2048) -> float:
+    """Best-of-3 FLOP/s of an n^3 matmul on the default device (the CPU 'peak' for MFU)."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def device_peak_flops(dtype=jnp.bfloat16) -> tuple[float, str]:
+    """(peak FLOP/s per device, where the number came from)."""
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", "")
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if name.lower() in kind.lower():
+            return PEAK_FLOPS[name], f"{kind} spec sheet"
+    return measure_cpu_peak(dtype), f"{kind or dev.platform} measured matmul"
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step) and TensorBoard events under tb/; only process 0 writes."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+                elif isinstance(v, list):
+                    for i, x in enumerate(v):
+                        self._tb.add_scalar(f"{k}/layer{i}", x, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _jsonable(v):
+    if isinstance(v, str):
+        return v
+    a = np.asarray(v)
+    if a.ndim == 0:
+        x = a.item()
+        return round(x, 6) if isinstance(x, float) else x
+    return [round(float(x), 6) for x in a.reshape(-1)]
+
+
+class Console:
+    """What a person watches: progress lines with step, loss, tokens/s, MFU, ETA. Silent when quiet."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet or jax.process_index() != 0
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def progress(self, step: int, total: int, m: dict, eta_s: float) -> None:
+        if self.quiet:
+            return
+        width = 20
+        done = int(width * step / max(total, 1))
+        bar = "#" * done + "." * (width - done)
+        parts = [f"[{bar}] {step}/{total}", f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"]
+        if "tokens_per_s" in m:
+            parts.append(f"{m['tokens_per_s']:.0f} tok/s")
+        if "mfu" in m:
+            parts.append(f"MFU {100 * m['mfu']:.1f}%")
+        parts.append(f"ETA {_hms(eta_s)}")
+        print("  ".join(parts), file=sys.stdout, flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,41 @@
+"""python -m ernie_jax.train --config configs/NAME.yaml [--workdir DIR] [--set key=value ...]"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "YAML config file (configs/*.yaml)")
+flags.DEFINE_string("workdir", None, "where metrics, TensorBoard files and checkpoints go (default runs/<config>)")
+flags.DEFINE_multi_string("set", [], "config override, repeatable: --set train.steps=100")
+flags.DEFINE_bool("quiet", False, "no progress output (errors still print)")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}; use --config FILE and --set key=value", file=sys.stderr)
+        return 2
+    if not FLAGS.config:
+        print("error: --config is required, e.g. --config configs/tiny_moe.yaml", file=sys.stderr)
+        return 2
+    from absl import logging
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter hides the progress lines
+    from ernie_jax.config import load_config
+    from ernie_jax.errors import ErnieJaxError
+    try:
+        cfg = load_config(FLAGS.config, FLAGS.set)
+        workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS.config))[0])
+        from ernie_jax.trainers.loop import run
+        from ernie_jax.trainers.pretrain import text_pretraining_task
+        run(cfg, workdir, text_pretraining_task, quiet=FLAGS.quiet)
+    except ErnieJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

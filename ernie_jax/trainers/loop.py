@@ -1,0 +1,213 @@
+"""The one training loop: setup checks, init or resume, jitted steps, eval, logging, checkpoints, signals.
+
+Reads top to bottom: workdir -> data -> model -> checkpoint (resume / init_from) -> loop -> final save.
+Trainers plug in through `Task` (objective + batches); the loop itself knows nothing of the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
+from ernie_jax.config import Config, to_dict
+from ernie_jax.errors import CheckpointError, ConfigError, DataError
+from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
+from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.trainers.state import init_train_state, make_optimizer
+from ernie_jax.trainers.step import make_eval_step, make_train_step
+
+# Fields whose change alters parameter shapes: a checkpoint of another value is another model.
+SHAPE_FIELDS = {"model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                          "intermediate_size", "tie_word_embeddings", "mtp_depth"),
+                "moe": ("num_experts", "intermediate_size", "num_shared_experts", "layer_start", "layer_end",
+                        "layer_interval")}
+
+
+@dataclasses.dataclass
+class Task:
+    """What a trainer supplies: the objective, a resumable train iterator and an eval batch factory."""
+    objective: Callable
+    train_iter: Any                      # grain iterator with get_state/set_state, yields micro-batches
+    eval_batches: Callable[[], Iterator] | None
+    vocab_size: int
+    description: str
+
+
+def check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write-probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror}); pass a directory you can write") \
+            from None
+
+
+def check_same_model(saved: dict, cfg: Config, where: str) -> None:
+    current = to_dict(cfg)
+    for section, fields in SHAPE_FIELDS.items():
+        for f in fields:
+            old, new = saved.get(section, {}).get(f), current[section][f]
+            if old is not None and old != new:
+                raise CheckpointError(f"{where} holds a checkpoint with {section}.{f}={old}, but the config says {new}; "
+                                      f"use another --workdir or set {section}.{f}={old}")
+
+
+def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
+    """Params from a converted orbax dir (hf-to-ernie / trainer export) or a Hugging Face directory."""
+    from ernie_jax.convert import convert
+    if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
+        check_same_model(to_dict(convert._read_our_config(path)), cfg, path)
+        loaded = convert.restore_params(path, cfg)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        ckpt = convert.HFCheckpoint(path)
+        check_same_model(to_dict(convert._hf_config(ckpt, cfg.model.dtype)), cfg, path)
+        loaded = convert.read_hf_params(ckpt, cfg)
+    else:
+        raise CheckpointError(f"checkpoint.init_from={path} is neither an ernie_jax nor a Hugging Face directory")
+    loaded = nnx.to_pure_dict(nnx.split(convert.model_from_params(cfg, loaded), nnx.Param, ...)[1])
+    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT: finish the current step, save, exit cleanly."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _next_step_batch(it, accum: int) -> dict:
+    micro = [next(it) for _ in range(accum)]
+    return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+
+def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet: bool = False) -> dict:
+    """Train `cfg` in `workdir`; returns the last logged metrics."""
+    console = Console(quiet)
+    check_workdir(workdir)
+    task = task_factory(cfg)
+    if task.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer has {task.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                        f"set model.vocab_size>={task.vocab_size} or use a matching tokenizer")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    if ckpt.steps():
+        check_same_model(ckpt.saved_config(ckpt.steps()[-1]), cfg, workdir)
+
+    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(cfg.train.seed))
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    graphdef, state = init_train_state(cfg, model, tx)
+    del model
+    restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
+    if restored is not None:
+        step0, state, data_state = restored
+        task.train_iter.set_state(data_state)
+        console.say(f"resumed from {ckpt.directory} at step {step0}")
+    elif cfg.checkpoint.init_from:
+        state["params"] = _init_params_from(cfg.checkpoint.init_from, cfg, state["params"])
+        state["opt_state"] = tx.init(state["params"])
+        console.say(f"initialised params from {cfg.checkpoint.init_from}")
+    start = int(state["step"])
+
+    from ernie_jax.summary import count_params
+    counts = count_params(cfg)
+    accum, seq = cfg.optimizer.grad_accum_steps, cfg.data.seq_len
+    tokens_per_step = accum * cfg.data.batch_size * seq
+    peak, peak_src = device_peak_flops(jnp.dtype(cfg.model.dtype))
+    flops_per_token = train_flops_per_token(cfg, seq)
+    devices = jax.devices()
+    console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+                f"processes: {jax.process_count()}")
+    console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
+                f"{task.description}")
+    console.say(f"writing to {os.path.abspath(workdir)} (metrics.jsonl, tb/, checkpoints/); "
+                f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
+
+    train_step = jax.jit(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(graphdef, cfg, task.objective))
+    writer = MetricsWriter(workdir, cfg.log.tensorboard)
+    config_dict = to_dict(cfg)
+    last: dict = {}
+    sums, count = None, 0
+    t_log, t_first, steps_timed = time.perf_counter(), None, 0
+
+    def save(step):
+        ckpt.save(step, state, task.train_iter.get_state(), config_dict)
+
+    with _StopFlag() as flag:
+        step = start
+        while step < cfg.train.steps and not flag.stop:
+            batch = _next_step_batch(task.train_iter, accum)
+            state, metrics = train_step(state, batch)
+            step += 1
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            count += 1
+            if t_first is None:
+                jax.block_until_ready(metrics)
+                t_first, t_log, count_at_first = time.perf_counter(), time.perf_counter(), step
+            if step % cfg.log.interval == 0 or step == cfg.train.steps:
+                host = jax.device_get(sums)
+                now = time.perf_counter()
+                row = {k: v / count for k, v in host.items() if k != "tokens"}
+                timed = step - count_at_first
+                if timed > 0 and now > t_log:
+                    steps_since = min(count, timed)
+                    row["tokens_per_s"] = tokens_per_step * steps_since / (now - t_log)
+                    row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * len(devices))
+                row["step_time_s"] = (now - t_log) / max(count, 1)
+                eta = (now - t_first) / max(step - count_at_first, 1) * (cfg.train.steps - step)
+                console.progress(step, cfg.train.steps, row, eta)
+                writer.write(step, row)
+                last = row
+                sums, count, t_log = None, 0, time.perf_counter()
+            if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+                ev = evaluate(eval_step, state, task.eval_batches, cfg.train.eval_steps)
+                writer.write(step, ev)
+                console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+                last = {**last, **ev}
+            if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or flag.stop:
+                save(step)
+        if flag.stop:
+            ckpt.wait()
+            console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def evaluate(eval_step, state, eval_batches: Callable[[], Iterator], steps: int) -> dict:
+    total, tokens = 0.0, 0.0
+    it = eval_batches()
+    for _ in range(steps):
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        m = jax.device_get(eval_step(state, batch))
+        total += float(m["lm_loss"]) * float(m["tokens"])
+        tokens += float(m["tokens"])
+    loss = total / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}

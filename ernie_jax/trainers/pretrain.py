@@ -1,0 +1,71 @@
+"""The pretraining objective: next-token CE (fp32, masked) + router terms + MTP loss."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ernie_jax.config import Config
+from ernie_jax.model.ernie import ModelOutput, router_loss_total
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-token CE [B,S] in fp32."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return lse - picked
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def mtp_loss(mtp_logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Depth d at position t predicts labels[t+d+1]; valid only if t..t+d+1 stay in one document."""
+    depth = mtp_logits.shape[0]
+    losses = []
+    for d in range(depth):  # depth is 1 in the released models; static and tiny
+        shift = d + 1
+        lab = jnp.pad(labels[:, shift:], ((0, 0), (0, shift)))
+        valid = mask
+        for j in range(1, shift + 1):
+            valid = valid * jnp.pad(mask[:, j:], ((0, 0), (0, j)))
+        losses.append(masked_mean(token_cross_entropy(mtp_logits[d], lab), valid))
+    return jnp.mean(jnp.stack(losses))
+
+
+def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
+    """total = LM + sum_layers router loss + lambda_mtp * MTP; returns (total, named scalars)."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    lm = masked_mean(token_cross_entropy(out.logits, batch["labels"]), mask)
+    router = router_loss_total(out, cfg)
+    metrics = {"lm_loss": lm, "router_loss": router, **out.router_losses, "tokens": jnp.sum(mask)}
+    total = lm + router
+    if out.mtp_logits is not None:
+        mtp = mtp_loss(out.mtp_logits, batch["labels"], mask)
+        metrics["mtp_loss"] = mtp
+        total = total + cfg.model.mtp_loss_weight * mtp
+    if out.dropped_fraction is not None:
+        metrics["dropped_fraction"] = out.dropped_fraction
+    metrics["loss"] = total
+    return total, metrics
+
+
+def text_pretraining_task(cfg: Config):
+    """Packed text batches from data.source with the LM objective, sharded over processes."""
+    from ernie_jax.data.text import load_corpus, packed_batches
+    from ernie_jax.errors import ConfigError
+    from ernie_jax.trainers.loop import Task
+    data = load_corpus(cfg.data, cfg.train.seed)
+    procs = jax.process_count()
+    if cfg.data.batch_size % procs:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {procs} processes")
+    kw = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // procs,
+              shard_index=jax.process_index(), shard_count=procs)
+    train_iter = iter(packed_batches(data.train, data.tokenizer, seed=cfg.data.shuffle_seed, **kw))
+    eval_batches = None
+    if len(data.eval):
+        eval_batches = lambda: iter(packed_batches(data.eval, data.tokenizer, seed=1, **kw))  # noqa: E731
+    return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
+                vocab_size=data.tokenizer.vocab_size,
+                description=f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval pieces")

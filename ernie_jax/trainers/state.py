@@ -1,0 +1,85 @@
+"""Train state (pure pytrees: params, buffers, optimizer state, step, rng) and the optimizer factory.
+
+params are the trainable nnx.Param leaves (fp32 master copy); buffers are every other variable
+(the routing correction bias): the optimizer never sees them, pure update rules change them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ernie_jax.config import Config, OptimizerConfig
+
+TrainState = dict  # {"step", "params", "buffers", "opt_state", "rng"}
+
+
+def lr_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then constant / cosine / warmup-stable-decay (1-sqrt) down to min_lr_ratio * lr."""
+    total = max(total_steps, 1)
+    warm = min(o.warmup_steps, total)
+    peak, floor = o.learning_rate, o.learning_rate * o.min_lr_ratio
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warmup = peak * jnp.minimum(1.0, (step + 1) / max(warm, 1))
+        if o.schedule == "constant":
+            return warmup
+        if o.schedule == "cosine":
+            prog = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
+            after = floor + (peak - floor) * 0.5 * (1 + jnp.cos(jnp.pi * prog))
+        else:  # wsd: stable until the last decay_fraction of steps, then 1 - sqrt(progress)
+            decay_steps = max(int(round(total * o.decay_fraction)), 1)
+            start = total - decay_steps
+            prog = jnp.clip((step - start) / decay_steps, 0.0, 1.0)
+            after = floor + (peak - floor) * (1.0 - jnp.sqrt(prog))
+        return jnp.where(step < warm, warmup, after)
+    return schedule
+
+
+def param_groups(params: dict) -> dict:
+    """'router' (gate kernels, LR x router_lr_ratio), 'no_decay' (norm weights), 'decay' (the rest)."""
+    def label(path, _):
+        names = [str(getattr(p, "key", p)) for p in path]
+        if len(names) >= 2 and names[-2] == "gate" and names[-1] == "kernel":
+            return "router"
+        if names[-1] == "weight" and any(n.endswith("norm") for n in names):
+            return "no_decay"
+        return "decay"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(o: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW per group (router LR scaled, norms without weight decay)."""
+    sched = lr_schedule(o, total_steps)
+
+    def adamw(lr, wd):
+        return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd)
+    groups = {
+        "decay": adamw(sched, o.weight_decay),
+        "no_decay": adamw(sched, 0.0),
+        "router": adamw(lambda s: sched(s) * o.router_lr_ratio, o.weight_decay),
+    }
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+                       optax.multi_transform(groups, param_groups))
+
+
+def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
+    """(graphdef, params, buffers) as pure dicts."""
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+
+
+def init_train_state(cfg: Config, model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
+    graphdef, params, buffers = split_model(model)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "buffers": buffers,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+    }
+    return graphdef, state
