@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -49,9 +50,18 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
                 return step, restored["state"], restored["data"]
             except Exception as e:  # noqa: BLE001 - any damage means: fall back to an older step
-                logging.warning("checkpoint step %d in %s cannot be restored (%s); trying an older one",
-                                step, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                aside = self._set_aside(step)
+                logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
+                                step, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__, aside)
         return None
+
+    def _set_aside(self, step: int) -> str:
+        """Rename a damaged step so it is kept for inspection but never loaded or overwritten."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.damaged-{int(time.time())}"
+        os.rename(src, dst)
+        self._mgr.reload()
+        return dst
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

@@ -1,0 +1,121 @@
+"""End to end on CPU: the training CLI, exact resume, SIGTERM, damaged checkpoints, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
+         "data.seq_len=32", "data.batch_size=4", "train.eval_steps=2", "log.interval=1", "checkpoint.async_save=false"]
+
+
+def _cli(workdir, *sets, wait=True, extra=()):
+    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/tiny_moe.yaml", "--workdir", str(workdir),
+           *extra]
+    for s in SMALL + list(sets):
+        cmd += ["--set", s]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in _metrics(workdir) if "loss" in r}
+
+
+def test_cli_trains_and_reports(tmp_path):
+    r = _cli(tmp_path / "w", "train.steps=4", "train.eval_interval=2", "checkpoint.interval=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "devices:" in r.stdout and "active" in r.stdout and "MFU" in r.stdout and "eval @ 4" in r.stdout
+    rows = _metrics(tmp_path / "w")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for key in ("lm_loss", "aux_loss", "z_loss", "orth_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                "expert_load_min", "expert_load_max", "expert_load_cv", "dropped_fraction"):
+        assert key in train_rows[-1], key
+    assert len(train_rows[-1]["expert_load_cv"]) == 1  # one MoE layer
+    assert any("eval_ppl" in r for r in rows)
+    assert os.listdir(tmp_path / "w" / "tb")
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["2", "4"]
+
+
+def test_exact_resume_after_sigterm_mid_accumulation(tmp_path):
+    sets = ["train.steps=8", "optimizer.grad_accum_steps=2", "checkpoint.interval=100", "train.eval_interval=100"]
+    ref = _cli(tmp_path / "ref", *sets)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = _cli(tmp_path / "cut", *sets, "train.steps=8", wait=False)
+    deadline = time.time() + 300
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "cut" / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] < 8, saved
+    again = _cli(tmp_path / "cut", *sets)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from" in again.stdout
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "ref")  # bitwise, every step
+
+
+def test_damaged_checkpoint_is_never_loaded(tmp_path):
+    w = tmp_path / "w"
+    assert _cli(w, "train.steps=4", "checkpoint.interval=2", "train.eval_interval=100").returncode == 0
+    ckpts = w / "checkpoints"
+    # a newest step whose array data was lost in a crash, and a leftover orbax temp dir
+    shutil.rmtree(ckpts / "4" / "state")
+    (ckpts / "4" / "state").mkdir()
+    (ckpts / "6.orbax-checkpoint-tmp-123").mkdir()
+    r = _cli(w, "train.steps=6", "checkpoint.interval=2", "train.eval_interval=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout and "at step 2" in r.stdout
+    names = os.listdir(ckpts)
+    assert any(n.startswith("4.damaged-") for n in names)  # kept for inspection, not deleted
+    assert "6" in names
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["data.source=/nonexistent/corpus.txt"], "data.source: /nonexistent/corpus.txt matches no file"),
+    (["model.vocab_size=1000"], "tokenizer has 4096 tokens but model.vocab_size=1000"),
+    (["data.tokenizer=/nonexistent"], "no tokenizer.model or tokenizer.json"),
+])
+def test_bad_input_one_line_before_compute(tmp_path, sets, fragment):
+    r = _cli(tmp_path / "w", "train.steps=2", *sets)
+    assert r.returncode == 2
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_empty_corpus_and_unwritable_workdir(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n\n")
+    r = _cli(tmp_path / "w", f"data.source={empty}")
+    assert r.returncode == 2 and "holds no usable document" in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli(blocker / "sub", "train.steps=1")
+    assert r.returncode == 2 and "is not writable" in r.stderr
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+    w = tmp_path / "w"
+    assert _cli(w, "train.steps=2", "checkpoint.interval=2", "train.eval_interval=100").returncode == 0
+    before = sorted(os.listdir(w / "checkpoints"))
+    r = _cli(w, "train.steps=4", "model.hidden_size=96")
+    assert r.returncode == 2 and "model.hidden_size=64, but the config says 96" in r.stderr
+    assert sorted(os.listdir(w / "checkpoints")) == before
