@@ -5,11 +5,11 @@ import numpy as np
 
 
 def make_hf_model(tmp_path, *, moe=True, tie=True, shared=1, start=1, interval=1, experts=4, top_k=2, layers=3,
-                  bias_scale=0.0, seed=0, mtp=0):
+                  bias_scale=0.0, seed=0, vocab=97):
     import torch
     import transformers as T
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=tie,
                   initializer_range=0.2)
     if moe:

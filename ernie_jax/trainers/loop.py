@@ -54,25 +54,32 @@ def check_workdir(workdir: str) -> None:
             from None
 
 
-def check_same_model(saved: dict, cfg: Config, where: str) -> None:
-    current = to_dict(cfg)
-    for section, fields in SHAPE_FIELDS.items():
-        for f in fields:
-            old, new = saved.get(section, {}).get(f), current[section][f]
-            if old is not None and old != new:
-                raise CheckpointError(f"{where} holds a checkpoint with {section}.{f}={old}, but the config says {new}; "
-                                      f"use another --workdir or set {section}.{f}={old}")
+def _shape_fields(d: dict) -> dict:
+    out = {(s, f): d.get(s, {}).get(f) for s, fields in SHAPE_FIELDS.items() for f in fields}
+    if out[("moe", "layer_end")] == -1 and out[("model", "num_layers")] is not None:
+        out[("moe", "layer_end")] = out[("model", "num_layers")] - 1
+    return out
+
+
+def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir") -> None:
+    """A checkpoint whose parameter shapes differ from the config is refused before any compute."""
+    old_fields, new_fields = _shape_fields(saved), _shape_fields(to_dict(cfg))
+    for (section, f), old in old_fields.items():
+        new = new_fields[(section, f)]
+        if old is not None and old != new:
+            raise CheckpointError(f"{where} holds a checkpoint with {section}.{f}={old}, but the config says {new}; "
+                                  f"{fix} or set {section}.{f}={old}")
 
 
 def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
     """Params from a converted orbax dir (hf-to-ernie / trainer export) or a Hugging Face directory."""
     from ernie_jax.convert import convert
     if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
-        check_same_model(to_dict(convert._read_our_config(path)), cfg, path)
+        check_same_model(to_dict(convert._read_our_config(path)), cfg, path, "fix checkpoint.init_from")
         loaded = convert.restore_params(path, cfg)
     elif os.path.isfile(os.path.join(path, "config.json")):
         ckpt = convert.HFCheckpoint(path)
-        check_same_model(to_dict(convert._hf_config(ckpt, cfg.model.dtype)), cfg, path)
+        check_same_model(to_dict(convert._hf_config(ckpt, cfg.model.dtype)), cfg, path, "fix checkpoint.init_from")
         loaded = convert.read_hf_params(ckpt, cfg)
     else:
         raise CheckpointError(f"checkpoint.init_from={path} is neither an ernie_jax nor a Hugging Face directory")

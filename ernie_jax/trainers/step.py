@@ -82,7 +82,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         params, buffers = _post_step_rules(cfg, params, buffers, load)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
         if load is not None:
             metrics.update(load_statistics(load))

@@ -24,7 +24,7 @@ def _run(*args):
 
 
 def test_cli_round_trip(tmp_path):
-    hf, src = make_hf_model(tmp_path, shared=2, tie=False, mtp=0)
+    hf, src = make_hf_model(tmp_path, shared=2, tie=False)
     ours = str(tmp_path / "ours")
     r = _run("hf-to-ernie", src, ours, "--dtype", "float32")
     assert r.returncode == 0, r.stderr

@@ -1,0 +1,100 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ernie_jax.config import load_config
+from ernie_jax.model import router_losses
+from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.trainers.pretrain import lm_objective, mtp_loss, token_cross_entropy
+from ernie_jax.trainers.state import init_train_state, lr_schedule, make_optimizer, param_groups
+from ernie_jax.trainers.step import make_train_step
+
+
+def _cfg(*sets):
+    return load_config("configs/tiny_moe.yaml", ["model.num_layers=2", "model.hidden_size=32", "model.vocab_size=64",
+                                                 "model.intermediate_size=64", "moe.intermediate_size=16", *sets])
+
+
+def test_wsd_and_cosine_schedules():
+    o = _cfg("optimizer.learning_rate=1.0", "optimizer.min_lr_ratio=0.1", "optimizer.warmup_steps=10",
+             "optimizer.decay_fraction=0.2").optimizer
+    wsd = lr_schedule(o, 100)
+    assert float(wsd(0)) == pytest.approx(0.1) and float(wsd(9)) == pytest.approx(1.0)
+    assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
+    # 1-sqrt decay over the last 20 steps: at progress p, lr = 0.1 + 0.9 (1 - sqrt(p))
+    assert float(wsd(85)) == pytest.approx(0.1 + 0.9 * (1 - np.sqrt(0.25)), rel=1e-5)
+    assert float(wsd(100)) == pytest.approx(0.1)
+    cos = lr_schedule(dataclasses.replace(o, schedule="cosine"), 110)
+    assert float(cos(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)
+
+
+def test_param_groups():
+    cfg = _cfg()
+    graphdef, params, _ = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    groups = param_groups(nnx.to_pure_dict(params))
+    assert groups["units"]["moe"]["mlp"]["gate"]["kernel"] == "router"
+    assert groups["units"]["moe"]["input_layernorm"]["weight"] == "no_decay"
+    assert groups["norm"]["weight"] == "no_decay"
+    assert groups["units"]["moe"]["mlp"]["experts"]["gate_proj"] == "decay"
+
+
+def _batch(cfg, accum, b=2, s=16, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, cfg.model.vocab_size, (accum, b, s + 1)).astype(np.int32)
+    return {"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((accum, b, s), np.float32),
+            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (accum, b, s)).copy(),
+            "segment_ids": np.ones((accum, b, s), np.int32)}
+
+
+def _step(cfg):
+    tx = make_optimizer(cfg.optimizer, 10)
+    graphdef, state = init_train_state(cfg, ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), tx)
+    return jax.jit(make_train_step(graphdef, cfg, tx, lm_objective, 10)), state
+
+
+def test_post_step_rules_bias_and_orthogonal_update():
+    cfg = _cfg("moe.bias_update_rate=0.01", "moe.orth_mode=decoupled", "moe.orth_loss_weight=0.5",
+               "optimizer.learning_rate=0.0", "optimizer.warmup_steps=0")
+    step, state = _step(cfg)
+    kernel0 = state["params"]["units"]["moe"]["mlp"]["gate"]["kernel"]
+    new, metrics = step(state, _batch(cfg, 1))
+    bias = np.asarray(new["buffers"]["units"]["moe"]["mlp"]["gate"]["correction_bias"])
+    mags = np.abs(bias).ravel()
+    assert np.all(np.isclose(mags, 0.0) | np.isclose(mags, 0.01)) and mags.max() == pytest.approx(0.01)
+    # lr 0: the router moved only by the decoupled orthogonal step
+    expected = router_losses.orthogonal_update(kernel0, 0.5)
+    np.testing.assert_allclose(new["params"]["units"]["moe"]["mlp"]["gate"]["kernel"], expected, atol=1e-6)
+    assert int(new["step"]) == 1 and "expert_load_cv" in metrics
+
+
+def test_accumulating_identical_microbatches_equals_one():
+    cfg1 = _cfg("moe.bias_update_rate=0", "optimizer.grad_accum_steps=1")
+    cfg2 = _cfg("moe.bias_update_rate=0", "optimizer.grad_accum_steps=2")
+    b = _batch(cfg1, 1)
+    step1, s1 = _step(cfg1)
+    step2, s2 = _step(cfg2)
+    n1, m1 = step1(s1, b)
+    n2, m2 = step2(s2, jax.tree.map(lambda x: np.concatenate([x, x]), b))
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    for a, c in zip(jax.tree.leaves(n1["params"]), jax.tree.leaves(n2["params"])):
+        np.testing.assert_allclose(a, c, atol=1e-6)
+
+
+def test_objective_pieces_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, (2, 5))
+    lse = np.log(np.exp(logits).sum(-1))
+    ref = lse - np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(token_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), ref, rtol=1e-5)
+    # MTP depth 1 at t predicts labels[t+1] and needs mask[t] and mask[t+1]
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float32)
+    got = mtp_loss(jnp.asarray(logits)[None], jnp.asarray(labels), jnp.asarray(mask))
+    shifted = np.pad(labels[:, 1:], ((0, 0), (0, 1)))
+    ce = lse - np.take_along_axis(logits, shifted[..., None], -1)[..., 0]
+    valid = mask * np.pad(mask[:, 1:], ((0, 0), (0, 1)))
+    np.testing.assert_allclose(got, (ce * valid).sum() / valid.sum(), rtol=1e-5)
