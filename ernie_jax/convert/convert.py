@@ -120,15 +120,23 @@ def save_pretrained(model: ErnieForCausalLM, path: str, shard_bytes: int = 2 << 
     write_hf(model.cfg, params, path, shard_bytes=shard_bytes, quiet=quiet)
 
 
-def write_hf(cfg: Config, params: dict, path: str, shard_bytes: int = 2 << 30, quiet: bool = True) -> None:
+def write_hf(cfg: Config, params: dict | Callable[[tuple], np.ndarray], path: str, shard_bytes: int = 2 << 30,
+             quiet: bool = True) -> None:
+    """Write the HF layout shard by shard. `params` is a pure dict or a loader path -> array; with a
+    loader, tensors are written grouped by param so only one param (e.g. one stacked expert
+    projection) is in memory at a time."""
+    if callable(params):
+        shapes, leaf = nnx.to_pure_dict(abstract_state(cfg)[1]), _OneLeaf(params)
+    else:
+        shapes, leaf = params, (lambda p: _get(params, p))
+    table = sorted(key_table(cfg), key=lambda e: e.path)   # stable: keeps layer order within a param
     with _atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
-        table = key_table(cfg)
         groups, current, size = [], [], 0
         for e in table:
-            target = _get(params, e.path)
-            nbytes = int(np.prod(target.shape[len(e.index):])) * target.dtype.itemsize
+            target = _get(shapes, e.path)
+            nbytes = int(np.prod(target.shape[len(e.index):])) * np.dtype(target.dtype).itemsize
             if current and size + nbytes > shard_bytes:
                 groups.append(current)
                 current, size = [], 0
@@ -140,7 +148,7 @@ def write_hf(cfg: Config, params: dict, path: str, shard_bytes: int = 2 << 30, q
             name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
             tensors = {}
             for e in group:
-                target = _get(params, e.path)
+                target = leaf(e.path)
                 tensors[e.key] = to_hf(np.asarray(target[e.index] if e.index else target), e.layout)
                 weight_map[e.key] = name
                 total += tensors[e.key].nbytes
@@ -149,6 +157,19 @@ def write_hf(cfg: Config, params: dict, path: str, shard_bytes: int = 2 << 30, q
         if len(groups) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+class _OneLeaf:
+    """Caches the most recently loaded param only."""
+
+    def __init__(self, load: Callable[[tuple], np.ndarray]):
+        self.load, self.path, self.value = load, None, None
+
+    def __call__(self, path: tuple) -> np.ndarray:
+        if path != self.path:
+            self.value = None
+            self.path, self.value = path, self.load(path)
+        return self.value
 
 
 class _atomic_dir:
@@ -231,11 +252,31 @@ def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False)
 
 
 def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = False) -> Config:
-    """orbax params checkpoint (from hf-to-ernie or training) -> HF directory."""
+    """orbax params checkpoint (from hf-to-ernie or training) -> HF directory, one param at a time."""
     if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
         raise CheckpointError(f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer")
     cfg = _read_our_config(src)
-    params = jax.tree.map(np.asarray, restore_params(src, cfg))
     _log(f"exporting {src} -> {dst}", quiet)
-    write_hf(cfg, params, dst, shard_bytes=shard_bytes, quiet=quiet)
+    write_hf(cfg, lambda path: restore_param(src, path), dst, shard_bytes=shard_bytes, quiet=quiet)
     return cfg
+
+
+def restore_param(path: str, param_path: tuple[str, ...]) -> np.ndarray:
+    """One param of a `save_params` checkpoint as numpy, without reading the others (partial restore)."""
+    import orbax.checkpoint as ocp
+    item: dict = {}
+    args: dict = {}
+    node, anode = item, args
+    for p in param_path[:-1]:
+        node = node.setdefault(p, {})
+        anode = anode.setdefault(p, {})
+    node[param_path[-1]] = np.zeros(0)
+    anode[param_path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    full = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(full, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: cannot read param {'.'.join(param_path)} ({str(e).splitlines()[0]})") \
+            from None
+    return _get(out, param_path)

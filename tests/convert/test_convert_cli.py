@@ -119,3 +119,17 @@ def test_mtp_weights_round_trip_through_hf_layout(tmp_path):
     back = load_pretrained(out)
     ids = jnp.ones((1, 6), jnp.int32)
     np.testing.assert_array_equal(back(ids).mtp_logits, model(ids).mtp_logits)
+
+
+def test_export_reads_each_param_once(tmp_path, monkeypatch):
+    """ernie-to-hf streams: every stacked param is restored alone, once, never the whole tree."""
+    from ernie_jax.convert import convert
+    _, src = make_hf_model(tmp_path, shared=1, layers=3)
+    ours = str(tmp_path / "ours")
+    hf_to_ernie(src, ours, quiet=True)
+    calls = []
+    real = convert.restore_param
+    monkeypatch.setattr(convert, "restore_param", lambda p, path: calls.append(path) or real(p, path))
+    monkeypatch.setattr(convert, "restore_params", lambda *a, **k: pytest.fail("whole-tree restore"))
+    convert.ernie_to_hf(ours, str(tmp_path / "back"), quiet=True)
+    assert len(calls) == len(set(calls)) == len({e.path for e in convert.key_table(convert._read_our_config(ours))})
