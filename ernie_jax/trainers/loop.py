@@ -22,7 +22,8 @@ from ernie_jax.config import Config, to_dict
 from ernie_jax.errors import CheckpointError, ConfigError, DataError
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model.ernie import ErnieForCausalLM
-from ernie_jax.trainers.state import init_train_state, make_optimizer
+from ernie_jax.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, describe
+from ernie_jax.trainers.state import init_opt_state, init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
 
 # Fields whose change alters parameter shapes: a checkpoint of another value is another model.
@@ -84,7 +85,7 @@ def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
     else:
         raise CheckpointError(f"checkpoint.init_from={path} is neither an ernie_jax nor a Hugging Face directory")
     loaded = nnx.to_pure_dict(nnx.split(convert.model_from_params(cfg, loaded), nnx.Param, ...)[1])
-    return jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params)
+    return jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), loaded, params)
 
 
 class _StopFlag:
@@ -107,6 +108,12 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def place_batch(batch: dict, mesh, batch_dim: int) -> dict:
+    """Process-local numpy batch -> global arrays split over the data-parallel mesh axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_dim), v)
+            for k, v in batch.items()}
+
+
 def _next_step_batch(it, accum: int) -> dict:
     micro = [next(it) for _ in range(accum)]
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
@@ -124,10 +131,12 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     if ckpt.steps():
         check_same_model(ckpt.saved_config(ckpt.steps()[-1]), cfg, workdir)
 
-    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(cfg.train.seed))
+    mesh = build_mesh(cfg)
+    if cfg.data.batch_size % data_parallel_size(mesh):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
+                          f"{data_parallel_size(mesh)} (mesh data x fsdp x expert)")
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, state = init_train_state(cfg, model, tx)
-    del model
+    graphdef, state = init_train_state(cfg, lambda rngs: ErnieForCausalLM(cfg, rngs=rngs), tx, mesh)
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
     if restored is not None:
         step0, state, data_state = restored
@@ -135,7 +144,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         console.say(f"resumed from {ckpt.directory} at step {step0}")
     elif cfg.checkpoint.init_from:
         state["params"] = _init_params_from(cfg.checkpoint.init_from, cfg, state["params"])
-        state["opt_state"] = tx.init(state["params"])
+        state["opt_state"] = init_opt_state(tx, state["params"], mesh)
         console.say(f"initialised params from {cfg.checkpoint.init_from}")
     start = int(state["step"])
 
@@ -147,7 +156,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     flops_per_token = train_flops_per_token(cfg, seq)
     devices = jax.devices()
     console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-                f"processes: {jax.process_count()}")
+                f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
                 f"{task.description}")
     console.say(f"writing to {os.path.abspath(workdir)} (metrics.jsonl, tb/, checkpoints/); "
@@ -167,7 +176,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     with _StopFlag() as flag:
         step = start
         while step < cfg.train.steps and not flag.stop:
-            batch = _next_step_batch(task.train_iter, accum)
+            batch = place_batch(_next_step_batch(task.train_iter, accum), mesh, batch_dim=1)
             state, metrics = train_step(state, batch)
             step += 1
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
@@ -191,7 +200,8 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                 last = row
                 sums, count, t_log = None, 0, time.perf_counter()
             if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-                ev = evaluate(eval_step, state, task.eval_batches, cfg.train.eval_steps)
+                ev = evaluate(eval_step, state, lambda: (place_batch(b, mesh, 0) for b in task.eval_batches()),
+                              cfg.train.eval_steps)
                 writer.write(step, ev)
                 console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
                 last = {**last, **ev}

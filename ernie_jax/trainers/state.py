@@ -5,12 +5,13 @@ params are the trainable nnx.Param leaves (fp32 master copy); buffers are every 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ernie_jax.config import Config, OptimizerConfig
 
@@ -73,13 +74,32 @@ def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
 
 
-def init_train_state(cfg: Config, model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
-    graphdef, params, buffers = split_model(model)
+def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
+    """Moments follow the param shardings; leaves XLA left on one device (counters) are replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+                        else jax.device_put(x, replicated), jax.jit(tx.init)(params))
+
+
+def init_train_state(cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+                     mesh: Mesh) -> tuple[Any, TrainState]:
+    """Initialise directly into the mesh layout: params/buffers by the logical-axis rules, optimizer
+    moments inherit the param shardings, scalars are replicated."""
+    from ernie_jax.parallel.mesh import state_shardings
+    graphdef, abstract_params, abstract_buffers = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))),
+                                                            nnx.Param, ...)
+    shardings = (state_shardings(abstract_params, mesh), state_shardings(abstract_buffers, mesh))
+
+    def init():
+        _, params, buffers = split_model(make_model(nnx.Rngs(cfg.train.seed)))
+        return params, buffers
+    params, buffers = jax.jit(init, out_shardings=shardings)()
+    replicated = NamedSharding(mesh, PartitionSpec())
     state = {
-        "step": jnp.zeros((), jnp.int32),
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
         "params": params,
         "buffers": buffers,
-        "opt_state": tx.init(params),
-        "rng": jax.random.key_data(jax.random.key(cfg.train.seed)),
+        "opt_state": init_opt_state(tx, params, mesh),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed)), replicated),
     }
     return graphdef, state

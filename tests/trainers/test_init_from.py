@@ -18,7 +18,7 @@ MATCHING = ["model.vocab_size=4096", "model.hidden_size=32", "model.num_layers=3
             "model.num_kv_heads=2", "model.head_dim=16", "model.intermediate_size=48", "model.mtp_depth=0",
             "moe.num_experts=4", "moe.top_k=2", "moe.intermediate_size=24", "moe.num_shared_experts=1",
             "moe.bias_update_rate=0", "moe.orth_mode=loss", "optimizer.learning_rate=0", "train.steps=1",
-            "data.seq_len=32", "data.batch_size=2", "train.eval_interval=100", "checkpoint.async_save=false"]
+            "data.seq_len=32", "data.batch_size=8", "train.eval_interval=100", "checkpoint.async_save=false"]
 
 
 @pytest.mark.parametrize("via", ["orbax", "hf"])

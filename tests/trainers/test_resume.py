@@ -8,7 +8,7 @@ from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.pretrain import text_pretraining_task
 
 SETS = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
-        "data.seq_len=32", "data.batch_size=2", "optimizer.grad_accum_steps=2", "train.steps=6", "log.interval=1",
+        "data.seq_len=32", "data.batch_size=8", "optimizer.grad_accum_steps=2", "train.steps=6", "log.interval=1",
         "checkpoint.interval=100", "train.eval_interval=100", "checkpoint.async_save=false"]
 
 

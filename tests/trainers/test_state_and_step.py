@@ -9,6 +9,7 @@ from flax import nnx
 from ernie_jax.config import load_config
 from ernie_jax.model import router_losses
 from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.trainers.pretrain import lm_objective, mtp_loss, token_cross_entropy
 from ernie_jax.trainers.state import init_train_state, lr_schedule, make_optimizer, param_groups
 from ernie_jax.trainers.step import make_train_step
@@ -52,7 +53,8 @@ def _batch(cfg, accum, b=2, s=16, seed=0):
 
 def _step(cfg):
     tx = make_optimizer(cfg.optimizer, 10)
-    graphdef, state = init_train_state(cfg, ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), tx)
+    mesh = build_mesh(cfg, jax.devices()[:1])
+    graphdef, state = init_train_state(cfg, lambda rngs: ErnieForCausalLM(cfg, rngs=rngs), tx, mesh)
     return jax.jit(make_train_step(graphdef, cfg, tx, lm_objective, 10)), state
 
 

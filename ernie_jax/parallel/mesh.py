@@ -1,0 +1,117 @@
+"""Device mesh from config and the one logical-axis rules table.
+
+Every param carries logical axis names in its `axes` metadata (set where the param is created);
+`LOGICAL_RULES` maps them to mesh axes. Parallel layouts change in config (`mesh.*`), never in
+model code. Stacked layers add leading axes that stay unsharded here (pipeline stages come later).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from ernie_jax.config import Config, MeshConfig
+from ernie_jax.errors import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "pipeline")
+
+# logical axis -> mesh axes (in order of preference); MaxText-style, one place for the whole model.
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp", "expert"),   # activations: every non-model axis splits the batch
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),                    # ZeRO-3 by sharding: params split over fsdp
+    "mlp": ("tensor",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "exp": ("expert",),
+    "norm": (),
+}
+
+
+def mesh_shape(m: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the one -1 resolved; one-line errors for impossible layouts."""
+    sizes = {a: getattr(m, a) for a in MESH_AXES}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ConfigError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in free)}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh: fixed axes use {fixed} devices, which does not divide the {num_devices} "
+                              f"available; change the mesh sizes")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        layout = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        raise ConfigError(f"mesh {layout} uses {math.prod(sizes.values())} devices but {num_devices} are available; "
+                          f"make the product equal or set one axis to -1")
+    return sizes
+
+
+def check_mesh_fits_model(cfg: Config, sizes: dict[str, int]) -> None:
+    if cfg.moe.num_experts and cfg.moe.num_experts % sizes["expert"]:
+        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by mesh.expert={sizes['expert']}")
+    if sizes["pipeline"] != 1:
+        raise ConfigError("mesh.pipeline > 1 is not supported yet; set mesh.pipeline=1")
+
+
+def build_mesh(cfg: Config, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_shape(cfg.mesh, len(devices))
+    check_mesh_fits_model(cfg, sizes)
+    arr = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for a param with logical `axes` (trailing dims) and `shape` (maybe stacked).
+
+    A mesh axis is used at most once per param, and only on a dimension it divides evenly."""
+    lead = len(shape) - len(axes)
+    used: set[str] = set()
+    spec: list = [None] * lead
+    for name, dim in zip(axes, shape[lead:]):
+        chosen = []
+        for mesh_axis in LOGICAL_RULES.get(name, ()) if name else ():
+            size = mesh.shape[mesh_axis]
+            if mesh_axis in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:
+                chosen.append(mesh_axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return P(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
+    """Pure dict of NamedShardings for every variable of an (abstract) nnx state."""
+    flat = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None
+        shape = tuple(var.shape) if hasattr(var, "shape") else tuple(var[...].shape)
+        spec = logical_to_spec(tuple(axes), shape, mesh) if axes else P()
+        flat[path] = NamedSharding(mesh, spec)
+    out: dict = {}
+    for path, sharding in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = sharding
+    return out
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+    spec = [None] * ndim
+    spec[batch_dim] = batch_axes if batch_axes else None
+    return NamedSharding(mesh, P(*spec))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"

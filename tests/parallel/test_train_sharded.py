@@ -1,0 +1,34 @@
+"""The CLI on a sharded mesh, and a checkpoint saved on 8 devices resumed on 4 with another layout."""
+import json
+import os
+import subprocess
+import sys
+
+SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
+         "data.seq_len=32", "data.batch_size=8", "log.interval=1", "train.eval_interval=100",
+         "checkpoint.async_save=false", "checkpoint.interval=2"]
+
+
+def _cli(workdir, devices, *sets):
+    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/tiny_moe.yaml", "--workdir", str(workdir)]
+    for s in SMALL + list(sets):
+        cmd += ["--set", s]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+import pytest
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_mesh(tmp_path):
+    w = tmp_path / "w"
+    r = _cli(w, 8, "train.steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mesh: data=2 x fsdp=2 x tensor=2" in r.stdout
+    r = _cli(w, 4, "train.steps=4", "mesh.data=1", "mesh.expert=-1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 2" in r.stdout and "mesh: expert=4" in r.stdout
+    rows = [json.loads(x) for x in open(w / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["loss"] < 20 for r in rows if "loss" in r)
