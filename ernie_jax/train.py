@@ -11,6 +11,9 @@ flags.DEFINE_string("config", None, "YAML config file (configs/*.yaml)")
 flags.DEFINE_string("workdir", None, "where metrics, TensorBoard files and checkpoints go (default runs/<config>)")
 flags.DEFINE_multi_string("set", [], "config override, repeatable: --set train.steps=100")
 flags.DEFINE_bool("quiet", False, "no progress output (errors still print)")
+flags.DEFINE_string("coordinator_address", "", "multi-host: HOST:PORT of process 0's coordinator")
+flags.DEFINE_integer("num_processes", 0, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", -1, "multi-host: this process's index")
 
 
 def main(argv) -> int:
@@ -27,6 +30,8 @@ def main(argv) -> int:
     from ernie_jax.errors import ErnieJaxError
     try:
         cfg = load_config(FLAGS.config, FLAGS.set)
+        from ernie_jax.parallel.distributed import initialize
+        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS.config))[0])
         from ernie_jax.trainers.loop import run
         from ernie_jax.trainers.pretrain import text_pretraining_task

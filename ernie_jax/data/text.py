@@ -184,16 +184,27 @@ def _select(ds: grain.MapDataset, idx: np.ndarray) -> grain.MapDataset:
 
 
 def packed_batches(pieces: grain.MapDataset, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                   shard_index: int = 0, shard_count: int = 1, repeat: bool = True) -> grain.IterDataset:
-    """Packed model batches: dicts of input_ids/labels/positions/segment_ids [b, seq_len] and loss_mask."""
-    ds = pieces[shard_index::shard_count].shuffle(seed=seed)
+                   process_index: int = 0, process_count: int = 1, repeat: bool = True) -> grain.IterDataset:
+    """Packed model batches: dicts of input_ids/labels/positions/segment_ids [b, seq_len] and loss_mask.
+
+    Every process builds the same global batch of `batch_size` rows and keeps its own contiguous
+    slice, so the data a step sees does not depend on the number of processes (runs and resumes
+    agree across host counts). The cost is that each host tokenizes the whole global batch."""
+    if batch_size % process_count:
+        raise DataError(f"data.batch_size={batch_size} must be divisible by the {process_count} processes")
+    ds = pieces.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
 
     it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), _TokenizeChunks(tokenizer, seq_len + 1))
     it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"tokens": seq_len + 1},
                                                     num_packing_bins=max(8, 2 * batch_size), seed=seed)
-    return it.map(_to_model_inputs).batch(batch_size, drop_remainder=True)
+    it = it.map(_to_model_inputs).batch(batch_size, drop_remainder=True)
+    if process_count > 1:
+        rows = batch_size // process_count
+        lo = process_index * rows
+        it = it.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
+    return it
 
 
 class _TokenizeChunks(grain.experimental.FlatMapTransform):

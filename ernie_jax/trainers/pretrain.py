@@ -52,16 +52,12 @@ def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array,
 
 
 def text_pretraining_task(cfg: Config):
-    """Packed text batches from data.source with the LM objective, sharded over processes."""
+    """Packed text batches from data.source with the LM objective; each process keeps its rows."""
     from ernie_jax.data.text import load_corpus, packed_batches
-    from ernie_jax.errors import ConfigError
     from ernie_jax.trainers.loop import Task
     data = load_corpus(cfg.data, cfg.train.seed)
-    procs = jax.process_count()
-    if cfg.data.batch_size % procs:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {procs} processes")
-    kw = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // procs,
-              shard_index=jax.process_index(), shard_count=procs)
+    kw = dict(seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, process_index=jax.process_index(),
+              process_count=jax.process_count())
     train_iter = iter(packed_batches(data.train, data.tokenizer, seed=cfg.data.shuffle_seed, **kw))
     eval_batches = None
     if len(data.eval):

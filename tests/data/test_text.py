@@ -64,11 +64,16 @@ def test_packing_never_crosses_documents_and_resumes_exactly():
         np.testing.assert_array_equal(want[k], got[k])
 
 
-def test_process_shards_are_disjoint():
+def test_process_slices_tile_the_global_batch():
     data = load_corpus(_data_cfg(seq_len=64), 0)
-    a = data.train[0::2]
-    b = data.train[1::2]
-    assert not set(a[i] for i in range(20)) & set(b[i] for i in range(20))
+    kw = dict(seq_len=64, batch_size=4, seed=5)
+    whole = next(iter(packed_batches(data.train, data.tokenizer, **kw)))
+    parts = [next(iter(packed_batches(data.train, data.tokenizer, process_index=i, process_count=2, **kw)))
+             for i in range(2)]
+    for k in whole:
+        np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
+    with pytest.raises(DataError, match="divisible by the 3 processes"):
+        packed_batches(data.train, data.tokenizer, process_count=3, **kw)
 
 
 def test_array_record_source(tmp_path):
