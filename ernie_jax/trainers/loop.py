@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from flax import nnx
 
@@ -108,6 +109,13 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def jit_train_step(step_fn, state, mesh):
+    """jit with the state's layout pinned on the way out, so step k+1 takes step k's output as is
+    (no drift of optimizer-moment shardings, no recompiles); metrics come back replicated."""
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(step_fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+
+
 def place_batch(batch: dict, mesh, batch_dim: int) -> dict:
     """Process-local numpy batch -> global arrays split over the data-parallel mesh axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_dim), v)
@@ -162,7 +170,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     console.say(f"writing to {os.path.abspath(workdir)} (metrics.jsonl, tb/, checkpoints/); "
                 f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
 
-    train_step = jax.jit(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), donate_argnums=0)
+    train_step = jit_train_step(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), state, mesh)
     eval_step = jax.jit(make_eval_step(graphdef, cfg, task.objective))
     writer = MetricsWriter(workdir, cfg.log.tensorboard)
     config_dict = to_dict(cfg)

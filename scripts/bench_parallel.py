@@ -1,0 +1,89 @@
+"""Step time, compiled memory per device and collective traffic for each parallel layout.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py [--config FILE]
+
+On fake CPU devices the times only compare layouts against each other (the devices share the cores);
+memory per device and the collectives counted from the compiled HLO are what the layout changes.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import jax
+import numpy as np
+
+from ernie_jax.config import load_config
+from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.parallel.mesh import batch_sharding, build_mesh, describe
+from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.state import init_train_state, make_optimizer
+from ernie_jax.trainers.loop import jit_train_step
+from ernie_jax.trainers.step import make_train_step
+
+LAYOUTS = [
+    ["mesh.data=-1"],
+    ["mesh.data=1", "mesh.fsdp=-1"],
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    ["mesh.data=2", "mesh.expert=4"],
+    ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"],
+]
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collective_bytes(hlo: str) -> dict[str, float]:
+    """Sum of result sizes (MB) of each collective kind in the optimized HLO."""
+    sizes = {"f32": 4, "bf16": 2, "s32": 4, "f16": 2, "u32": 4, "pred": 1}
+    out = {c: 0.0 for c in COLLECTIVES}
+    for line in hlo.splitlines():
+        for c in COLLECTIVES:
+            if f" {c}(" in line or f" {c}-start(" in line:
+                for dtype, dims in re.findall(r"(f32|bf16|s32|f16|u32|pred)\[([\d,]*)\]", line.split("=")[1][:300]):
+                    n = np.prod([int(d) for d in dims.split(",") if d]) if dims else 1
+                    out[c] += n * sizes[dtype] / 2**20
+                break
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/tiny_moe.yaml")
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {a.config}")
+    print(f"{'layout':<32}{'step ms':>9}{'temp MB/dev':>13}{'args MB/dev':>13}  collectives MB (HLO)")
+    for layout in LAYOUTS:
+        cfg = load_config(a.config, layout + ["data.batch_size=8", "model.dtype=float32"])
+        try:
+            mesh = build_mesh(cfg)
+        except Exception as e:  # noqa: BLE001 - a layout this device count cannot hold
+            print(f"{' '.join(layout):<32} skipped: {e}")
+            continue
+        tx = make_optimizer(cfg.optimizer, 100)
+        graphdef, state = init_train_state(cfg, lambda r: ErnieForCausalLM(cfg, rngs=r), tx, mesh)
+        rng = np.random.default_rng(0)
+        s = cfg.data.seq_len
+        ids = rng.integers(3, cfg.model.vocab_size, (1, cfg.data.batch_size, s + 1)).astype(np.int32)
+        batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+                 "loss_mask": np.ones((1, cfg.data.batch_size, s), np.float32)}
+        batch = {k: jax.device_put(v, batch_sharding(mesh, 3, 1)) for k, v in batch.items()}
+        step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh)
+        compiled = step.lower(state, batch).compile()
+        mem = compiled.memory_analysis()
+        traffic = collective_bytes(compiled.as_text())
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        ms = (time.perf_counter() - t0) / a.steps * 1e3
+        temp = getattr(mem, "temp_size_in_bytes", 0) / 2**20
+        args = getattr(mem, "argument_size_in_bytes", 0) / 2**20
+        comm = ", ".join(f"{k} {v:.1f}" for k, v in traffic.items() if v)
+        print(f"{describe(mesh):<32}{ms:9.1f}{temp:13.2f}{args:13.2f}  {comm or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
