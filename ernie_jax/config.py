@@ -38,7 +38,9 @@ class ModelConfig:
     init_std: float = 0.02
     mtp_depth: int = 0  # multi-token-prediction layers (num_nextn_predict_layers)
     mtp_loss_weight: float = 0.1
-    remat: Literal["none", "full", "dots_saveable"] = "none"
+    remat: Literal["none", "full", "dots_saveable", "save_attention_out", "save_qkv_recompute_mlp", "named"] = "none"
+    remat_names: tuple[str, ...] = ()  # with remat: named, e.g. [qkv, attn_out, expert_out]
+    remat_offload: bool = False  # named activations go to host memory instead of being kept
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -298,6 +300,10 @@ def validate(cfg: Config) -> None:
     _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
     _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
+    from ernie_jax.precision.remat import CHECKPOINT_NAMES
+    for n in m.remat_names:
+        _require(n in CHECKPOINT_NAMES, f"model.remat_names: {n!r} is not a checkpoint name; use {CHECKPOINT_NAMES}")
+    _require(m.remat != "named" or m.remat_names, "model.remat=named needs model.remat_names (e.g. [qkv, attn_out])")
     if e.num_experts:
         _require(e.num_experts > 0, f"moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)")
         _require(1 <= e.top_k <= e.num_experts,

@@ -33,6 +33,8 @@ def test_frozen():
     ("moe.layer_start=9", "moe.layer_start=9 must be in [0, model.num_layers=4)"),
     ("data.seq_len=100000", "data.seq_len=100000 exceeds model.max_position_embeddings"),
     ("train.steps", "must look like section.key=value"),
+    ("model.remat=named", "model.remat=named needs model.remat_names"),
+    ("model.remat_names=[qkv, nope]", "'nope' is not a checkpoint name"),
 ])
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as e:

@@ -7,6 +7,7 @@ from flax import nnx
 
 from ernie_jax.model.layers import DotGeneral, Linear
 from ernie_jax.model.rope import apply_interleaved_rope
+from ernie_jax.precision.remat import checkpoint_name
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -52,7 +53,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        q = apply_interleaved_rope(q, angles)
-        k = apply_interleaved_rope(k, angles)
-        out = dot_product_attention(q, k, v, mask)
+        q = checkpoint_name(apply_interleaved_rope(q, angles), "qkv")
+        k = checkpoint_name(apply_interleaved_rope(k, angles), "qkv")
+        v = checkpoint_name(v, "qkv")
+        out = checkpoint_name(dot_product_attention(q, k, v, mask), "attn_out")
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))

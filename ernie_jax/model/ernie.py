@@ -19,12 +19,7 @@ from ernie_jax.model.attention import Attention, attention_mask
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles
-
-REMAT_POLICIES = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-}
-
+from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -93,7 +88,7 @@ class DecoderLayer(nnx.Module):
         if self.is_moe:
             y, stats = self.mlp(h, token_mask)
         else:
-            y, stats = self.mlp(h), {}
+            y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
         return x + y, stats
 
 
@@ -105,12 +100,12 @@ def _stack(n: int, make, rngs: nnx.Rngs):
     return create(rngs)
 
 
-def _scan_layers(stack, x, ctx, remat: str):
+def _scan_layers(stack, x, ctx, m):
     """Apply a stacked DecoderLayer (or unit) over its leading axis with nnx.scan."""
     def apply(layer, x, ctx):
         return layer(x, *ctx)
-    if remat != "none":
-        apply = nnx.remat(apply, policy=REMAT_POLICIES[remat])
+    if m.remat != "none":
+        apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
     def body(x, layer, ctx):
@@ -122,14 +117,14 @@ class MoEUnit(nnx.Module):
     """`dense_per_unit` dense layers followed by one MoE layer (one period of the layer pattern)."""
 
     def __init__(self, cfg: Config, dense_per_unit: int, *, rngs: nnx.Rngs):
-        self.remat = cfg.model.remat
+        self.model_cfg = cfg.model
         self.dense = _stack(dense_per_unit, lambda r: DecoderLayer(cfg, False, rngs=r), rngs) \
             if dense_per_unit else None
         self.moe = DecoderLayer(cfg, True, rngs=rngs)
 
     def __call__(self, x, angles, mask, token_mask):
         if self.dense is not None:
-            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask), self.remat)
+            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask), self.model_cfg)
         return self.moe(x, angles, mask, token_mask)
 
 
@@ -190,12 +185,12 @@ class ErnieForCausalLM(nnx.Module):
         ctx = (angles, mask, token_mask)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
         if self.prefix is not None:
-            x, _ = _scan_layers(self.prefix, x, ctx, m.remat)
+            x, _ = _scan_layers(self.prefix, x, ctx, m)
         stats = None
         if self.units is not None:
-            x, stats = _scan_layers(self.units, x, ctx, m.remat)
+            x, stats = _scan_layers(self.units, x, ctx, m)
         if self.suffix is not None:
-            x, _ = _scan_layers(self.suffix, x, ctx, m.remat)
+            x, _ = _scan_layers(self.suffix, x, ctx, m)
         logits = self.head(x)
         mtp_logits = self._mtp(x, input_ids, ctx) if self.mtp is not None else None
         losses, load, dropped = _summarise_router_stats(stats)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
+from ernie_jax.precision.remat import checkpoint_name
 
 
 class CorrectionBias(nnx.Variable):
@@ -73,10 +74,10 @@ def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels) 
     flat_expert = idx.reshape(-1)                                     # [T*K], token-major
     order = jnp.argsort(flat_expert, stable=True)
     tokens = order // k
-    xs = jnp.take(x, tokens, axis=0)                                  # [T*K, H] grouped by expert
+    xs = checkpoint_name(jnp.take(x, tokens, axis=0), "moe_dispatch")  # [T*K, H] grouped by expert
     sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
     h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-    ys = jax.lax.ragged_dot(h, down, sizes)                           # [T*K, H]
+    ys = checkpoint_name(jax.lax.ragged_dot(h, down, sizes), "expert_out")  # [T*K, H]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
 
@@ -100,9 +101,9 @@ def capacity_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, mask: jax
     slot = jnp.where(keep, slot, capacity)                            # out of range -> dropped by scatter
     token = jnp.tile(jnp.arange(t), k)
     buf = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
-    buf = buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop")
+    buf = checkpoint_name(buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop"), "moe_dispatch")
     h = jax.nn.silu(jnp.einsum("ech,ehi->eci", buf, gate)) * jnp.einsum("ech,ehi->eci", buf, up)
-    out = jnp.einsum("eci,eih->ech", h, down)
+    out = checkpoint_name(jnp.einsum("eci,eih->ech", h, down), "expert_out")
     ys = out.at[expert_km, slot].get(mode="fill", fill_value=0)      # [K*T, H]
     kept = keep.reshape(k, t).T
     ys = ys.reshape(k, t, -1).transpose(1, 0, 2)

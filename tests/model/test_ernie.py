@@ -74,9 +74,11 @@ def test_bf16_compute_keeps_fp32_params_and_remat_matches():
     ids = jnp.ones((2, 8), jnp.int32)
     assert model(ids).logits.dtype == jnp.bfloat16
 
-    def grads(remat):
-        c = dataclasses.replace(_cfg(), model=dataclasses.replace(_cfg().model, remat=remat))
+    def grads(remat, names=()):
+        c = dataclasses.replace(_cfg(), model=dataclasses.replace(_cfg().model, remat=remat, remat_names=names))
         m = ErnieForCausalLM(c, rngs=nnx.Rngs(0))
         return nnx.grad(lambda m: jnp.mean(m(ids).logits ** 2))(m)
-    for a, b in zip(jax.tree.leaves(grads("none")), jax.tree.leaves(grads("full"))):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    ref = jax.tree.leaves(grads("none"))
+    for policy, names in [("full", ()), ("save_qkv_recompute_mlp", ()), ("named", ("attn_out", "expert_out"))]:
+        for a, b in zip(ref, jax.tree.leaves(grads(policy, names))):
+            np.testing.assert_allclose(a, b, atol=1e-6)

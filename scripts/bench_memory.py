@@ -1,0 +1,67 @@
+"""Compiled peak memory and step time of the train step for each recomputation policy.
+
+    python scripts/bench_memory.py [--config configs/tiny_moe.yaml --seq-len 512 --batch 8 --layers 8]
+
+Memory is XLA's own accounting of the compiled step (`compile().memory_analysis()`): temp bytes are
+the activations and workspace, the part recomputation trades for time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from ernie_jax.config import load_config
+from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.parallel.mesh import build_mesh
+from ernie_jax.trainers.loop import jit_train_step
+from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.state import init_train_state, make_optimizer
+from ernie_jax.trainers.step import make_train_step
+
+POLICIES = [("none", ()), ("full", ()), ("dots_saveable", ()), ("save_attention_out", ()),
+            ("save_qkv_recompute_mlp", ()), ("named", ("qkv", "attn_out", "expert_out"))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/tiny_moe.yaml")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}; {a.config} with {a.layers} layers, batch {a.batch} x {a.seq_len}")
+    print(f"{'policy':<34}{'temp MB':>10}{'vs none':>9}{'step ms':>10}")
+    base = None
+    for name, names in POLICIES:
+        sets = [f"model.remat={name}", f"data.seq_len={a.seq_len}", f"data.batch_size={a.batch}",
+                f"model.num_layers={a.layers}", "mesh.data=1"]
+        if names:
+            sets.append(f"model.remat_names=[{', '.join(names)}]")
+        cfg = load_config(a.config, sets)
+        mesh = build_mesh(cfg, jax.devices()[:1])
+        tx = make_optimizer(cfg.optimizer, 100)
+        graphdef, state = init_train_state(cfg, lambda r: ErnieForCausalLM(cfg, rngs=r), tx, mesh)
+        ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, a.batch, a.seq_len + 1)).astype(np.int32)
+        batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+                 "loss_mask": np.ones((1, a.batch, a.seq_len), np.float32)}
+        compiled = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh) \
+            .lower(state, batch).compile()
+        temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        ms = (time.perf_counter() - t0) / a.steps * 1e3
+        base = base or temp
+        label = name + (f"[{','.join(names)}]" if names else "")
+        print(f"{label:<34}{temp:10.1f}{base / temp:8.2f}x{ms:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
