@@ -58,6 +58,9 @@ class MoEConfig:
     layer_interval: int = 1
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.0  # capacity = ceil(factor * tokens * top_k / experts)
+    # expert-parallel transport inside shard_map when mesh.expert > 1 (capacity semantics per
+    # token shard); auto leaves the layout to XLA's SPMD partitioner
+    transport: Literal["auto", "all_to_all", "allgather"] = "auto"
     norm_min: float = 1e-12
     aux_loss_weight: float = 1e-5
     z_loss_weight: float = 0.0

@@ -28,6 +28,8 @@ LAYOUTS = [
     ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
     ["mesh.data=2", "mesh.expert=4"],
     ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"],
+    ["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"],
+    ["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"],
 ]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -82,7 +84,8 @@ def main() -> None:
         temp = getattr(mem, "temp_size_in_bytes", 0) / 2**20
         args = getattr(mem, "argument_size_in_bytes", 0) / 2**20
         comm = ", ".join(f"{k} {v:.1f}" for k, v in traffic.items() if v)
-        print(f"{describe(mesh):<32}{ms:9.1f}{temp:13.2f}{args:13.2f}  {comm or 'none'}")
+        transport = cfg.moe.transport if cfg.moe.transport != "auto" else ""
+        print(f"{(describe(mesh) + ' ' + transport).strip():<32}{ms:9.1f}{temp:13.2f}{args:13.2f}  {comm or 'none'}")
 
 
 if __name__ == "__main__":

@@ -86,29 +86,61 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float
     return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
 
 
+def assignment_slots(idx: jax.Array, live: jax.Array, num_experts: int, capacity: int):
+    """Slot of every assignment inside its expert buffer, first choices of all tokens before second
+    choices (GShard priority). idx [T,K], live [T,K] bool (False: takes no slot).
+    Returns choice-major (expert [K*T], slot [K*T] with `capacity` meaning dropped, keep [K*T])."""
+    t, k = idx.shape
+    expert_km = idx.T.reshape(-1)
+    live_km = live.T.reshape(-1)
+    onehot = jax.nn.one_hot(expert_km, num_experts, dtype=jnp.int32) * live_km[:, None]
+    slot = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+    keep = live_km & (slot < capacity) & (expert_km >= 0) & (expert_km < num_experts)
+    return expert_km, jnp.where(keep, slot, capacity), keep
+
+
+def dispatch(x: jax.Array, expert_km, slot, num_experts: int, capacity: int) -> jax.Array:
+    """Tokens [T,H] -> expert buffers [E,C,H]; dropped assignments (slot == C) write nothing."""
+    t = x.shape[0]
+    token = jnp.tile(jnp.arange(t), expert_km.shape[0] // t)
+    buf = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
+    return checkpoint_name(buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop"), "moe_dispatch")
+
+
+def swiglu_experts(buf: jax.Array, gate, up, down) -> jax.Array:
+    """[..., E, C, H] through expert e's SwiGLU for every buffer row of expert e."""
+    h = jax.nn.silu(jnp.einsum("...ech,ehi->...eci", buf, gate)) * jnp.einsum("...ech,ehi->...eci", buf, up)
+    return checkpoint_name(jnp.einsum("...eci,eih->...ech", h, down), "expert_out")
+
+
+def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Array:
+    """Expert buffers [E,C,H] -> tokens [T,H], weighted by the router weights of kept assignments."""
+    t, k = weights.shape
+    ys = out.at[expert_km, slot].get(mode="fill", fill_value=0).reshape(k, t, -1).transpose(1, 0, 2)
+    return jnp.einsum("tkh,tk->th", ys, (weights * keep.reshape(k, t).T).astype(ys.dtype))
+
+
 def capacity_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, mask: jax.Array, kernels,
                      capacity: int):
-    """Fixed buffers [E, C, H]. First choices of all tokens get slots before second choices
-    (GShard priority); padding tokens take no slot. Returns (y [T,H], kept [T,K] bool)."""
-    gate, up, down = kernels
-    t, k = idx.shape
-    num_experts = gate.shape[0]
-    expert_km = idx.T.reshape(-1)                                     # [K*T], choice-major priority
-    live = jnp.tile(mask.astype(bool), k)
-    onehot = jax.nn.one_hot(expert_km, num_experts, dtype=jnp.int32) * live[:, None]
-    slot = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # position inside its expert
-    keep = live & (slot < capacity)
-    slot = jnp.where(keep, slot, capacity)                            # out of range -> dropped by scatter
-    token = jnp.tile(jnp.arange(t), k)
-    buf = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
-    buf = checkpoint_name(buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop"), "moe_dispatch")
-    h = jax.nn.silu(jnp.einsum("ech,ehi->eci", buf, gate)) * jnp.einsum("ech,ehi->eci", buf, up)
-    out = checkpoint_name(jnp.einsum("eci,eih->ech", h, down), "expert_out")
-    ys = out.at[expert_km, slot].get(mode="fill", fill_value=0)      # [K*T, H]
-    kept = keep.reshape(k, t).T
-    ys = ys.reshape(k, t, -1).transpose(1, 0, 2)
-    y = jnp.einsum("tkh,tk->th", ys, (weights * kept).astype(ys.dtype))
-    return y, kept
+    """Fixed buffers [E, C, H] on one device; padding tokens take no slot. Returns (y [T,H], kept [T,K])."""
+    num_experts = kernels[0].shape[0]
+    live = jnp.broadcast_to(mask.astype(bool)[:, None], idx.shape)
+    expert_km, slot, keep = assignment_slots(idx, live, num_experts, capacity)
+    out = swiglu_experts(dispatch(x, expert_km, slot, num_experts, capacity), *kernels)
+    return combine(out, expert_km, slot, keep, weights), keep.reshape(idx.shape[1], -1).T
+
+
+def expert_parallel_mesh():
+    """The mesh set with `jax.set_mesh` when it has an expert axis > 1, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
+        return None
+    return mesh
+
+
+def expert_parallel_experts(*args, **kwargs):
+    from ernie_jax.parallel.expert import expert_parallel_experts as impl
+    return impl(*args, **kwargs)
 
 
 class MoEBlock(nnx.Module):
@@ -134,7 +166,10 @@ class MoEBlock(nnx.Module):
         logits = self.gate(xt)
         probs, idx, weights = route(logits, self.gate.correction_bias[...], cfg.top_k, cfg.norm_min)
         kernels = self.experts.kernels()
-        if cfg.dispatch == "dropless":
+        ep_mesh = expert_parallel_mesh() if cfg.transport != "auto" else None
+        if ep_mesh is not None:
+            y, kept = expert_parallel_experts(xt, idx, weights, mask, kernels, cfg, ep_mesh)
+        elif cfg.dispatch == "dropless":
             y = dropless_experts(xt, idx, weights, kernels)
             kept = jnp.ones_like(idx, bool)
         else:

@@ -113,7 +113,24 @@ def jit_train_step(step_fn, state, mesh):
     """jit with the state's layout pinned on the way out, so step k+1 takes step k's output as is
     (no drift of optimizer-moment shardings, no recompiles); metrics come back replicated."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    return jax.jit(step_fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+    return MeshJit(jax.jit(step_fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
+                           donate_argnums=0), mesh)
+
+
+class MeshJit:
+    """A jitted function traced and run with `mesh` set (`jax.set_mesh` must be outside jit), so layers
+    that need the mesh (expert-parallel transports) can read it."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
 
 
 def place_batch(batch: dict, mesh, batch_dim: int) -> dict:
@@ -171,7 +188,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                 f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
 
     train_step = jit_train_step(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), state, mesh)
-    eval_step = jax.jit(make_eval_step(graphdef, cfg, task.objective))
+    eval_step = MeshJit(jax.jit(make_eval_step(graphdef, cfg, task.objective)), mesh)
     writer = MetricsWriter(workdir, cfg.log.tensorboard)
     config_dict = to_dict(cfg)
     last: dict = {}

@@ -51,7 +51,10 @@ def _loss_and_grads(cfg, mesh=None):
     def loss(params):
         out = nnx.merge(graphdef, params, rest)(batch["input_ids"])
         return lm_objective(out, batch, cfg)[0]
-    return jax.jit(jax.value_and_grad(loss))(params)
+    if mesh is None:
+        return jax.jit(jax.value_and_grad(loss))(params)
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.value_and_grad(loss))(params)
 
 
 @pytest.mark.parametrize("layout, dispatch", [
@@ -59,6 +62,10 @@ def _loss_and_grads(cfg, mesh=None):
     (["mesh.data=2", "mesh.expert=4"], "capacity"),
     (["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"], "capacity"),
     (["mesh.data=2", "mesh.expert=4"], "dropless"),
+    (["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"], "capacity"),
+    (["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "moe.transport=all_to_all"], "capacity"),
+    (["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"], "capacity"),
+    (["mesh.data=1", "mesh.expert=8", "moe.transport=allgather"], "capacity"),
 ])
 def test_sharded_loss_and_grads_equal_single_device(layout, dispatch):
     base = ["model.num_layers=3", "model.dtype=float32", f"moe.dispatch={dispatch}", "moe.capacity_factor=4.0"]
