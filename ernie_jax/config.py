@@ -71,6 +71,14 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class PrecisionConfig:
+    """FP8 matmuls: `experts` (ERNIE's choice: routed-expert GEMMs) or `all_linear` (every Linear
+    except router, embeddings and LM head)."""
+    fp8: Literal["off", "experts", "all_linear"] = "off"
+    fp8_recipe: Literal["current", "blockwise"] = "current"
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     """Vision encoder and adapter (the VL model); disabled for text models."""
     enabled: bool = False
@@ -140,6 +148,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -244,6 +253,8 @@ def _coerce(typ: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if origin is Literal:
         choices = typing.get_args(typ)
+        if isinstance(value, bool) and ("off" if not value else "on") in choices:
+            value = "off" if not value else "on"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not allowed; use one of {', '.join(map(str, choices))}")
         return value

@@ -19,6 +19,7 @@ from ernie_jax.model.attention import Attention, attention_mask
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles
+from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
 @dataclass(frozen=True)
@@ -75,11 +76,16 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: Config, moe: bool, *, rngs: nnx.Rngs):
         m = cfg.model
-        kw = dict(rngs=rngs, std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+        kw = dict(rngs=rngs, std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
+                  dot_general=linear_dot_general(cfg))
         self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
         self.self_attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, **kw)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
-        self.mlp = MoEBlock(m.hidden_size, cfg.moe, **kw) if moe else SwiGLU(m.hidden_size, m.intermediate_size, **kw)
+        if moe:
+            experts_fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "experts")
+            self.mlp = MoEBlock(m.hidden_size, cfg.moe, fp8=experts_fp8, **kw)
+        else:
+            self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)
         self.is_moe = moe
 
     def __call__(self, x, angles, mask, token_mask):
@@ -90,6 +96,12 @@ class DecoderLayer(nnx.Module):
         else:
             y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
         return x + y, stats
+
+
+def linear_dot_general(cfg: Config):
+    """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
+    fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "linear")
+    return jax.lax.dot_general if fp8 is None else fp8.dot_general
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -137,7 +149,8 @@ class MTPLayer(nnx.Module):
         self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.linear_proj = Linear(2 * m.hidden_size, m.hidden_size, axes=("mlp", "embed"), rngs=rngs,
-                                  std=m.init_std, dtype=_dtype(m.dtype), param_dtype=pd)
+                                  std=m.init_std, dtype=_dtype(m.dtype), param_dtype=pd,
+                                  dot_general=linear_dot_general(cfg))
         self.block = DecoderLayer(cfg, False, rngs=rngs)
 
     def __call__(self, h, emb, angles, mask, token_mask):

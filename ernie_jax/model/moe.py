@@ -66,7 +66,7 @@ def route(logits: jax.Array, bias: jax.Array, top_k: int, norm_min: float):
     return probs, idx, weights
 
 
-def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels) -> jax.Array:
+def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None) -> jax.Array:
     """Every assignment is computed: sort by expert, ragged_dot per expert group, unsort, combine."""
     gate, up, down = kernels
     t, k = idx.shape
@@ -76,8 +76,11 @@ def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels) 
     tokens = order // k
     xs = checkpoint_name(jnp.take(x, tokens, axis=0), "moe_dispatch")  # [T*K, H] grouped by expert
     sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
-    ys = checkpoint_name(jax.lax.ragged_dot(h, down, sizes), "expert_out")  # [T*K, H]
+    out = fp8.out if fp8 is not None else (lambda v: v)
+    h = jax.nn.silu(out(jax.lax.ragged_dot(xs, gate, sizes))) * out(jax.lax.ragged_dot(xs, up, sizes))
+    if fp8 is not None:
+        h = fp8.act(h)
+    ys = checkpoint_name(out(jax.lax.ragged_dot(h, down, sizes)), "expert_out")  # [T*K, H]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
 
@@ -107,10 +110,14 @@ def dispatch(x: jax.Array, expert_km, slot, num_experts: int, capacity: int) -> 
     return checkpoint_name(buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop"), "moe_dispatch")
 
 
-def swiglu_experts(buf: jax.Array, gate, up, down) -> jax.Array:
-    """[..., E, C, H] through expert e's SwiGLU for every buffer row of expert e."""
-    h = jax.nn.silu(jnp.einsum("...ech,ehi->...eci", buf, gate)) * jnp.einsum("...ech,ehi->...eci", buf, up)
-    return checkpoint_name(jnp.einsum("...eci,eih->...ech", h, down), "expert_out")
+def swiglu_experts(buf: jax.Array, gate, up, down, fp8=None) -> jax.Array:
+    """[..., E, C, H] through expert e's SwiGLU for every buffer row of expert e. With `fp8`, the
+    inputs arrive quantized; the hidden activation is quantized here and output gradients go e5m2."""
+    out = fp8.out if fp8 is not None else (lambda v: v)
+    h = jax.nn.silu(out(jnp.einsum("...ech,ehi->...eci", buf, gate))) * out(jnp.einsum("...ech,ehi->...eci", buf, up))
+    if fp8 is not None:
+        h = fp8.act(h)
+    return checkpoint_name(out(jnp.einsum("...eci,eih->...ech", h, down)), "expert_out")
 
 
 def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Array:
@@ -121,12 +128,12 @@ def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Ar
 
 
 def capacity_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, mask: jax.Array, kernels,
-                     capacity: int):
+                     capacity: int, fp8=None):
     """Fixed buffers [E, C, H] on one device; padding tokens take no slot. Returns (y [T,H], kept [T,K])."""
     num_experts = kernels[0].shape[0]
     live = jnp.broadcast_to(mask.astype(bool)[:, None], idx.shape)
     expert_km, slot, keep = assignment_slots(idx, live, num_experts, capacity)
-    out = swiglu_experts(dispatch(x, expert_km, slot, num_experts, capacity), *kernels)
+    out = swiglu_experts(dispatch(x, expert_km, slot, num_experts, capacity), *kernels, fp8=fp8)
     return combine(out, expert_km, slot, keep, weights), keep.reshape(idx.shape[1], -1).T
 
 
@@ -147,8 +154,9 @@ class MoEBlock(nnx.Module):
     """Routed experts + shared experts; returns the output and a dict of named router statistics."""
 
     def __init__(self, hidden: int, moe_cfg, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general):
+                 param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general, fp8=None):
         self.cfg = moe_cfg
+        self.fp8 = fp8  # quantizers for the routed-expert matmuls, or None
         self.gate = Router(hidden, moe_cfg.num_experts, rngs=rngs, std=std)
         self.experts = Experts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size, rngs=rngs, std=std,
                                dtype=dtype, param_dtype=param_dtype)
@@ -166,15 +174,20 @@ class MoEBlock(nnx.Module):
         logits = self.gate(xt)
         probs, idx, weights = route(logits, self.gate.correction_bias[...], cfg.top_k, cfg.norm_min)
         kernels = self.experts.kernels()
+        if self.fp8 is not None:
+            kernels = tuple(self.fp8.weight(k) for k in kernels)
+            xt_experts = self.fp8.act(xt)
+        else:
+            xt_experts = xt
         ep_mesh = expert_parallel_mesh() if cfg.transport != "auto" else None
         if ep_mesh is not None:
-            y, kept = expert_parallel_experts(xt, idx, weights, mask, kernels, cfg, ep_mesh)
+            y, kept = expert_parallel_experts(xt_experts, idx, weights, mask, kernels, cfg, ep_mesh, self.fp8)
         elif cfg.dispatch == "dropless":
-            y = dropless_experts(xt, idx, weights, kernels)
+            y = dropless_experts(xt_experts, idx, weights, kernels, self.fp8)
             kept = jnp.ones_like(idx, bool)
         else:
             cap = expert_capacity(b * s, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-            y, kept = capacity_experts(xt, idx, weights, mask, kernels, cap)
+            y, kept = capacity_experts(xt_experts, idx, weights, mask, kernels, cap, self.fp8)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         stats = self._stats(logits, probs, idx, kept, mask)

@@ -23,30 +23,30 @@ from ernie_jax.model.moe import assignment_slots, combine, dispatch, expert_capa
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
-def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh):
+def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh, fp8=None):
     """x [T,H], idx/weights [T,K], mask [T], kernels ([E,H,I],[E,H,I],[E,I,H]) -> (y [T,H], kept [T,K])."""
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
     tok2, tok1, exp = P(batch, None), P(batch), P("expert", None, None)
     local = _all_to_all_local if cfg.transport == "all_to_all" else _allgather_local
     fn = functools.partial(local, num_experts=cfg.num_experts, top_k=cfg.top_k, factor=cfg.capacity_factor,
-                           ep=mesh.shape["expert"])
+                           ep=mesh.shape["expert"], fp8=fp8)
     return jax.shard_map(fn, mesh=mesh, in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp),
                          out_specs=(tok2, tok2), check_vma=False)(x, idx, weights, mask, *kernels)
 
 
-def _all_to_all_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_k, factor, ep):
+def _all_to_all_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_k, factor, ep, fp8):
     t, h = x.shape
     cap = expert_capacity(t, top_k, num_experts, factor)
     live = jnp.broadcast_to(mask.astype(bool)[:, None], idx.shape)
     expert_km, slot, keep = assignment_slots(idx, live, num_experts, cap)
     buf = dispatch(x, expert_km, slot, num_experts, cap).reshape(ep, num_experts // ep, cap, h)
     buf = jax.lax.all_to_all(buf, "expert", 0, 0)                   # [source, E_local, C, H]
-    out = swiglu_experts(buf, gate, up, down)
+    out = swiglu_experts(buf, gate, up, down, fp8=fp8)
     out = jax.lax.all_to_all(out, "expert", 0, 0).reshape(num_experts, cap, h)
     return combine(out, expert_km, slot, keep, weights), keep.reshape(top_k, t).T
 
 
-def _allgather_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_k, factor, ep):
+def _allgather_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_k, factor, ep, fp8):
     t = x.shape[0]
     gather = functools.partial(jax.lax.all_gather, axis_name="expert", tiled=True)
     xg, idxg, wg, maskg = gather(x), gather(idx), gather(weights), gather(mask)
@@ -57,7 +57,7 @@ def _allgather_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_
     cap = expert_capacity(t * ep, top_k, num_experts, factor)
     live = maskg.astype(bool)[:, None] & mine
     expert_km, slot, keep = assignment_slots(jnp.where(mine, local_idx, 0), live, e_local, cap)
-    out = swiglu_experts(dispatch(xg, expert_km, slot, e_local, cap), gate, up, down)
+    out = swiglu_experts(dispatch(xg, expert_km, slot, e_local, cap), gate, up, down, fp8=fp8)
     partial = combine(out, expert_km, slot, keep, wg)               # only this device's experts
     y = jax.lax.psum_scatter(partial, "expert", scatter_dimension=0, tiled=True)
     kept = jax.lax.psum(keep.reshape(top_k, -1).T.astype(jnp.int32), "expert") > 0
