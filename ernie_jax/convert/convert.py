@@ -206,13 +206,20 @@ def _read_our_config(path: str, dtype: str | None = None) -> Config:
     return from_dict(raw)
 
 
+def _leaf_dir(path: str, param_path) -> str:
+    return os.path.join(os.path.abspath(path), PARAMS_DIR, ".".join(str(getattr(p, "key", p)) for p in param_path))
+
+
 def save_params(path: str, cfg: Config, params: dict, quiet: bool = True) -> None:
-    """Orbax checkpoint of the params + our config JSON (what the trainer's init_from reads)."""
+    """Params + our config JSON (what the trainer's init_from reads). Each param is its own small
+    orbax checkpoint under params/<dotted.path>, written one after another, so saving never holds
+    more than one param's serialization buffers (a whole-tree orbax save copies every array)."""
     import orbax.checkpoint as ocp
     with _atomic_dir(path) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-            ckptr.wait_until_finished()
+            for param_path, leaf in jax.tree_util.tree_leaves_with_path(params):
+                ckptr.save(_leaf_dir(tmp, param_path), {"value": leaf})
+                ckptr.wait_until_finished()
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             f.write(to_json(cfg))
     _log(f"  saved orbax params to {path}", quiet)
@@ -223,18 +230,20 @@ def restore_params(path: str, cfg: Config, shardings: Callable | None = None) ->
     import orbax.checkpoint as ocp
     _, state = abstract_state(cfg)
     target = nnx.to_pure_dict(state)
-    if shardings is not None:
-        target = jax.tree_util.tree_map_with_path(
-            lambda p, l: jax.ShapeDtypeStruct(l.shape, l.dtype, sharding=shardings(p, l)), target)
-    full = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    if not os.path.isdir(full):
+    if not os.path.isdir(os.path.join(os.path.abspath(path), PARAMS_DIR)):
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory: convert it with "
                               f"`python -m ernie_jax.convert hf-to-ernie`")
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(full, target)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: params do not match {CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+
+    def restore(param_path, leaf):
+        sharding = shardings(param_path, leaf) if shardings is not None else None
+        want = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                return ckptr.restore(_leaf_dir(path, param_path), {"value": want})["value"]
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CheckpointError(f"{path}: param {jax.tree_util.keystr(param_path)} is missing or does not match "
+                                  f"{CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+    return jax.tree_util.tree_map_with_path(restore, target)
 
 
 def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False) -> Config:
@@ -262,21 +271,13 @@ def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = Fa
 
 
 def restore_param(path: str, param_path: tuple[str, ...]) -> np.ndarray:
-    """One param of a `save_params` checkpoint as numpy, without reading the others (partial restore)."""
+    """One param of a `save_params` checkpoint as numpy, without reading the others."""
     import orbax.checkpoint as ocp
-    item: dict = {}
-    args: dict = {}
-    node, anode = item, args
-    for p in param_path[:-1]:
-        node = node.setdefault(p, {})
-        anode = anode.setdefault(p, {})
-    node[param_path[-1]] = np.zeros(0)
-    anode[param_path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-    full = os.path.join(os.path.abspath(path), PARAMS_DIR)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(full, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True))
+            out = ckptr.restore(_leaf_dir(path, param_path), args=ocp.args.PyTreeRestore(
+                restore_args={"value": ocp.RestoreArgs(restore_type=np.ndarray)}))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: cannot read param {'.'.join(param_path)} ({str(e).splitlines()[0]})") \
             from None
-    return _get(out, param_path)
+    return out["value"]
