@@ -68,6 +68,11 @@ class MoEConfig:
     orth_mode: Literal["loss", "decoupled"] = "loss"  # decoupled: SGD step on the router after the optimizer
     group_orthogonal: bool = False
     bias_update_rate: float = 1e-3  # aux-loss-free correction-bias step; 0 freezes the bias
+    # heterogeneous (VL) layers: a vision router + vision experts beside the text ones; 0 = none
+    vision_num_experts: int = 0
+    vision_intermediate_size: int = 0
+    vision_top_k: int = 0  # 0: same as top_k
+    vision_capacity_factor: float = 0.0  # 0: same as capacity_factor (both relative to all tokens)
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,26 @@ class PrecisionConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """Vision encoder and adapter (the VL model); disabled for text models."""
+    """ViT encoder, adapter and the multimodal token ids (the VL model); disabled for text models.
+    Defaults are ERNIE-4.5-VL's (ERNIE45_SPEC.md section 4)."""
     enabled: bool = False
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 5120
+    patch_size: int = 14
+    in_channels: int = 3
+    spatial_merge: int = 2
+    temporal_merge: int = 2
+    layer_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_t_frequencies: int = 20  # LLM 3D RoPE: lowest-frequency pairs that rotate by t (freq_allocation)
+    image_token_id: int = 100295
+    image_start_token_id: int = 101304
+    image_end_token_id: int = 101305
+    video_token_id: int = 103367
+    video_start_token_id: int = 101306
+    video_end_token_id: int = 101307
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,14 @@ class TrainConfig:
     seed: int = 0
     eval_interval: int = 200
     eval_steps: int = 10
+    # parameter groups that get no updates and no optimizer state: vit, adapter, language_model
+    # (embeddings, attention, norms, dense FFN, text router/experts, shared experts, head),
+    # vision_experts (vision routers + experts)
+    freeze: tuple[str, ...] = ()
+    # VL: when a batch holds vision tokens, only ViT, adapter and vision experts learn from it
+    modality_detach: bool = False
+    # multimodal token-balanced LM loss: sum of text-token losses / all tokens in the batch
+    token_balanced_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -336,6 +367,27 @@ def validate(cfg: Config) -> None:
         if e.group_orthogonal:
             _require(e.num_experts % e.top_k == 0,
                      f"moe.group_orthogonal needs moe.top_k={e.top_k} to divide moe.num_experts={e.num_experts}")
+    if e.vision_num_experts:
+        _require(e.num_experts > 0, "moe.vision_num_experts needs text experts too (moe.num_experts > 0)")
+        _require(e.vision_intermediate_size > 0,
+                 "moe.vision_intermediate_size must be set (> 0) when moe.vision_num_experts > 0")
+        vk = e.vision_top_k or e.top_k
+        _require(1 <= vk <= e.vision_num_experts,
+                 f"moe.vision_top_k={vk} must be between 1 and moe.vision_num_experts={e.vision_num_experts}")
+        _require(e.vision_capacity_factor >= 0, "moe.vision_capacity_factor must be >= 0 (0 = moe.capacity_factor)")
+    v = cfg.vision
+    if v.enabled:
+        _require(v.hidden_size % v.num_heads == 0,
+                 f"vision.num_heads={v.num_heads} must divide vision.hidden_size={v.hidden_size}")
+        _require((v.hidden_size // v.num_heads) % 4 == 0,
+                 "vision head dim (vision.hidden_size / vision.num_heads) must be a multiple of 4 (2D RoPE)")
+        _require(v.temporal_merge == 2, "vision.temporal_merge must be 2 (the adapter pairs frames)")
+        _require(0 <= v.rope_t_frequencies <= m.head_dim // 2 and (m.head_dim // 2 - v.rope_t_frequencies) % 2 == 0,
+                 f"vision.rope_t_frequencies={v.rope_t_frequencies} must leave an even number of the "
+                 f"{m.head_dim // 2} RoPE frequencies for h/w")
+        _require(e.vision_num_experts > 0, "vision.enabled needs vision experts: set moe.vision_num_experts")
+    for name in cfg.train.freeze:
+        _require(name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}")
     o = cfg.optimizer
     _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
@@ -352,6 +404,9 @@ def validate(cfg: Config) -> None:
     for axis in ("data", "fsdp", "tensor", "expert", "pipeline"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
+
+
+FREEZE_GROUPS = ("vit", "adapter", "language_model", "vision_experts")
 
 
 def is_moe_layer(i: int, num_layers: int, moe: MoEConfig) -> bool:

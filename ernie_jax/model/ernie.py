@@ -18,7 +18,7 @@ from ernie_jax.config import Config, is_moe_layer
 from ernie_jax.model.attention import Attention, attention_mask
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
-from ernie_jax.model.rope import rope_angles
+from ernie_jax.model.rope import rope_angles, rope_angles_3d
 from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
@@ -69,6 +69,7 @@ class ModelOutput:
     dropped_fraction: Any = None
     mtp_logits: Any = None
     hidden: Any = None
+    vision_expert_load: Any = None   # [L_moe, E_vision] for heterogeneous (VL) layers
 
 
 class DecoderLayer(nnx.Module):
@@ -88,11 +89,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)
         self.is_moe = moe
 
-    def __call__(self, x, angles, mask, token_mask):
+    def __call__(self, x, angles, mask, token_mask, modality):
         x = x + self.self_attn(self.input_layernorm(x), angles, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h, token_mask)
+            y, stats = self.mlp(h, token_mask, modality)
         else:
             y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
         return x + y, stats
@@ -134,10 +135,10 @@ class MoEUnit(nnx.Module):
             if dense_per_unit else None
         self.moe = DecoderLayer(cfg, True, rngs=rngs)
 
-    def __call__(self, x, angles, mask, token_mask):
+    def __call__(self, x, angles, mask, token_mask, modality):
         if self.dense is not None:
-            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask), self.model_cfg)
-        return self.moe(x, angles, mask, token_mask)
+            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask, modality), self.model_cfg)
+        return self.moe(x, angles, mask, token_mask, modality)
 
 
 class MTPLayer(nnx.Module):
@@ -153,9 +154,9 @@ class MTPLayer(nnx.Module):
                                   dot_general=linear_dot_general(cfg))
         self.block = DecoderLayer(cfg, False, rngs=rngs)
 
-    def __call__(self, h, emb, angles, mask, token_mask):
+    def __call__(self, h, emb, angles, mask, token_mask, modality):
         u = self.linear_proj(jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1))
-        out, _ = self.block(u, angles, mask, token_mask)
+        out, _ = self.block(u, angles, mask, token_mask, modality)
         return out
 
 
@@ -183,19 +184,27 @@ class ErnieForCausalLM(nnx.Module):
         return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> ModelOutput:
-        """input_ids [B,S]; positions [B,S] (default arange); segment_ids [B,S] (0 = padding,
-        equal ids attend to each other; default all ones). inputs_embeds replaces the lookup."""
+                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+                 modality: jax.Array | None = None) -> ModelOutput:
+        """input_ids [B,S]; positions [B,S] (default arange) or [B,S,3] (t, h, w: 3D RoPE);
+        segment_ids [B,S] (0 = padding, equal ids attend to each other; default all ones);
+        inputs_embeds replaces the lookup; modality [B,S] routes 1 = vision tokens to the vision
+        experts of heterogeneous MoE layers (default: all text)."""
         m = self.cfg.model
         b, s = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         if segment_ids is None:
             segment_ids = jnp.ones((b, s), jnp.int32)
-        angles = rope_angles(positions, m.head_dim, m.rope_theta)
+        if modality is None:
+            modality = jnp.zeros((b, s), jnp.int32)
+        if positions.ndim == 3:
+            angles = rope_angles_3d(positions, m.head_dim, m.rope_theta, self.cfg.vision.rope_t_frequencies)
+        else:
+            angles = rope_angles(positions, m.head_dim, m.rope_theta)
         mask = attention_mask(segment_ids)
         token_mask = segment_ids > 0
-        ctx = (angles, mask, token_mask)
+        ctx = (angles, mask, token_mask, modality)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
         if self.prefix is not None:
             x, _ = _scan_layers(self.prefix, x, ctx, m)
@@ -208,7 +217,8 @@ class ErnieForCausalLM(nnx.Module):
         mtp_logits = self._mtp(x, input_ids, ctx) if self.mtp is not None else None
         losses, load, dropped = _summarise_router_stats(stats)
         return ModelOutput(logits=logits, router_losses=losses, expert_load=load, dropped_fraction=dropped,
-                           mtp_logits=mtp_logits, hidden=x)
+                           mtp_logits=mtp_logits, hidden=x,
+                           vision_expert_load=None if not stats else stats.get("vision_expert_load"))
 
     def _mtp(self, h, input_ids, ctx):
         """Depth d predicts token t+d+2 from h_t and the embedding of token t+d+1 (shifted left)."""
@@ -232,16 +242,21 @@ def _summarise_router_stats(stats):
     if not stats:
         zero = jnp.zeros((), jnp.float32)
         return {"aux_loss": zero, "z_loss": zero, "orth_loss": zero}, None, None
-    losses = {k: jnp.sum(stats[k]) for k in ("aux_loss", "z_loss", "orth_loss")}
-    dropped = jnp.sum(stats["dropped"]) / jnp.maximum(jnp.sum(stats["assignments"]), 1.0)
-    return losses, stats["expert_load"], dropped
+    losses = {k: jnp.sum(v) for k, v in stats.items() if k.endswith("_loss")}
+    dropped = sum(jnp.sum(v) for k, v in stats.items() if k.endswith("dropped"))
+    assignments = sum(jnp.sum(v) for k, v in stats.items() if k.endswith("assignments"))
+    return losses, stats["expert_load"], dropped / jnp.maximum(assignments, 1.0)
 
 
 def router_loss_total(output: ModelOutput, cfg: Config) -> jax.Array:
     """lambda_aux * L_aux + lambda_z * L_z + lambda_orth * L_orth (orth only in `loss` mode)."""
     e = cfg.moe
     r = output.router_losses
-    total = e.aux_loss_weight * r["aux_loss"] + e.z_loss_weight * r["z_loss"]
-    if e.orth_mode == "loss":
-        total = total + e.orth_loss_weight * r["orth_loss"]
+    total = 0.0
+    for prefix in ("", "vision_"):   # per modality, same weights (ERNIE45_SPEC.md section 3)
+        if prefix + "aux_loss" not in r:
+            continue
+        total = total + e.aux_loss_weight * r[prefix + "aux_loss"] + e.z_loss_weight * r[prefix + "z_loss"]
+        if e.orth_mode == "loss":
+            total = total + e.orth_loss_weight * r[prefix + "orth_loss"]
     return total

@@ -31,19 +31,39 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm with scale and bias (the ViT and the adapter), fp32 statistics."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 class Linear(nnx.Module):
-    """y = x @ W with W [in, out], no bias. `dot_general` is replaceable (FP8, quantised matmuls)."""
+    """y = x @ W (+ b) with W [in, out]; the text model has no biases, the ViT/adapter do.
+    `dot_general` is replaceable (FP8, quantised matmuls)."""
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, std: float,
-                 dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general):
+                 dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general,
+                 bias: bool = False):
         self.dtype = dtype
         self.dot_general = dot_general
         self.kernel = nnx.Param(normal_init(std)(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         w = self.kernel[...].astype(self.dtype)
-        return self.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        y = self.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class Embed(nnx.Module):

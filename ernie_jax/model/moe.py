@@ -9,6 +9,7 @@ Dims: T tokens, H hidden, E experts, K top-k, C capacity, I expert width.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -66,12 +67,17 @@ def route(logits: jax.Array, bias: jax.Array, top_k: int, norm_min: float):
     return probs, idx, weights
 
 
-def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None) -> jax.Array:
-    """Every assignment is computed: sort by expert, ragged_dot per expert group, unsort, combine."""
+def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None,
+                     live: jax.Array | None = None) -> jax.Array:
+    """Every live assignment is computed: sort by expert, ragged_dot per expert group, unsort,
+    combine. Tokens with live=False (padding, the other modality) sort past the last group, where
+    ragged_dot does no work and returns zeros."""
     gate, up, down = kernels
     t, k = idx.shape
     num_experts = gate.shape[0]
     flat_expert = idx.reshape(-1)                                     # [T*K], token-major
+    if live is not None:
+        flat_expert = jnp.where(jnp.repeat(live.astype(bool), k), flat_expert, num_experts)
     order = jnp.argsort(flat_expert, stable=True)
     tokens = order // k
     xs = checkpoint_name(jnp.take(x, tokens, axis=0), "moe_dispatch")  # [T*K, H] grouped by expert
@@ -151,7 +157,14 @@ def expert_parallel_experts(*args, **kwargs):
 
 
 class MoEBlock(nnx.Module):
-    """Routed experts + shared experts; returns the output and a dict of named router statistics."""
+    """Routed experts + shared experts; returns the output and a dict of named router statistics.
+
+    With `moe.vision_num_experts` the block is ERNIE-VL's heterogeneous layer: a second router and
+    expert group for vision tokens. Routing is modality-isolated: a text token can only reach text
+    experts and a vision token only vision experts, each with its own softmax, top-k and correction
+    bias; each group computes only its own tokens (the other modality is masked out of its
+    dispatch exactly like padding). Shared experts see every token.
+    """
 
     def __init__(self, hidden: int, moe_cfg, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
                  param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general, fp8=None):
@@ -160,50 +173,77 @@ class MoEBlock(nnx.Module):
         self.gate = Router(hidden, moe_cfg.num_experts, rngs=rngs, std=std)
         self.experts = Experts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size, rngs=rngs, std=std,
                                dtype=dtype, param_dtype=param_dtype)
+        if moe_cfg.vision_num_experts:
+            self.vision_gate = Router(hidden, moe_cfg.vision_num_experts, rngs=rngs, std=std)
+            self.vision_experts = Experts(moe_cfg.vision_num_experts, hidden, moe_cfg.vision_intermediate_size,
+                                          rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.vision_gate = self.vision_experts = None
         shared_width = moe_cfg.intermediate_size * moe_cfg.num_shared_experts
         self.shared_experts = SwiGLU(hidden, shared_width, rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype,
                                      dot_general=dot_general) if shared_width else None
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array):
-        """x [B,S,H], token_mask [B,S] (1 = real token) -> (y [B,S,H], stats)."""
+    def groups(self):
+        """(stats prefix, router, experts, group config) for each expert group, text first."""
         cfg = self.cfg
+        out = [("", self.gate, self.experts, cfg)]
+        if self.vision_gate is not None:
+            vcfg = dataclasses.replace(cfg, num_experts=cfg.vision_num_experts, top_k=cfg.vision_top_k or cfg.top_k,
+                                       intermediate_size=cfg.vision_intermediate_size,
+                                       capacity_factor=cfg.vision_capacity_factor or cfg.capacity_factor,
+                                       group_orthogonal=False)  # ERNIE never groups the vision router
+            out.append(("vision_", self.vision_gate, self.vision_experts, vcfg))
+        return out
+
+    def __call__(self, x: jax.Array, token_mask: jax.Array, modality: jax.Array | None = None):
+        """x [B,S,H], token_mask [B,S] (1 = real token), modality [B,S] (0 text, 1 vision; None =
+        all text) -> (y [B,S,H], stats)."""
         b, s, hdim = x.shape
         xt = x.reshape(b * s, hdim).astype(self.dtype)
-        mask = token_mask.reshape(b * s)
-        logits = self.gate(xt)
-        probs, idx, weights = route(logits, self.gate.correction_bias[...], cfg.top_k, cfg.norm_min)
-        kernels = self.experts.kernels()
-        if self.fp8 is not None:
-            kernels = tuple(self.fp8.weight(k) for k in kernels)
-            xt_experts = self.fp8.act(xt)
-        else:
-            xt_experts = xt
-        ep_mesh = expert_parallel_mesh() if cfg.transport != "auto" else None
-        if ep_mesh is not None:
-            y, kept = expert_parallel_experts(xt_experts, idx, weights, mask, kernels, cfg, ep_mesh, self.fp8)
-        elif cfg.dispatch == "dropless":
-            y = dropless_experts(xt_experts, idx, weights, kernels, self.fp8)
-            kept = jnp.ones_like(idx, bool)
-        else:
-            cap = expert_capacity(b * s, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-            y, kept = capacity_experts(xt_experts, idx, weights, mask, kernels, cap, self.fp8)
+        mask = token_mask.reshape(b * s).astype(bool)
+        vision = jnp.zeros_like(mask) if modality is None else modality.reshape(b * s) > 0
+        xq = self.fp8.act(xt) if self.fp8 is not None else xt
+        y, stats = jnp.zeros_like(xt), {}
+        for prefix, gate, experts, gcfg in self.groups():   # at most two groups, fixed at build time
+            live = mask & (vision if prefix else ~vision)
+            y_g, stats_g = self._group(xt, xq, live, gate, experts, gcfg)
+            y = y + y_g
+            stats.update({prefix + k: v for k, v in stats_g.items()})
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
-        stats = self._stats(logits, probs, idx, kept, mask)
         return y.reshape(b, s, hdim).astype(x.dtype), stats
 
-    def _stats(self, logits, probs, idx, kept, mask):
-        cfg = self.cfg
+    def _group(self, xt, xq, live, gate, experts, cfg):
+        """One expert group over the tokens where `live` is True."""
+        t = xt.shape[0]
+        logits = gate(xt)
+        probs, idx, weights = route(logits, gate.correction_bias[...], cfg.top_k, cfg.norm_min)
+        kernels = experts.kernels()
+        if self.fp8 is not None:
+            kernels = tuple(self.fp8.weight(k) for k in kernels)
+        ep_mesh = expert_parallel_mesh() if cfg.transport != "auto" else None
+        if ep_mesh is not None:
+            y, kept = expert_parallel_experts(xq, idx, weights, live, kernels, cfg, ep_mesh, self.fp8)
+        elif cfg.dispatch == "dropless":
+            y = dropless_experts(xq, idx, weights, kernels, self.fp8, live=live)
+            kept = jnp.ones_like(idx, bool)
+        else:
+            cap = expert_capacity(t, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+            y, kept = capacity_experts(xq, idx, weights, live, kernels, cap, self.fp8)
+        return y, self._stats(cfg, gate, logits, probs, idx, kept, live)
+
+    @staticmethod
+    def _stats(cfg, gate, logits, probs, idx, kept, mask):
         maskf = mask.astype(jnp.float32)
         _, unbiased_idx = jax.lax.top_k(probs, cfg.top_k)
-        groups = cfg.top_k if cfg.group_orthogonal else 1
+        groups = cfg.top_k if cfg.group_orthogonal and cfg.num_experts % cfg.top_k == 0 else 1
         load = (jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32) * maskf[:, None, None]).sum((0, 1))
         dropped = jnp.sum((~kept) * maskf[:, None])
         return {
             "aux_loss": router_losses.aux_balance_loss(probs, unbiased_idx, mask),
             "z_loss": router_losses.z_loss(logits, mask),
-            "orth_loss": router_losses.orthogonal_loss(self.gate.kernel[...], groups),
+            "orth_loss": router_losses.orthogonal_loss(gate.kernel[...], groups),
             "expert_load": jax.lax.stop_gradient(load),                          # [E] tokens per expert
             "dropped": jax.lax.stop_gradient(dropped),                           # dropped assignments
             "assignments": jnp.sum(maskf) * cfg.top_k,
