@@ -18,13 +18,21 @@ from flax import nnx
 from ernie_jax.config import Config, load_config
 
 COMPONENTS = ("embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
-              "norms", "mtp")
+              "norms", "vision_experts", "vision_router", "vit", "adapter", "mtp")
 
 
 def _component(path: tuple[str, ...]) -> str:
     names = [str(p) for p in path]
     if names[0] == "mtp":
         return "mtp"
+    if names[0] == "vision_model":
+        return "vit"
+    if names[0] == "resampler":
+        return "adapter"
+    if "vision_experts" in names:
+        return "vision_experts"
+    if "vision_gate" in names and names[-1] == "kernel":
+        return "vision_router"
     if names[0] in ("embed_tokens", "lm_head"):
         return "embedding" if names[0] == "embed_tokens" else "lm_head"
     if "self_attn" in names:
@@ -42,8 +50,8 @@ def _component(path: tuple[str, ...]) -> str:
 
 def count_params(cfg: Config) -> dict[str, float]:
     """{component: params, 'total', 'active', 'active_non_embedding', 'buffers'} from shapes only."""
-    from ernie_jax.model.ernie import ErnieForCausalLM
-    abstract = nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    from ernie_jax.model import build_model
+    abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     counts: dict[str, float] = defaultdict(float)
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
         n = float(np.prod(var.shape, dtype=np.float64))
@@ -55,8 +63,15 @@ def count_params(cfg: Config) -> dict[str, float]:
     out["buffers"] = counts.get("buffers", 0.0)
     out["total"] = sum(v for c, v in out.items() if c not in ("mtp", "buffers"))
     frac = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe.num_experts else 1.0
-    out["active"] = out["total"] - out["routed_experts"] * (1.0 - frac)
+    # active = what one text token touches (the VL vision parts serve image/video tokens only)
+    vision_parts = sum(out[c] for c in ("vision_experts", "vision_router", "vit", "adapter"))
+    out["active"] = out["total"] - out["routed_experts"] * (1.0 - frac) - vision_parts
     out["active_non_embedding"] = out["active"] - out["embedding"]
+    e = cfg.moe
+    if e.vision_num_experts:   # a vision token: its own experts (top-k of them) instead of the text ones
+        vfrac = (e.vision_top_k or e.top_k) / e.vision_num_experts
+        out["active_vision_token"] = (out["active"] - out["routed_experts"] * frac - out["router"]
+                                      + out["vision_experts"] * vfrac + out["vision_router"])
     return out
 
 
@@ -68,16 +83,21 @@ def _fmt(n: float) -> str:
 
 
 def format_summary(cfg: Config, counts: dict[str, float]) -> str:
-    frac = cfg.moe.top_k / cfg.moe.num_experts if cfg.moe.num_experts else 1.0
+    e = cfg.moe
+    frac = e.top_k / e.num_experts if e.num_experts else 1.0
+    scale = {"routed_experts": frac, "vision_experts": 0.0, "vision_router": 0.0, "vit": 0.0, "adapter": 0.0}
     lines = [f"{'component':<16}{'total':>12}{'active':>12}"]
     for c in COMPONENTS:
         if counts[c]:
-            active = counts[c] * (frac if c == "routed_experts" else 1.0)
+            active = counts[c] * scale.get(c, 1.0)
             lines.append(f"{c:<16}{_fmt(counts[c]):>12}{_fmt(active):>12}")
     lines.append("-" * 40)
     lines.append(f"{'total (no MTP)':<16}{_fmt(counts['total']):>12}{_fmt(counts['active']):>12}")
     lines.append(f"{'non-embedding':<16}{_fmt(counts['total'] - counts['embedding']):>12}"
                  f"{_fmt(counts['active_non_embedding']):>12}")
+    if "active_vision_token" in counts:
+        lines.append(f"(active counts a text token; a vision token touches {_fmt(counts['active_vision_token'])} "
+                     "in the decoder, plus the ViT and adapter)")
     if counts["buffers"]:
         lines.append(f"non-trainable buffers (routing bias): {_fmt(counts['buffers'])}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from ernie_jax.config import load_config
-from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.trainers.loop import jit_train_step
 from ernie_jax.trainers.pretrain import lm_objective
@@ -44,7 +44,7 @@ def main() -> None:
         cfg = load_config(a.config, sets)
         mesh = build_mesh(cfg, jax.devices()[:1])
         tx = make_optimizer(cfg.optimizer, 100)
-        graphdef, state = init_train_state(cfg, lambda r: ErnieForCausalLM(cfg, rngs=r), tx, mesh)
+        graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
         ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, a.batch, a.seq_len + 1)).astype(np.int32)
         batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
                  "loss_mask": np.ones((1, a.batch, a.seq_len), np.float32)}

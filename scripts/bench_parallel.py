@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from ernie_jax.config import load_config
-from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import batch_sharding, build_mesh, describe
 from ernie_jax.trainers.pretrain import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
@@ -63,7 +63,7 @@ def main() -> None:
             print(f"{' '.join(layout):<32} skipped: {e}")
             continue
         tx = make_optimizer(cfg.optimizer, 100)
-        graphdef, state = init_train_state(cfg, lambda r: ErnieForCausalLM(cfg, rngs=r), tx, mesh)
+        graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
         rng = np.random.default_rng(0)
         s = cfg.data.seq_len
         ids = rng.integers(3, cfg.model.vocab_size, (1, cfg.data.batch_size, s + 1)).astype(np.int32)

@@ -24,6 +24,7 @@ from ernie_jax.config import Config, from_dict, to_json
 from ernie_jax.convert.hf_text import HFCheckpoint, config_from_hf, config_to_hf, key_table, to_hf, to_ours
 from ernie_jax.convert.safetensors_io import save_file
 from ernie_jax.errors import CheckpointError
+from ernie_jax.model import build_model
 from ernie_jax.model.ernie import ErnieForCausalLM
 
 CONFIG_FILE = "ernie_config.json"
@@ -45,7 +46,7 @@ def _get(tree: dict, path: tuple[str, ...]):
 
 def abstract_state(cfg: Config):
     """(graphdef, pure dict of ShapeDtypeStruct) of the model, without allocating it."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
     return graphdef, state
 
 
@@ -63,22 +64,33 @@ def read_hf_params(ckpt: HFCheckpoint, cfg: Config, scratch: str | None = None, 
     params = jax.tree_util.tree_map_with_path(alloc, shapes)
     filled = {id(leaf): 0 for leaf in jax.tree.leaves(params)}
     table = key_table(cfg)
-    by_key = {e.key: e for e in table}
+    by_key: dict[str, list] = {}
+    for e in table:
+        by_key.setdefault(e.key, []).append(e)
     for n, key in enumerate(ckpt.keys_by_file(by_key)):
-        e = by_key[key]
-        if e.layout == "row" and key not in ckpt.weight_map:
+        entries = by_key[key]
+        if key.endswith("e_score_correction_bias") and key not in ckpt.weight_map:
             continue  # checkpoints without a correction bias route with bias 0
-        target = _get(params, e.path)
-        t = to_ours(ckpt.get(key), e.layout)
-        want = target[e.index].shape if e.index else target.shape
-        if t.shape != want:
-            raise CheckpointError(f"{ckpt.path}: tensor {key} has shape {to_hf(t, e.layout).shape}, expected "
-                                  f"{to_hf(np.empty(want), e.layout).shape} for this config.json")
-        if e.index:
-            target[e.index] = t
-        else:
-            target[...] = t
-        filled[id(target)] += 1
+        raw = ckpt.get(key)
+        for e in entries:
+            target = _get(params, e.path)
+            want = target[e.index].shape if e.index else target.shape
+            if e.part >= 0:
+                if raw.ndim != 2 or raw.shape[0] != len(entries):
+                    raise CheckpointError(f"{ckpt.path}: tensor {key} has shape {raw.shape}, expected "
+                                          f"{(len(entries),) + tuple(want)} (one row per modality)")
+                t = raw[e.part]
+            else:
+                t = to_ours(raw, e.layout)
+            if t.shape != want:
+                shown = raw.shape if e.part < 0 else raw.shape[1:]
+                raise CheckpointError(f"{ckpt.path}: tensor {key} has shape {tuple(shown)}, expected "
+                                      f"{to_hf(np.empty(want), e.layout).shape} for this config.json")
+            if e.index:
+                target[e.index] = t
+            else:
+                target[...] = t
+            filled[id(target)] += 1
         if (n + 1) % 200 == 0:
             _log(f"  read {n + 1}/{len(table)} tensors", quiet)
     unfilled = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
@@ -129,7 +141,9 @@ def write_hf(cfg: Config, params: dict | Callable[[tuple], np.ndarray], path: st
         shapes, leaf = nnx.to_pure_dict(abstract_state(cfg)[1]), _OneLeaf(params)
     else:
         shapes, leaf = params, (lambda p: _get(params, p))
-    table = sorted(key_table(cfg), key=lambda e: e.path)   # stable: keeps layer order within a param
+    full = key_table(cfg)
+    table = sorted((e for e in full if e.part < 0), key=lambda e: e.path)   # stable: layer order within a param
+    parted = [e for e in full if e.part >= 0]   # small rows of a shared tensor (VL biases): written last
     with _atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
@@ -142,16 +156,23 @@ def write_hf(cfg: Config, params: dict | Callable[[tuple], np.ndarray], path: st
                 current, size = [], 0
             current.append(e)
             size += nbytes
-        groups.append(current)
+        groups.append(current + parted)
         weight_map, total = {}, 0
         for i, group in enumerate(groups):
             name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
-            tensors = {}
+            tensors, parts = {}, {}
             for e in group:
                 target = leaf(e.path)
-                tensors[e.key] = to_hf(np.asarray(target[e.index] if e.index else target), e.layout)
-                weight_map[e.key] = name
-                total += tensors[e.key].nbytes
+                value = np.asarray(target[e.index] if e.index else target)
+                if e.part >= 0:
+                    parts.setdefault(e.key, {})[e.part] = value
+                    continue
+                tensors[e.key] = to_hf(value, e.layout)
+            for key, rows in parts.items():
+                tensors[key] = np.stack([rows[r] for r in sorted(rows)])
+            for key, t in tensors.items():
+                weight_map[key] = name
+                total += t.nbytes
             save_file(tensors, os.path.join(tmp, name))
             _log(f"  wrote {name} ({len(tensors)} tensors)", quiet)
         if len(groups) > 1:

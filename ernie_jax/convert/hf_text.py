@@ -23,11 +23,13 @@ TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """HF tensor `key` <-> param at `path`[index]; layout: 'copy' | 'T' (transpose) | 'row' ([1,E] <-> [E])."""
+    """HF tensor `key` <-> param at `path`[index]; layout: 'copy' | 'T' (transpose) | 'row' ([1,E] <-> [E]).
+    `part` >= 0: the param is row `part` of the HF tensor (the VL bias [2, E] feeds two routers)."""
     key: str
     path: tuple[str, ...]
     index: tuple[int, ...]
     layout: str
+    part: int = -1
 
 
 # ----------------------------------------------------------------------------- configs
@@ -35,6 +37,9 @@ class Entry:
 def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.json") -> Config:
     """Build our Config (model + moe) from a text ERNIE 4.5 config.json."""
     mt = hf.get("model_type")
+    from ernie_jax.convert.hf_vl import VL_MODEL_TYPES, config_from_hf_vl
+    if mt in VL_MODEL_TYPES:
+        return config_from_hf_vl(hf, dtype=dtype, source=source)
     if mt not in TEXT_MODEL_TYPES:
         raise CheckpointError(f"{source}: model_type {mt!r} is not an ERNIE 4.5 text model "
                               f"(expected one of {', '.join(TEXT_MODEL_TYPES)})")
@@ -74,8 +79,11 @@ def _first(v, default, pick=None):
 
 
 def config_to_hf(cfg: Config) -> dict:
-    """config.json for transformers' Ernie4_5ForCausalLM / Ernie4_5_MoeForCausalLM."""
+    """config.json for transformers' Ernie4_5ForCausalLM / Ernie4_5_MoeForCausalLM (or the VL model)."""
     m, e = cfg.model, cfg.moe
+    if cfg.vision.enabled:
+        from ernie_jax.convert.hf_vl import config_to_hf_vl
+        return config_to_hf_vl(cfg)
     hf = {
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
@@ -114,11 +122,24 @@ def _layer_entries(prefix: str, path: tuple, index: tuple, moe: bool, cfg: Confi
             yield Entry(f"{prefix}.mlp.{p}.weight", path + ("mlp", p, "kernel"), index, "T")
         return
     mlp = path + ("mlp",)
-    yield Entry(f"{prefix}.mlp.gate.weight", mlp + ("gate", "kernel"), index, "T")
-    yield Entry(f"{prefix}.mlp.moe_statics.e_score_correction_bias", mlp + ("gate", "correction_bias"), index, "row")
+    bias_key = f"{prefix}.mlp.moe_statics.e_score_correction_bias"
+    if cfg.moe.vision_num_experts:
+        # VL -PT layout (ERNIE45_SPEC.md 8.2): routers stored [H, E] (ours already), bias [2, E],
+        # text experts 0..E-1 then vision experts E..E+E_v-1
+        yield Entry(f"{prefix}.mlp.gate.weight", mlp + ("gate", "kernel"), index, "copy")
+        yield Entry(f"{prefix}.mlp.gate.weight_1", mlp + ("vision_gate", "kernel"), index, "copy")
+        yield Entry(bias_key, mlp + ("gate", "correction_bias"), index, "copy", part=0)
+        yield Entry(bias_key, mlp + ("vision_gate", "correction_bias"), index, "copy", part=1)
+    else:
+        yield Entry(f"{prefix}.mlp.gate.weight", mlp + ("gate", "kernel"), index, "T")
+        yield Entry(bias_key, mlp + ("gate", "correction_bias"), index, "row")
     for e in range(cfg.moe.num_experts):
         for p in _FFN:
             yield Entry(f"{prefix}.mlp.experts.{e}.{p}.weight", mlp + ("experts", p), index + (e,), "T")
+    for e in range(cfg.moe.vision_num_experts):
+        for p in _FFN:
+            yield Entry(f"{prefix}.mlp.experts.{cfg.moe.num_experts + e}.{p}.weight", mlp + ("vision_experts", p),
+                        index + (e,), "T")
     if cfg.moe.num_shared_experts:
         for p in _FFN:
             yield Entry(f"{prefix}.mlp.shared_experts.{p}.weight", mlp + ("shared_experts", p, "kernel"), index, "T")
@@ -140,6 +161,9 @@ def key_table(cfg: Config) -> list[Entry]:
     out.append(Entry("model.norm.weight", ("norm", "weight"), (), "copy"))
     if not cfg.model.tie_word_embeddings:
         out.append(Entry("lm_head.weight", ("lm_head", "kernel"), (), "T"))
+    if cfg.vision.enabled:
+        from ernie_jax.convert.hf_vl import vision_entries
+        out += vision_entries(cfg)
     for d in range(cfg.model.mtp_depth):
         out.append(Entry(f"model.mtp_emb_norm.{d}.weight", ("mtp", "emb_norm", "weight"), (d,), "copy"))
         out.append(Entry(f"model.mtp_hidden_norm.{d}.weight", ("mtp", "hidden_norm", "weight"), (d,), "copy"))
@@ -183,7 +207,9 @@ class HFCheckpoint:
         if weight_map is None:
             f = self._open("model.safetensors")
             weight_map = {k: "model.safetensors" for k in f.keys()}
-        self.weight_map = weight_map
+        # Baidu's VL checkpoints keep the ViT at the top level (`vision_model.*`)
+        self._stored = {"model." + k: k for k in weight_map if k.startswith("vision_model.")}
+        self.weight_map = {**weight_map, **{k: weight_map[v] for k, v in self._stored.items()}}
 
     def _open(self, name: str) -> SafetensorsFile:
         if name not in self._files:
@@ -196,7 +222,7 @@ class HFCheckpoint:
     def get(self, key: str) -> np.ndarray:
         if key not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor {key} is missing from the checkpoint")
-        return self._open(self.weight_map[key]).get(key)
+        return self._open(self.weight_map[key]).get(self._stored.get(key, key))
 
     def keys_by_file(self, keys) -> list[str]:
         """Order keys so each shard is read in one pass (keeps the page cache warm, one file at a time)."""

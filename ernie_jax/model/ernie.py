@@ -220,6 +220,10 @@ class ErnieForCausalLM(nnx.Module):
                            mtp_logits=mtp_logits, hidden=x,
                            vision_expert_load=None if not stats else stats.get("vision_expert_load"))
 
+    def apply_batch(self, batch: dict) -> ModelOutput:
+        """The trainer's call on a prepared batch."""
+        return self(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+
     def _mtp(self, h, input_ids, ctx):
         """Depth d predicts token t+d+2 from h_t and the embedding of token t+d+1 (shifted left)."""
         depth = self.cfg.model.mtp_depth

@@ -22,7 +22,7 @@ from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
 from ernie_jax.config import Config, to_dict
 from ernie_jax.errors import CheckpointError, ConfigError, DataError
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
-from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, describe
 from ernie_jax.trainers.state import init_opt_state, init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
@@ -161,7 +161,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
                           f"{data_parallel_size(mesh)} (mesh data x fsdp x expert)")
     tx = make_optimizer(cfg.optimizer, cfg.train.steps)
-    graphdef, state = init_train_state(cfg, lambda rngs: ErnieForCausalLM(cfg, rngs=rngs), tx, mesh)
+    graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
     if restored is not None:
         step0, state, data_state = restored

@@ -22,7 +22,7 @@ Objective = Callable[[Any, dict, Config], tuple[jax.Array, dict]]
 
 def _forward(graphdef, params, buffers, batch):
     model = nnx.merge(graphdef, params, buffers)
-    return model(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+    return model.apply_batch(batch)
 
 
 def load_statistics(load: jax.Array) -> dict:
