@@ -142,6 +142,14 @@ class DataConfig:
     shuffle_seed: int = 0
     eval_fraction: float = 0.01
     max_doc_chars: int = 1_000_000
+    # image-text data (multimodal JSONL, see ernie_jax/data/multimodal.py)
+    kind: Literal["text", "multimodal"] = "text"
+    max_patches: int = 4096       # ViT patches per global batch (fixed shape; rows share it equally)
+    max_images_per_row: int = 16
+    max_frames: int = 16          # video frames kept (uniformly sampled, even count)
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 1280
+    image_min_side: int = 14      # smaller images are skipped and counted
 
 
 @dataclass(frozen=True)
@@ -397,6 +405,12 @@ def validate(cfg: Config) -> None:
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _require(d.seq_len <= m.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if d.kind == "multimodal":
+        _require(cfg.vision.enabled, "data.kind=multimodal needs a VL model: set vision.enabled=true (e.g. "
+                                     "configs/tiny_vl.yaml)")
+        _require(d.max_frames >= 2, f"data.max_frames={d.max_frames} must be >= 2 (frames are merged in pairs)")
+        _require(0 < d.image_min_pixels <= d.image_max_pixels,
+                 "data.image_min_pixels must be positive and <= data.image_max_pixels")
     _require(cfg.train.steps >= 0, "train.steps must be >= 0")
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")

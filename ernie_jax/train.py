@@ -34,8 +34,8 @@ def main(argv) -> int:
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS.config))[0])
         from ernie_jax.trainers.loop import run
-        from ernie_jax.trainers.pretrain import text_pretraining_task
-        run(cfg, workdir, text_pretraining_task, quiet=FLAGS.quiet)
+        from ernie_jax.trainers.pretrain import pretraining_task
+        run(cfg, workdir, pretraining_task, quiet=FLAGS.quiet)
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

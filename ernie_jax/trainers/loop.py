@@ -42,6 +42,7 @@ class Task:
     eval_batches: Callable[[], Iterator] | None
     vocab_size: int
     description: str
+    stats: Any = None                    # data-side counters (skipped samples), logged with metrics
 
 
 def check_workdir(workdir: str) -> None:
@@ -160,7 +161,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     if cfg.data.batch_size % data_parallel_size(mesh):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
                           f"{data_parallel_size(mesh)} (mesh data x fsdp x expert)")
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
     if restored is not None:

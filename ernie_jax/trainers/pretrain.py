@@ -37,10 +37,18 @@ def mtp_loss(mtp_logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.A
 def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     """total = LM + sum_layers router loss + lambda_mtp * MTP; returns (total, named scalars)."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    lm = masked_mean(token_cross_entropy(out.logits, batch["labels"]), mask)
+    ce = token_cross_entropy(out.logits, batch["labels"])
+    lm = masked_mean(ce, mask)
     router = router_loss_total(out, cfg)
     metrics = {"lm_loss": lm, "router_loss": router, **out.router_losses, "tokens": jnp.sum(mask)}
-    total = lm + router
+    objective = lm
+    if cfg.train.token_balanced_loss:
+        # ERNIE45_SPEC.md 5.1: the gradient divides the text-token loss sum by the fixed count of all
+        # tokens (image and masked ones included), so image-heavy rows are not over-weighted; the
+        # value stays the ordinary mean for logging.
+        balanced = jnp.sum(ce * mask) / mask.size
+        objective = balanced - jax.lax.stop_gradient(balanced) + jax.lax.stop_gradient(lm)
+    total = objective + router
     if out.mtp_logits is not None:
         mtp = mtp_loss(out.mtp_logits, batch["labels"], mask)
         metrics["mtp_loss"] = mtp
@@ -65,3 +73,26 @@ def text_pretraining_task(cfg: Config):
     return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
                 vocab_size=data.tokenizer.vocab_size,
                 description=f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval pieces")
+
+
+def multimodal_pretraining_task(cfg: Config):
+    """Packed image-text batches (data.kind=multimodal) with the same LM objective, text targets only."""
+    from ernie_jax.data.multimodal import load_multimodal, packed_multimodal_batches
+    from ernie_jax.trainers.loop import Task
+    data = load_multimodal(cfg)
+    kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats,
+                                                seed=cfg.data.shuffle_seed, **kw))
+    eval_batches = None
+    if len(data.eval):
+        eval_batches = lambda: iter(packed_multimodal_batches(  # noqa: E731
+            data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False, **kw))
+    return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
+                vocab_size=data.tokenizer.vocab_size,
+                description=f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval samples",
+                stats=data.stats)
+
+
+def pretraining_task(cfg: Config):
+    """The task `data.kind` asks for."""
+    return multimodal_pretraining_task(cfg) if cfg.data.kind == "multimodal" else text_pretraining_task(cfg)

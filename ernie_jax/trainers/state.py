@@ -41,20 +41,37 @@ def lr_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return schedule
 
 
-def param_groups(params: dict) -> dict:
-    """'router' (gate kernels, LR x router_lr_ratio), 'no_decay' (norm weights), 'decay' (the rest)."""
+def model_part(path) -> str:
+    """Which freezable part a param belongs to: vit | adapter | vision_experts | language_model."""
+    names = [str(getattr(p, "key", p)) for p in path]
+    if names[0] == "vision_model":
+        return "vit"
+    if names[0] == "resampler":
+        return "adapter"
+    if "vision_gate" in names or "vision_experts" in names:
+        return "vision_experts"
+    return "language_model"
+
+
+def param_groups(params: dict, freeze: tuple[str, ...] = ()) -> dict:
+    """'frozen' (parts in `freeze`: no update, no optimizer state), 'router' (gate kernels, LR x
+    router_lr_ratio), 'no_decay' (norm weights, biases), 'decay' (the rest)."""
     def label(path, _):
         names = [str(getattr(p, "key", p)) for p in path]
-        if len(names) >= 2 and names[-2] == "gate" and names[-1] == "kernel":
+        if model_part(path) in freeze:
+            return "frozen"
+        if len(names) >= 2 and names[-2] in ("gate", "vision_gate") and names[-1] == "kernel":
             return "router"
-        if names[-1] == "weight" and any(n.endswith("norm") for n in names):
+        if names[-1] == "bias" or (names[-1] == "weight" and any(n.endswith("norm") or n.startswith("norm")
+                                                                 or n == "ln" for n in names)):
             return "no_decay"
         return "decay"
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(o: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW per group (router LR scaled, norms without weight decay)."""
+def make_optimizer(o: OptimizerConfig, total_steps: int, freeze: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW per group (router LR scaled, norms without weight decay);
+    frozen parts get `set_to_zero` (their moments are never allocated)."""
     sched = lr_schedule(o, total_steps)
 
     def adamw(lr, wd):
@@ -63,9 +80,10 @@ def make_optimizer(o: OptimizerConfig, total_steps: int) -> optax.GradientTransf
         "decay": adamw(sched, o.weight_decay),
         "no_decay": adamw(sched, 0.0),
         "router": adamw(lambda s: sched(s) * o.router_lr_ratio, o.weight_decay),
+        "frozen": optax.set_to_zero(),
     }
     return optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
-                       optax.multi_transform(groups, param_groups))
+                       optax.multi_transform(groups, lambda p: param_groups(p, tuple(freeze))))
 
 
 def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:

@@ -32,21 +32,43 @@ def load_statistics(load: jax.Array) -> dict:
             "expert_load_cv": load.std(-1) / mean}
 
 
-def _post_step_rules(cfg: Config, params: dict, buffers: dict, load) -> tuple[dict, dict]:
-    """Rules outside the optimizer: correction-bias balancing and the decoupled orthogonal step."""
+def _post_step_rules(cfg: Config, params: dict, buffers: dict, loads: dict) -> tuple[dict, dict]:
+    """Rules outside the optimizer, per router (text, and vision in VL layers): correction-bias
+    balancing and the decoupled orthogonal step. A frozen part's routers are left alone."""
     e = cfg.moe
-    if load is None or "units" not in params:
+    if not loads or "units" not in params:
         return params, buffers
-    gate = params["units"]["moe"]["mlp"]["gate"]
-    if e.orth_mode == "decoupled" and e.orth_loss_weight > 0:
-        groups = e.top_k if e.group_orthogonal else 1
-        gate = {**gate, "kernel": router_losses.orthogonal_update(gate["kernel"], e.orth_loss_weight, groups)}
-        params = _replace(params, ("units", "moe", "mlp", "gate"), gate)
-    if e.bias_update_rate > 0:
-        bias = buffers["units"]["moe"]["mlp"]["gate"]["correction_bias"]
-        new_bias = router_losses.correction_bias_update(bias, load, e.bias_update_rate)
-        buffers = _replace(buffers, ("units", "moe", "mlp", "gate", "correction_bias"), new_bias)
+    routers = [("gate", "language_model", e.top_k if e.group_orthogonal else 1)]
+    if "vision_gate" in params["units"]["moe"]["mlp"]:
+        routers.append(("vision_gate", "vision_experts", 1))
+    for name, part, groups in routers:
+        if part in cfg.train.freeze or name not in loads:
+            continue
+        path = ("units", "moe", "mlp", name)
+        if e.orth_mode == "decoupled" and e.orth_loss_weight > 0:
+            kernel = _get(params, path + ("kernel",))
+            params = _replace(params, path + ("kernel",),
+                              router_losses.orthogonal_update(kernel, e.orth_loss_weight, groups))
+        if e.bias_update_rate > 0:
+            bias = _get(buffers, path + ("correction_bias",))
+            buffers = _replace(buffers, path + ("correction_bias",),
+                               router_losses.correction_bias_update(bias, loads[name], e.bias_update_rate))
     return params, buffers
+
+
+def _get(tree: dict, path: tuple):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _detach_language_model(grads: dict, batch: dict, cfg: Config) -> dict:
+    """modality_detach: a micro-batch holding vision tokens trains only ViT, adapter and vision experts."""
+    from ernie_jax.model.ernie_vl import vision_token_ids
+    from ernie_jax.trainers.state import model_part
+    has_vision = jnp.any(jnp.isin(batch["input_ids"], jnp.asarray(vision_token_ids(cfg))))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, g: jnp.where(has_vision, jnp.zeros_like(g), g) if model_part(p) == "language_model" else g, grads)
 
 
 def _replace(tree: dict, path: tuple, value) -> dict:
@@ -62,7 +84,12 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
     def loss_fn(params, buffers, micro):
         out = _forward(graphdef, params, buffers, micro)
         loss, metrics = objective(out, micro, cfg)
-        return loss, (metrics, out.expert_load)
+        loads = {}
+        if out.expert_load is not None:
+            loads["gate"] = out.expert_load
+        if out.vision_expert_load is not None:
+            loads["vision_gate"] = out.vision_expert_load
+        return loss, (metrics, loads)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
@@ -70,6 +97,8 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
 
         def micro_step(acc, micro):
             (_, (metrics, load)), grads = grad_fn(params, buffers, micro)
+            if cfg.train.modality_detach:
+                grads = _detach_language_model(grads, micro, cfg)
             return jax.tree.map(jnp.add, acc, (grads, metrics, load)), None
 
         first = jax.tree.map(lambda x: x[0], batch)
@@ -84,8 +113,10 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
         params, buffers = _post_step_rules(cfg, params, buffers, load)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
-        if load is not None:
-            metrics.update(load_statistics(load))
+        if "gate" in load:
+            metrics.update(load_statistics(load["gate"]))
+        if "vision_gate" in load:
+            metrics.update({"vision_" + k: v for k, v in load_statistics(load["vision_gate"]).items()})
         new_state = {**state, "step": state["step"] + 1, "params": params, "buffers": buffers,
                      "opt_state": opt_state}
         return new_state, metrics

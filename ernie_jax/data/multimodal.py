@@ -1,0 +1,245 @@
+"""Image-text (and video-text) data: JSONL samples -> tokens + vision patches -> packed batches (grain).
+
+Sample format, one JSON object per line; paths are relative to the JSONL file:
+
+    {"content": [{"text": "..."}, {"image": "a.png"}, {"video": ["f0.png", "f1.png", ...]}, ...]}
+    {"image": "a.png", "text": "caption"}               (shorthand: the image, then the text)
+
+A sample becomes [bos] text / [start] placeholders [end] ... [eos] with token types (0 text, 1 image,
+2 video), 3D positions (model/positions.py) and its patches. Samples are packed first-fit into rows
+of seq_len+1 tokens and at most `data.max_patches` / batch_size patches per row, then a batch
+gathers every row's patches (images first, then videos: the order the model scatters them in) and
+the fixed-shape index arrays of `vision_layout`. The loss covers text targets only.
+
+Unreadable images, odd channel layouts, images below the minimum side, missing files and samples
+too long for a row are skipped, counted (`MultimodalStats`) and warned about with the path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+
+import grain
+import numpy as np
+from absl import logging
+
+from ernie_jax.data.images import ImageError, load_rgb, preprocess_frames, sample_frames
+from ernie_jax.data.text import _split_indices
+from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
+from ernie_jax.errors import DataError
+from ernie_jax.model.positions import IMAGE, TEXT, VIDEO, sample_position_ids
+from ernie_jax.model.vision import vision_layout
+
+EMBEDDED_VL = os.path.join(EMBEDDED_DIR, "mnist", "captions.jsonl")
+VISION_KEYS = ("patches", "patch_hw", "frame_ids", "pair_first", "pair_second", "row_valid")
+
+
+@dataclasses.dataclass
+class MultimodalStats:
+    """Counts of skipped samples by reason (thread-safe; grain may map in threads)."""
+    samples: int = 0
+    bad_json: int = 0
+    bad_image: int = 0
+    missing_file: int = 0
+    too_long: int = 0
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def add(self, field: str) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) + 1)
+
+    def summary(self) -> str:
+        return (f"{self.samples} samples ({self.bad_json} bad JSON, {self.bad_image} unusable images, "
+                f"{self.missing_file} missing files, {self.too_long} too long skipped)")
+
+
+def read_samples(source: str) -> tuple[list[tuple[str, dict]], MultimodalStats]:
+    """(base dir, parsed JSON) for every line of the JSONL files in `source` ('embedded' or paths)."""
+    paths = [EMBEDDED_VL] if source == "embedded" else [p.strip() for p in source.split(",") if p.strip()]
+    stats, out = MultimodalStats(), []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"data.source: {path} is not a file; pass image-text JSONL files (or 'embedded')")
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    content = obj["content"] if "content" in obj else [{"image": obj["image"]}, {"text": obj["text"]}]
+                    if not isinstance(content, list) or not content:
+                        raise ValueError
+                except (ValueError, KeyError, TypeError):
+                    stats.bad_json += 1
+                    continue
+                out.append((base, content))
+    if not out:
+        raise DataError(f"data.source={source} holds no usable sample ({stats.summary()})")
+    stats.samples = len(out)
+    return out, stats
+
+
+class SampleEncoder:
+    """(base dir, content) -> packable features, or None (skipped and counted)."""
+
+    def __init__(self, cfg, tokenizer: Tokenizer, stats: MultimodalStats, max_patches_row: int):
+        self.cfg, self.tok, self.stats, self.max_patches_row = cfg, tokenizer, stats, max_patches_row
+        v, d = cfg.vision, cfg.data
+        self.merge, self.patch = v.spatial_merge, v.patch_size
+        self.resize = dict(patch=v.patch_size, merge=v.spatial_merge, min_pixels=d.image_min_pixels,
+                           max_pixels=d.image_max_pixels)
+
+    def __call__(self, item):
+        base, content = item
+        v = self.cfg.vision
+        tokens, types, patches, items, grids = [self.tok.bos_id], [TEXT], [], [], []
+        for seg in content:
+            if not isinstance(seg, dict):
+                self.stats.add("bad_json")
+                return None
+            if "text" in seg:
+                ids = self.tok.encode(str(seg["text"]))
+                tokens += ids
+                types += [TEXT] * len(ids)
+                continue
+            kind = IMAGE if "image" in seg else VIDEO if "video" in seg else None
+            if kind is None:
+                self.stats.add("bad_json")
+                return None
+            files = [seg["image"]] if kind == IMAGE else list(seg["video"] if isinstance(seg["video"], list) else [])
+            if not files:
+                self.stats.add("bad_json")
+                return None
+            if kind == VIDEO:
+                files = [files[i] for i in sample_frames(len(files), self.cfg.data.max_frames)]
+            frames = []
+            for name in files:
+                path = os.path.join(base, str(name))
+                if not os.path.isfile(path):
+                    logging.warning("skipping sample: image file %s does not exist", path)
+                    self.stats.add("missing_file")
+                    return None
+                try:
+                    frames.append(load_rgb(path, min_side=self.cfg.data.image_min_side))
+                except ImageError as e:
+                    logging.warning("skipping sample: image %s is unusable: %s", path, e)
+                    self.stats.add("bad_image")
+                    return None
+            try:
+                pix, (t, gh, gw) = preprocess_frames(frames, **self.resize)
+            except ImageError as e:
+                logging.warning("skipping sample: image %s is unusable: %s", files[0], e)
+                self.stats.add("bad_image")
+                return None
+            n = (t // v.temporal_merge if kind == VIDEO else 1) * (gh // self.merge) * (gw // self.merge)
+            start, ph, end = ((v.image_start_token_id, v.image_token_id, v.image_end_token_id) if kind == IMAGE else
+                              (v.video_start_token_id, v.video_token_id, v.video_end_token_id))
+            tokens += [start] + [ph] * n + [end]
+            types += [TEXT] + [kind] * n + [TEXT]
+            patches.append(pix)
+            items.append((kind, t, gh, gw))
+            grids.append((t, gh, gw))
+        tokens.append(self.tok.eos_id)
+        types.append(TEXT)
+        npatch = sum(len(p) for p in patches)
+        if (len(tokens) > self.cfg.data.seq_len + 1 or npatch > self.max_patches_row
+                or len(items) > self.cfg.data.max_images_per_row):
+            self.stats.add("too_long")
+            return None
+        pos = sample_position_ids(np.array(types), iter(grids), self.merge, self.cfg.vision.temporal_merge)
+        dim = 3 * self.patch * self.patch
+        return {"tokens": np.asarray(tokens, np.int32), "types": np.asarray(types, np.int32),
+                "pos3": pos.astype(np.int32),
+                "patches": np.concatenate(patches).astype(np.float32) if patches else np.zeros((0, dim), np.float32),
+                "items": np.asarray(items, np.int32).reshape(-1, 4)}
+
+
+def _row_inputs(ex: dict) -> dict:
+    """Packed row -> model inputs for the text side (vision is gathered per batch)."""
+    tokens, seg, types = ex["tokens"], ex["tokens_segment_ids"], ex["types"]
+    same = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
+    return {"input_ids": tokens[:-1], "labels": tokens[1:], "loss_mask": (same & (types[1:] == TEXT)).astype(np.float32),
+            "positions": ex["pos3"][:-1], "segment_ids": seg[:-1],
+            "_patches": ex["patches"], "_items": ex["items"], "_items_seg": ex["items_segment_ids"]}
+
+
+class CollateVision:
+    """Batch of rows -> one patch array for the whole batch (images first, then videos, each in row
+    order) padded to `num_patches`, plus the `vision_layout` index arrays."""
+
+    def __init__(self, merge: int, num_patches: int):
+        self.merge, self.num_patches = merge, num_patches
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: v for k, v in batch.items() if not k.startswith("_")}
+        chunks = {IMAGE: [], VIDEO: []}
+        for b in range(batch["_items"].shape[0]):
+            offset = 0
+            for (kind, t, h, w), seg in zip(batch["_items"][b], batch["_items_seg"][b]):
+                if seg == 0:
+                    continue
+                n = t * h * w
+                chunks[int(kind)].append((batch["_patches"][b, offset:offset + n], (t, h, w)))
+                offset += n
+        ordered = chunks[IMAGE] + chunks[VIDEO]
+        dim = batch["_patches"].shape[-1]
+        patches = np.zeros((self.num_patches, dim), np.float32)
+        if ordered:
+            flat = np.concatenate([p for p, _ in ordered])
+            patches[:len(flat)] = flat
+        grids = np.array([g for _, g in ordered], np.int64).reshape(-1, 3)
+        layout = vision_layout(grids, self.merge, num_patches=self.num_patches,
+                               num_rows=self.num_patches // (self.merge * self.merge))
+        return {**out, "patches": patches, **layout}
+
+
+@dataclasses.dataclass
+class MultimodalData:
+    train: grain.MapDataset
+    eval: grain.MapDataset
+    tokenizer: Tokenizer
+    stats: MultimodalStats
+
+
+def load_multimodal(cfg) -> MultimodalData:
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    samples, stats = read_samples(cfg.data.source)
+    ds = grain.MapDataset.source(samples)
+    train_idx, eval_idx = _split_indices(len(ds), cfg.data.eval_fraction, cfg.train.seed)
+    pick = lambda idx: grain.MapDataset.range(len(idx)).map(lambda i: ds[int(idx[i])])  # noqa: E731
+    return MultimodalData(pick(train_idx), pick(eval_idx), tokenizer, stats)
+
+
+def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, cfg, stats: MultimodalStats, *,
+                              seed: int, process_index: int = 0, process_count: int = 1,
+                              repeat: bool = True) -> grain.IterDataset:
+    """Packed batches with input_ids/labels/loss_mask/segment_ids [b, S], positions [b, S, 3] and the
+    vision arrays (VISION_KEYS). Each process keeps its contiguous rows and builds their vision arrays."""
+    d = cfg.data
+    if d.batch_size % process_count:
+        raise DataError(f"data.batch_size={d.batch_size} must be divisible by the {process_count} processes")
+    merge2 = cfg.vision.spatial_merge ** 2
+    per_row = d.max_patches // d.batch_size
+    if per_row < merge2 or d.max_patches % (d.batch_size * merge2):
+        raise DataError(f"data.max_patches={d.max_patches} must be a multiple of data.batch_size x "
+                        f"{merge2} (the 2x2 merge); raise it")
+    ds = samples.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    encoder = SampleEncoder(cfg, tokenizer, stats, per_row)
+    it = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset()
+    length = {"tokens": d.seq_len + 1, "types": d.seq_len + 1, "pos3": d.seq_len + 1, "patches": per_row,
+              "items": d.max_images_per_row}
+    it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=max(8, 2 * d.batch_size),
+                                                    seed=seed)
+    it = it.map(_row_inputs).batch(d.batch_size, drop_remainder=True)
+    rows = d.batch_size // process_count
+    lo = process_index * rows
+    if process_count > 1:
+        it = it.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
+    return it.map(CollateVision(cfg.vision.spatial_merge, per_row * rows))
