@@ -4,6 +4,9 @@
 
 Prints, measured in one run: dense time / MoE time ("MoE/dense" speed, 1.0 = as fast as dense) for
 each dispatch mode at E=8, and the MoE time at E=64 over E=8 (same top-k, same active FLOPs).
+Multimodal case: the heterogeneous layer (E text experts + E vision experts of 1/3 the width, as in
+ERNIE-VL-28B) on a 50/50 text/vision batch vs a text-only batch of the same length (target <= 1.2),
+and vs a text-only MoE layer without vision experts.
 """
 from __future__ import annotations
 
@@ -30,13 +33,13 @@ def _time(fn, *args, repeats: int) -> float:
     return best
 
 
-def _fwd_bwd(module, x, moe: bool):
+def _fwd_bwd(module, x, moe: bool, modality=None):
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     mask = jnp.ones(x.shape[:2], bool)
 
     def loss(params, x):
         m = nnx.merge(graphdef, params, rest)
-        y = m(x, mask)[0] if moe else m(x)
+        y = m(x, mask, modality)[0] if moe else m(x)
         return jnp.mean(y.astype(jnp.float32) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
@@ -73,6 +76,22 @@ def main() -> None:
     print(f"\nbetter mode at E=8: {best}, MoE/dense = {t_dense / times[8, best]:.2f} (target >= 0.7)")
     for d in ("dropless", "capacity"):
         print(f"E=64/E=8 time ratio ({d}): {times[64, d] / times[8, d]:.2f} (target <= 1.3)")
+
+    print("\nheterogeneous (VL) layer, E=8 text + 8 vision experts (vision width 1/3):")
+    half = (jnp.arange(a.tokens) >= a.tokens // 2).astype(jnp.int32)[None]
+    for dispatch in ("capacity", "dropless"):
+        cfg = MoEConfig(num_experts=8, top_k=a.top_k, intermediate_size=a.expert_width, dispatch=dispatch,
+                        capacity_factor=a.capacity_factor, vision_num_experts=8,
+                        vision_intermediate_size=max(1, a.expert_width // 3))
+        block = MoEBlock(a.hidden, cfg, **kw)
+        fn_text, params = _fwd_bwd(block, x, moe=True, modality=jnp.zeros_like(half))
+        fn_mixed, _ = _fwd_bwd(block, x, moe=True, modality=half)
+        t_text = _time(fn_text, params, x, repeats=a.repeats)
+        t_mixed = _time(fn_mixed, params, x, repeats=a.repeats)
+        plain = times[8, dispatch]
+        print(f"  {dispatch:<9}: text-only batch {t_text * 1e3:8.1f} ms, 50/50 batch {t_mixed * 1e3:8.1f} ms, "
+              f"50/50 / text-only = {t_mixed / t_text:.2f} (target <= 1.2); "
+              f"vs text-only MoE layer {t_text / plain:.2f}x")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,19 @@ def test_cli_runs_without_allocation():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "routed_experts" in out.stdout and "299.484B" in out.stdout
+
+
+def test_vl_28b_a3b():
+    """Structural sum of the released VL-28B config (ERNIE45_SPEC.md section 1): the 21B-A3B decoder
+    (21.8B) + 27 layers x 64 vision experts of width 512 (6.8B) + ViT (0.63B) + adapter (0.14B) =
+    29.4B. The published name "28B" is lower than this sum; the active count matches "A3B"."""
+    c = _counts("ernie45_vl_28b_a3b")
+    assert c["total"] == pytest.approx(21.83e9 + 6.80e9 + 0.630e9 + 0.144e9, rel=0.01)
+    assert c["vision_experts"] == pytest.approx(27 * 64 * 3 * 2560 * 512, rel=1e-6)
+    assert int(c["active_non_embedding"] / 1e9) == 3
+
+
+def test_vl_424b_a47b():
+    c = _counts("ernie45_vl_424b_a47b")
+    assert c["total"] == pytest.approx(424e9, rel=0.01)
+    assert c["active_non_embedding"] == pytest.approx(47e9, rel=0.01)
