@@ -143,7 +143,8 @@ class DataConfig:
     eval_fraction: float = 0.01
     max_doc_chars: int = 1_000_000
     # image-text data (multimodal JSONL, see ernie_jax/data/multimodal.py)
-    kind: Literal["text", "multimodal"] = "text"
+    kind: Literal["text", "multimodal", "chat", "preference"] = "text"
+    chat_mode: Literal["plain", "thinking", "no_thinking"] = "plain"   # chat / preference rendering
     max_patches: int = 4096       # ViT patches per global batch (fixed shape; rows share it equally)
     max_images_per_row: int = 16
     max_frames: int = 16          # video frames kept (uniformly sampled, even count)
@@ -177,6 +178,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """Direct preference optimisation (data.kind=preference), ERNIE45_SPEC.md 6.2."""
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0
+    normalize_logps: bool = True     # ERNIEKit: scale each side's log-prob sum to the pair's mean length
+    pref_loss_ratio: float = 1.0
+    sft_loss_ratio: float = 0.0      # + ratio * NLL of the chosen response
+    # copy: a frozen copy of the starting policy runs beside it; cached: one pass over the data before
+    # training stores the reference log-probs (workdir/reference_logps.npz), no second model in memory
+    reference: Literal["copy", "cached"] = "copy"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     interval: int = 10
     tensorboard: bool = True
@@ -193,6 +208,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -405,6 +421,8 @@ def validate(cfg: Config) -> None:
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _require(d.seq_len <= m.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be > 0")
+    _require(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
     if d.kind == "multimodal":
         _require(cfg.vision.enabled, "data.kind=multimodal needs a VL model: set vision.enabled=true (e.g. "
                                      "configs/tiny_vl.yaml)")

@@ -44,6 +44,10 @@ class MultimodalStats:
     bad_image: int = 0
     missing_file: int = 0
     too_long: int = 0
+    bad_role: int = 0           # chat: unknown role or a conversation without an assistant reply
+    empty_response: int = 0
+    same_pair: int = 0          # preference: chosen == rejected
+    vision_in_text_model: int = 0
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -53,39 +57,56 @@ class MultimodalStats:
             setattr(self, field, getattr(self, field) + 1)
 
     def summary(self) -> str:
+        extra = "".join(f", {getattr(self, k)} {k.replace('_', ' ')}" for k in
+                        ("bad_role", "empty_response", "same_pair", "vision_in_text_model") if getattr(self, k))
         return (f"{self.samples} samples ({self.bad_json} bad JSON, {self.bad_image} unusable images, "
-                f"{self.missing_file} missing files, {self.too_long} too long skipped)")
+                f"{self.missing_file} missing files, {self.too_long} too long skipped{extra})")
+
+    def as_metrics(self) -> dict:
+        return {f"data_skipped_{k}": getattr(self, k) for k in
+                ("bad_json", "bad_image", "missing_file", "too_long", "bad_role", "empty_response", "same_pair",
+                 "vision_in_text_model")}
 
 
-def read_samples(source: str) -> tuple[list[tuple[str, dict]], MultimodalStats]:
-    """(base dir, parsed JSON) for every line of the JSONL files in `source` ('embedded' or paths)."""
-    paths = [EMBEDDED_VL] if source == "embedded" else [p.strip() for p in source.split(",") if p.strip()]
+def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats]:
+    """`parse(base_dir, obj)` for every line of the JSONL files in `source` ('embedded' = `embedded`);
+    lines that are not JSON, or that `parse` rejects with ValueError/KeyError/TypeError, are counted."""
+    paths = [embedded] if source == "embedded" else [p.strip() for p in source.split(",") if p.strip()]
     stats, out = MultimodalStats(), []
     for path in paths:
         if not os.path.isfile(path):
-            raise DataError(f"data.source: {path} is not a file; pass image-text JSONL files (or 'embedded')")
+            raise DataError(f"data.source: {path} is not a file; pass JSONL files (or 'embedded')")
         base = os.path.dirname(os.path.abspath(path))
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                    content = obj["content"] if "content" in obj else [{"image": obj["image"]}, {"text": obj["text"]}]
-                    if not isinstance(content, list) or not content:
-                        raise ValueError
-                except (ValueError, KeyError, TypeError):
+                    out.append(parse(base, json.loads(line)))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     stats.bad_json += 1
-                    continue
-                out.append((base, content))
     if not out:
         raise DataError(f"data.source={source} holds no usable sample ({stats.summary()})")
     stats.samples = len(out)
     return out, stats
 
 
+def read_samples(source: str) -> tuple[list[tuple[str, dict]], MultimodalStats]:
+    """(base dir, content) for every line of the image-text JSONL files in `source`."""
+    def parse(base, obj):
+        content = obj["content"] if "content" in obj else [{"image": obj["image"]}, {"text": obj["text"]}]
+        if not isinstance(content, list) or not content:
+            raise ValueError
+        return base, content
+    return read_jsonl(source, EMBEDDED_VL, parse)
+
+
 class SampleEncoder:
-    """(base dir, content) -> packable features, or None (skipped and counted)."""
+    """(base dir, content[, wrap]) -> packable features, or None (skipped and counted).
+
+    Content segments: {"text": str, "train": bool}, {"ids": [int], "train": bool}, {"image": path},
+    {"video": [paths]}. `train` (default true) marks tokens the loss predicts; vision tokens never
+    are. `wrap` (default true) adds bos/eos around the sample (chat renders its own markers)."""
 
     def __init__(self, cfg, tokenizer: Tokenizer, stats: MultimodalStats, max_patches_row: int):
         self.cfg, self.tok, self.stats, self.max_patches_row = cfg, tokenizer, stats, max_patches_row
@@ -95,21 +116,28 @@ class SampleEncoder:
                            max_pixels=d.image_max_pixels)
 
     def __call__(self, item):
-        base, content = item
+        base, content, *rest = item
+        wrap = rest[0] if rest else True
         v = self.cfg.vision
-        tokens, types, patches, items, grids = [self.tok.bos_id], [TEXT], [], [], []
+        tokens, types, targets, patches, items, grids = [], [], [], [], [], []
+        if wrap:
+            tokens, types, targets = [self.tok.bos_id], [TEXT], [0]
         for seg in content:
             if not isinstance(seg, dict):
                 self.stats.add("bad_json")
                 return None
-            if "text" in seg:
-                ids = self.tok.encode(str(seg["text"]))
+            if "text" in seg or "ids" in seg:
+                ids = self.tok.encode(str(seg["text"])) if "text" in seg else [int(i) for i in seg["ids"]]
                 tokens += ids
                 types += [TEXT] * len(ids)
+                targets += [int(seg.get("train", True))] * len(ids)
                 continue
             kind = IMAGE if "image" in seg else VIDEO if "video" in seg else None
             if kind is None:
                 self.stats.add("bad_json")
+                return None
+            if not v.enabled:
+                self.stats.add("vision_in_text_model")
                 return None
             files = [seg["image"]] if kind == IMAGE else list(seg["video"] if isinstance(seg["video"], list) else [])
             if not files:
@@ -141,11 +169,14 @@ class SampleEncoder:
                               (v.video_start_token_id, v.video_token_id, v.video_end_token_id))
             tokens += [start] + [ph] * n + [end]
             types += [TEXT] + [kind] * n + [TEXT]
+            targets += [0] * (n + 1) + [1]     # the end marker is predictable text; placeholders are not
             patches.append(pix)
             items.append((kind, t, gh, gw))
             grids.append((t, gh, gw))
-        tokens.append(self.tok.eos_id)
-        types.append(TEXT)
+        if wrap:
+            tokens.append(self.tok.eos_id)
+            types.append(TEXT)
+            targets.append(1)
         npatch = sum(len(p) for p in patches)
         if (len(tokens) > self.cfg.data.seq_len + 1 or npatch > self.max_patches_row
                 or len(items) > self.cfg.data.max_images_per_row):
@@ -154,7 +185,7 @@ class SampleEncoder:
         pos = sample_position_ids(np.array(types), iter(grids), self.merge, self.cfg.vision.temporal_merge)
         dim = 3 * self.patch * self.patch
         return {"tokens": np.asarray(tokens, np.int32), "types": np.asarray(types, np.int32),
-                "pos3": pos.astype(np.int32),
+                "targets": np.asarray(targets, np.int32), "pos3": pos.astype(np.int32),
                 "patches": np.concatenate(patches).astype(np.float32) if patches else np.zeros((0, dim), np.float32),
                 "items": np.asarray(items, np.int32).reshape(-1, 4)}
 
@@ -163,7 +194,8 @@ def _row_inputs(ex: dict) -> dict:
     """Packed row -> model inputs for the text side (vision is gathered per batch)."""
     tokens, seg, types = ex["tokens"], ex["tokens_segment_ids"], ex["types"]
     same = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
-    return {"input_ids": tokens[:-1], "labels": tokens[1:], "loss_mask": (same & (types[1:] == TEXT)).astype(np.float32),
+    target = (types[1:] == TEXT) & (ex["targets"][1:] > 0)
+    return {"input_ids": tokens[:-1], "labels": tokens[1:], "loss_mask": (same & target).astype(np.float32),
             "positions": ex["pos3"][:-1], "segment_ids": seg[:-1],
             "_patches": ex["patches"], "_items": ex["items"], "_items_seg": ex["items_segment_ids"]}
 
@@ -206,9 +238,11 @@ class MultimodalData:
     stats: MultimodalStats
 
 
-def load_multimodal(cfg) -> MultimodalData:
+def load_multimodal(cfg, reader=None) -> MultimodalData:
+    """Samples of data.source split into train / eval; `reader(source)` parses the JSONL (image-text
+    samples by default; chat and preference readers for SFT and DPO)."""
     tokenizer = Tokenizer(cfg.data.tokenizer)
-    samples, stats = read_samples(cfg.data.source)
+    samples, stats = (reader or read_samples)(cfg.data.source)
     ds = grain.MapDataset.source(samples)
     train_idx, eval_idx = _split_indices(len(ds), cfg.data.eval_fraction, cfg.train.seed)
     pick = lambda idx: grain.MapDataset.range(len(idx)).map(lambda i: ds[int(idx[i])])  # noqa: E731
@@ -217,29 +251,43 @@ def load_multimodal(cfg) -> MultimodalData:
 
 def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, cfg, stats: MultimodalStats, *,
                               seed: int, process_index: int = 0, process_count: int = 1,
-                              repeat: bool = True) -> grain.IterDataset:
+                              repeat: bool = True, encoder=None, row_inputs=None,
+                              extra_lengths: dict | None = None) -> grain.IterDataset:
     """Packed batches with input_ids/labels/loss_mask/segment_ids [b, S], positions [b, S, 3] and the
     vision arrays (VISION_KEYS). Each process keeps its contiguous rows and builds their vision arrays."""
     d = cfg.data
+    row_inputs = row_inputs or _row_inputs
+    extra_lengths = extra_lengths or {}
     if d.batch_size % process_count:
         raise DataError(f"data.batch_size={d.batch_size} must be divisible by the {process_count} processes")
     merge2 = cfg.vision.spatial_merge ** 2
     per_row = d.max_patches // d.batch_size
-    if per_row < merge2 or d.max_patches % (d.batch_size * merge2):
+    if cfg.vision.enabled and (per_row < merge2 or d.max_patches % (d.batch_size * merge2)):
         raise DataError(f"data.max_patches={d.max_patches} must be a multiple of data.batch_size x "
                         f"{merge2} (the 2x2 merge); raise it")
+    if not cfg.vision.enabled:
+        per_row = merge2   # text-only model: no sample has patches; a minimal slot keeps the packer happy
     ds = samples.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
-    encoder = SampleEncoder(cfg, tokenizer, stats, per_row)
+    encoder = encoder or SampleEncoder(cfg, tokenizer, stats, per_row)
     it = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset()
-    length = {"tokens": d.seq_len + 1, "types": d.seq_len + 1, "pos3": d.seq_len + 1, "patches": per_row,
-              "items": d.max_images_per_row}
+    length = {"tokens": d.seq_len + 1, "types": d.seq_len + 1, "targets": d.seq_len + 1, "pos3": d.seq_len + 1,
+              "patches": per_row, "items": d.max_images_per_row, **extra_lengths}
     it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=max(8, 2 * d.batch_size),
                                                     seed=seed)
-    it = it.map(_row_inputs).batch(d.batch_size, drop_remainder=True)
+    it = it.map(row_inputs).batch(d.batch_size, drop_remainder=True)
     rows = d.batch_size // process_count
     lo = process_index * rows
     if process_count > 1:
         it = it.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
+    if not cfg.vision.enabled:
+        return it.map(_text_only)
     return it.map(CollateVision(cfg.vision.spatial_merge, per_row * rows))
+
+
+def _text_only(batch: dict) -> dict:
+    """Text-only model: 1D positions, no vision arrays."""
+    out = {k: v for k, v in batch.items() if not k.startswith("_")}
+    out["positions"] = out["positions"][..., 0]
+    return out

@@ -29,6 +29,8 @@ class Tokenizer:
             self.pad_id = max(self._sp.pad_id(), 0)
             self._encode = lambda s: self._sp.encode(s)
             self._decode = lambda ids: self._sp.decode(ids)
+            unk = self._sp.unk_id()
+            self._piece = lambda p: (lambda i: None if i == unk else i)(self._sp.piece_to_id(p))
         elif os.path.isfile(json_path):
             try:
                 from tokenizers import Tokenizer as HFTokenizer
@@ -40,6 +42,7 @@ class Tokenizer:
             self.bos_id, self.eos_id, self.pad_id = special
             self._encode = lambda s: tok.encode(s, add_special_tokens=False).ids
             self._decode = lambda ids: tok.decode(ids)
+            self._piece = tok.token_to_id
         else:
             raise DataError(f"data.tokenizer={path}: no tokenizer.model or tokenizer.json in {directory}")
 
@@ -48,6 +51,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of `piece` if it is one vocabulary entry (a special token), else None."""
+        return self._piece(piece)
 
 
 def _special_ids(directory: str, tok) -> tuple[int, int, int]:

@@ -43,6 +43,8 @@ class Task:
     vocab_size: int
     description: str
     stats: Any = None                    # data-side counters (skipped samples), logged with metrics
+    reference: str | None = None         # "copy": keep a frozen copy of the starting params (DPO)
+    prepare: Callable | None = None      # (graphdef, state, mesh, workdir, fresh) once the model exists
 
 
 def check_workdir(workdir: str) -> None:
@@ -163,15 +165,22 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                           f"{data_parallel_size(mesh)} (mesh data x fsdp x expert)")
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
+    if task.reference == "copy":
+        state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
     if restored is not None:
         step0, state, data_state = restored
-        task.train_iter.set_state(data_state)
         console.say(f"resumed from {ckpt.directory} at step {step0}")
     elif cfg.checkpoint.init_from:
         state["params"] = _init_params_from(cfg.checkpoint.init_from, cfg, state["params"])
         state["opt_state"] = init_opt_state(tx, state["params"], mesh)
+        if task.reference == "copy":
+            state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
         console.say(f"initialised params from {cfg.checkpoint.init_from}")
+    if task.prepare is not None:
+        task.prepare(graphdef, state, mesh, workdir, fresh=restored is None)
+    if restored is not None:
+        task.train_iter.set_state(data_state)
     start = int(state["step"])
 
     from ernie_jax.summary import count_params
@@ -220,6 +229,8 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                     row["tokens_per_s"] = tokens_per_step * steps_since / (now - t_log)
                     row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * len(devices))
                 row["step_time_s"] = (now - t_log) / max(count, 1)
+                if hasattr(task.stats, "as_metrics"):
+                    row.update(task.stats.as_metrics())
                 eta = (now - t_first) / max(step - count_at_first, 1) * (cfg.train.steps - step)
                 console.progress(step, cfg.train.steps, row, eta)
                 writer.write(step, row)

@@ -95,4 +95,10 @@ def multimodal_pretraining_task(cfg: Config):
 
 def pretraining_task(cfg: Config):
     """The task `data.kind` asks for."""
+    if cfg.data.kind == "chat":
+        from ernie_jax.trainers.sft import sft_task
+        return sft_task(cfg)
+    if cfg.data.kind == "preference":
+        from ernie_jax.trainers.dpo import dpo_task
+        return dpo_task(cfg)
     return multimodal_pretraining_task(cfg) if cfg.data.kind == "multimodal" else text_pretraining_task(cfg)

@@ -91,17 +91,25 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
             loads["vision_gate"] = out.vision_expert_load
         return loss, (metrics, loads)
 
+    def with_reference(state, buffers, micro):
+        """DPO with a frozen reference copy: its per-token log-probs join the micro-batch."""
+        if "ref_params" not in state:
+            return micro
+        from ernie_jax.trainers.dpo import reference_logps
+        return {**micro, "ref_logp": reference_logps(_forward(graphdef, state["ref_params"], buffers, micro), micro)}
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro_step(acc, micro):
+            micro = with_reference(state, buffers, micro)
             (_, (metrics, load)), grads = grad_fn(params, buffers, micro)
             if cfg.train.modality_detach:
                 grads = _detach_language_model(grads, micro, cfg)
             return jax.tree.map(jnp.add, acc, (grads, metrics, load)), None
 
-        first = jax.tree.map(lambda x: x[0], batch)
+        first = with_reference(state, buffers, jax.tree.map(lambda x: x[0], batch))
         (_, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(grad_fn, params, buffers, first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape, load_shape))
         (grads, metrics, load), _ = jax.lax.scan(micro_step, zeros, batch)
@@ -126,6 +134,10 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
 
 def make_eval_step(graphdef, cfg: Config, objective: Objective) -> Callable[[TrainState, dict], dict]:
     def step(state: TrainState, batch: dict) -> dict:
+        if "ref_params" in state:
+            from ernie_jax.trainers.dpo import reference_logps
+            ref = _forward(graphdef, state["ref_params"], state["buffers"], batch)
+            batch = {**batch, "ref_logp": reference_logps(ref, batch)}
         out = _forward(graphdef, state["params"], state["buffers"], batch)
         _, metrics = objective(out, batch, cfg)
         return {"lm_loss": metrics["lm_loss"], "tokens": metrics["tokens"]}

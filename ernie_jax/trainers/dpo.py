@@ -1,0 +1,236 @@
+"""Direct preference optimisation (ERNIE45_SPEC.md 6.2) on the shared loop.
+
+Data: JSONL pairs {"prompt": str | "messages": [...], "chosen": str | message, "rejected": ..., "images"}.
+Each pair is one packed item: prompt + chosen, then prompt + rejected, as two attention segments
+(odd / even segment ids), each with its own positions; only response tokens carry loss.
+
+Loss per pair from summed response log-probs (optionally length-normalised as ERNIEKit does),
+z = (log pi_c - log pi_r) - (log ref_c - log ref_r):
+  sigmoid: -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
+  ipo:     (z' - 1 / (2 beta))^2 with z' from per-token average log-probs
+  hinge:   max(0, 1 - beta z)
+plus sft_loss_ratio x NLL of the chosen response. Reference log-probs come either from a frozen copy
+of the starting policy (`dpo.reference: copy`, `ref_params` in the train state) or from one pass over
+the data before training, cached in the workdir (`cached`).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ernie_jax.config import Config
+from ernie_jax.data.chat import EMBEDDED_PREFERENCE, ChatError, markers, render_answer, render_prompt
+from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inputs, load_multimodal,
+                                       packed_multimodal_batches, read_jsonl)
+from ernie_jax.errors import CheckpointError
+from ernie_jax.model.ernie import router_loss_total
+from ernie_jax.trainers.pretrain import token_cross_entropy
+
+CACHE_FILE = "reference_logps.npz"
+
+
+def read_preferences(source: str):
+    counter = iter(range(1 << 62))
+
+    def parse(base, obj):
+        prompt = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
+        if not isinstance(prompt, list):
+            raise ValueError
+        chosen, rejected, images = obj["chosen"], obj["rejected"], list(obj.get("images") or [])
+        return next(counter), base, prompt, chosen, rejected, images   # ids 0..n-1 over usable lines
+    return read_jsonl(source, EMBEDDED_PREFERENCE, parse)
+
+
+class PairEncoder:
+    """One preference pair -> one packable item (chosen part 1, rejected part 2), or None."""
+
+    def __init__(self, cfg: Config, tokenizer, stats: MultimodalStats, max_patches_row: int, cache=None):
+        self.cfg, self.stats, self.cache = cfg, stats, cache
+        self.mode = cfg.data.chat_mode
+        self.begin, self.end = markers(tokenizer)
+        self.encode = SampleEncoder(cfg, tokenizer, stats, max_patches_row)
+
+    def __call__(self, item):
+        ex_id, base, prompt, chosen, rejected, images = item
+        if chosen == rejected:
+            self.stats.add("same_pair")
+            return None
+        try:
+            head = render_prompt(prompt, self.mode, self.begin, images)
+            parts = [self.encode((base, head + render_answer(ans, self.mode, self.end), False))
+                     for ans in (chosen, rejected)]
+        except ChatError as e:
+            self.stats.add(e.reason)
+            return None
+        if any(p is None for p in parts):
+            return None
+        n = sum(len(p["tokens"]) for p in parts)
+        if n > self.cfg.data.seq_len + 1:
+            self.stats.add("too_long")
+            return None
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out["part"] = np.concatenate([np.full(len(p["tokens"]), i + 1, np.int32) for i, p in enumerate(parts)])
+        out["example"] = np.full(n, ex_id, np.int32)
+        ref = np.zeros(n, np.float32)
+        if self.cache is not None:   # the cached pair sums sit on each part's first target token
+            offset = 0
+            for i, p in enumerate(parts):
+                first = offset + int(np.argmax(p["targets"][1:] > 0)) + 1
+                ref[first] = self.cache[ex_id, i]
+                offset += len(p["tokens"])
+        out["ref"] = ref
+        return out
+
+
+def pair_row_inputs(ex: dict) -> dict:
+    """Packed pairs -> model inputs; chosen and rejected of sample k get segments 2k-1 and 2k."""
+    seg = ex["tokens_segment_ids"]
+    seg2 = np.where(seg > 0, 2 * seg - 2 + ex["part"], 0).astype(np.int32)
+    out = _row_inputs({**ex, "tokens_segment_ids": seg2})
+    out["ref_logp"] = ex["ref"][1:].astype(np.float32)
+    out["example"] = ex["example"][:-1]
+    return out
+
+
+def pair_sums(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token values [B,S] -> (chosen sums, rejected sums) [B, K] by segment (2k-1, 2k)."""
+    b, s = values.shape
+    ids = (jnp.arange(b)[:, None] * s + segment_ids).reshape(-1)
+    sums = jax.ops.segment_sum(values.reshape(-1), ids, num_segments=b * s).reshape(b, s)
+    k = (s - 1) // 2
+    return sums[:, 1:2 * k + 1:2], sums[:, 2:2 * k + 2:2]
+
+
+def preference_loss(z: jax.Array, beta: float, loss_type: str, label_smoothing: float) -> jax.Array:
+    if loss_type == "ipo":
+        return (z - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "hinge":
+        return jax.nn.relu(1.0 - beta * z)
+    return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * z) - label_smoothing * jax.nn.log_sigmoid(-beta * z)
+
+
+def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
+    d = cfg.dpo
+    mask = batch["loss_mask"].astype(jnp.float32)
+    logp = -token_cross_entropy(out.logits, batch["labels"]) * mask
+    ref = batch.get("ref_logp", jnp.zeros_like(logp)) * mask
+    seg = batch["segment_ids"]
+    pc, pr = pair_sums(logp, seg)
+    rc, rr = pair_sums(ref, seg)
+    nc, nr = pair_sums(mask, seg)
+    valid = ((nc > 0) & (nr > 0)).astype(jnp.float32)
+    safe_c, safe_r = jnp.maximum(nc, 1.0), jnp.maximum(nr, 1.0)
+    if d.loss_type == "ipo":
+        pc_n, pr_n, rc_n, rr_n = pc / safe_c, pr / safe_r, rc / safe_c, rr / safe_r
+    elif d.normalize_logps:
+        mean_len = (nc + nr) / 2
+        pc_n, pr_n, rc_n, rr_n = pc * mean_len / safe_c, pr * mean_len / safe_r, rc * mean_len / safe_c, \
+            rr * mean_len / safe_r
+    else:
+        pc_n, pr_n, rc_n, rr_n = pc, pr, rc, rr
+    z = (pc_n - pr_n) - (rc_n - rr_n)
+    pairs = jnp.maximum(valid.sum(), 1.0)
+    pref = jnp.sum(preference_loss(z, d.beta, d.loss_type, d.label_smoothing) * valid) / pairs
+    chosen_tokens = jnp.maximum(jnp.sum(nc * valid), 1.0)
+    sft = -jnp.sum(pc * valid) / chosen_tokens
+    router = router_loss_total(out, cfg)
+    total = d.pref_loss_ratio * pref + d.sft_loss_ratio * sft + router
+    reward_c, reward_r = d.beta * (pc_n - rc_n), d.beta * (pr_n - rr_n)
+    response_tokens = jnp.maximum(jnp.sum((nc + nr) * valid), 1.0)
+    metrics = {
+        "loss": total, "dpo_loss": pref, "router_loss": router, **out.router_losses,
+        "lm_loss": sft, "tokens": jnp.sum(nc * valid),          # chosen-response NLL (eval reports its ppl)
+        "reward_chosen": jnp.sum(reward_c * valid) / pairs, "reward_rejected": jnp.sum(reward_r * valid) / pairs,
+        "reward_accuracy": jnp.sum((reward_c > reward_r) * valid) / pairs,
+        "reward_margin": jnp.sum((reward_c - reward_r) * valid) / pairs,
+        "kl_proxy": jnp.sum(((rc + rr) - (pc + pr)) * valid) / response_tokens,   # mean log(ref / policy) per token
+        "pairs": valid.sum(),
+    }
+    if out.dropped_fraction is not None:
+        metrics["dropped_fraction"] = out.dropped_fraction
+    return total, metrics
+
+
+def reference_logps(ref_out, batch) -> jax.Array:
+    """Per-token log-probs of the labels under the reference model (no gradient)."""
+    return jax.lax.stop_gradient(-token_cross_entropy(ref_out.logits, batch["labels"]))
+
+
+class DPOTask:
+    """Builds its iterators after the model exists: with `dpo.reference: cached` the reference pass
+    needs the starting params."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.data = load_multimodal(cfg, reader=read_preferences)
+        self.per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else \
+            cfg.vision.spatial_merge ** 2
+        self.cache = None
+
+    def batches(self, samples, seed: int, repeat: bool, cache=None):
+        enc = PairEncoder(self.cfg, self.data.tokenizer, self.data.stats, self.per_row, cache)
+        return packed_multimodal_batches(samples, self.data.tokenizer, self.cfg, self.data.stats, seed=seed,
+                                         repeat=repeat, process_index=jax.process_index(),
+                                         process_count=jax.process_count(), encoder=enc,
+                                         row_inputs=pair_row_inputs,
+                                         extra_lengths={"part": self.cfg.data.seq_len + 1,
+                                                        "example": self.cfg.data.seq_len + 1,
+                                                        "ref": self.cfg.data.seq_len + 1})
+
+    def prepare(self, task, graphdef, state, mesh, workdir: str, fresh: bool):
+        """cached reference: compute (fresh run) or load the per-pair reference log-prob sums."""
+        if self.cfg.dpo.reference == "cached":
+            path = os.path.join(workdir, CACHE_FILE)
+            if fresh:
+                self.cache = compute_reference_cache(self, graphdef, state, mesh)
+                if jax.process_index() == 0:
+                    np.savez(path, ref=self.cache)
+            elif os.path.isfile(path):
+                self.cache = np.load(path)["ref"]
+            else:
+                raise CheckpointError(f"{path} is missing: a resumed cached-reference DPO run needs the reference "
+                                      f"log-probs computed at its start; restore the file or use a new --workdir")
+        task.train_iter = iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))
+        if len(self.data.eval):
+            task.eval_batches = lambda: iter(self.batches(self.data.eval, 1, False, self.cache))
+
+
+def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
+    """One pass over train + eval pairs with the starting params: cache[example, 0 | 1] = summed
+    reference log-probs of the chosen | rejected response."""
+    from flax import nnx
+    from ernie_jax.trainers.loop import place_batch
+
+    @jax.jit
+    def logps(params, buffers, batch):
+        out = nnx.merge(graphdef, params, buffers).apply_batch(batch)
+        return reference_logps(out, batch) * batch["loss_mask"]
+    cache = np.zeros((dpo.data.stats.samples, 2), np.float32)
+    for samples in (dpo.data.train, dpo.data.eval):
+        if not len(samples):
+            continue
+        for batch in dpo.batches(samples, 0, False):
+            with jax.set_mesh(mesh):
+                lp = np.asarray(jax.device_get(logps(state["params"], state["buffers"],
+                                                     place_batch(batch, mesh, 0))))
+            seg, ex = batch["segment_ids"], batch["example"]
+            for b in range(seg.shape[0]):
+                for s in np.unique(seg[b][seg[b] > 0]):
+                    sel = seg[b] == s
+                    cache[int(ex[b][sel][0]), (int(s) + 1) % 2] = lp[b][sel].sum()
+    return cache
+
+
+def dpo_task(cfg: Config):
+    from ernie_jax.trainers.loop import Task
+    dpo = DPOTask(cfg)
+    task = Task(objective=dpo_objective, train_iter=None, eval_batches=None, vocab_size=dpo.data.tokenizer.vocab_size,
+                stats=dpo.data.stats, reference=cfg.dpo.reference,
+                description=f"preference data: {dpo.data.stats.summary()}, {len(dpo.data.train)} train / "
+                            f"{len(dpo.data.eval)} eval pairs, {cfg.dpo.loss_type} loss, beta {cfg.dpo.beta}, "
+                            f"reference {cfg.dpo.reference}")
+    task.prepare = lambda *a, **k: dpo.prepare(task, *a, **k)
+    return task
