@@ -76,9 +76,31 @@ def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use anoth
                                   f"{fix} or set {section}.{f}={old}")
 
 
+def _params_from_workdir(path: str, cfg: Config, params: dict) -> dict:
+    """The params of the newest checkpoint of a training workdir (pretrain -> SFT -> DPO chains)."""
+    import orbax.checkpoint as ocp
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, False)
+    steps = ckpt.steps()
+    if not steps:
+        raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without checkpoints")
+    check_same_model(ckpt.saved_config(steps[-1]), cfg, path, "fix checkpoint.init_from")
+    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)}
+    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                        target)
+    try:
+        with ocp.PyTreeCheckpointer() as c:
+            return c.restore(os.path.join(path, "checkpoints", str(steps[-1]), "state"),
+                             args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))["params"]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"checkpoint.init_from={path}: step {steps[-1]} does not hold this model's params "
+                              f"({str(e).splitlines()[0]})") from None
+
+
 def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
-    """Params from a converted orbax dir (hf-to-ernie / trainer export) or a Hugging Face directory."""
+    """Params from a converted orbax dir (hf-to-ernie), a Hugging Face directory or a training workdir."""
     from ernie_jax.convert import convert
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return _params_from_workdir(path, cfg, params)
     if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
         check_same_model(to_dict(convert._read_our_config(path)), cfg, path, "fix checkpoint.init_from")
         loaded = convert.restore_params(path, cfg)
@@ -87,7 +109,8 @@ def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
         check_same_model(to_dict(convert._hf_config(ckpt, cfg.model.dtype)), cfg, path, "fix checkpoint.init_from")
         loaded = convert.read_hf_params(ckpt, cfg)
     else:
-        raise CheckpointError(f"checkpoint.init_from={path} is neither an ernie_jax nor a Hugging Face directory")
+        raise CheckpointError(f"checkpoint.init_from={path} is neither a training workdir, an ernie_jax (hf-to-ernie) "
+                              f"nor a Hugging Face directory")
     loaded = nnx.to_pure_dict(nnx.split(convert.model_from_params(cfg, loaded), nnx.Param, ...)[1])
     return jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), loaded, params)
 

@@ -106,3 +106,15 @@ def test_sft_from_converted_hf_checkpoint(tmp_path):
              "data.seq_len=96", "train.eval_interval=5")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "initialised params from" in r.stdout
+
+
+def test_sft_starts_from_a_pretraining_workdir(tmp_path):
+    """pretrain -> SFT chain: init_from a training workdir takes its newest checkpoint's params."""
+    small = ["model.num_layers=2", "data.seq_len=64", "train.eval_interval=100"]
+    r = _cli("configs/tiny_moe.yaml", tmp_path / "pre", *small, "train.steps=2", "model.mtp_depth=0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _cli("configs/sft_tiny.yaml", tmp_path / "sft", *small, "train.steps=2", f"checkpoint.init_from={tmp_path / 'pre'}")
+    assert r.returncode == 0 and "initialised params from" in r.stdout, r.stderr[-2000:]
+    r = _cli("configs/sft_tiny.yaml", tmp_path / "bad", *small, "model.hidden_size=64", "train.steps=2",
+             f"checkpoint.init_from={tmp_path / 'pre'}")
+    assert r.returncode == 2 and "model.hidden_size=128, but the config says 64" in r.stderr
