@@ -198,6 +198,26 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One data source of a stage's mixture; batches are drawn per step with probability ~ weight."""
+    kind: Literal["text", "multimodal"] = "text"
+    source: str = "embedded"
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One pretraining stage: its own steps, overrides of the base config (`set`: dotted key=value,
+    e.g. data.seq_len, model.rope_theta, optimizer.*, train.freeze, vision.enabled), data mixture, and
+    whether the optimizer state of the previous stage is kept (same model and trainable set only)."""
+    name: str = "stage"
+    steps: int = 100
+    set: tuple[str, ...] = ()
+    mixture: tuple[MixtureSource, ...] = ()
+    optimizer_state: Literal["reset", "keep"] = "reset"
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -210,6 +230,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    stages: tuple[StageConfig, ...] = ()   # multi-stage pretraining (trainers/stages.py); empty: one run
 
 
 # ----------------------------------------------------------------------------- loading
@@ -324,6 +345,8 @@ def _coerce(typ: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r} must be a list")
         (arg, *_) = typing.get_args(typ) or (Any,)
+        if dataclasses.is_dataclass(arg):
+            return tuple(_build(arg, v, f"{key}[{i}].") for i, v in enumerate(value))
         return tuple(_coerce(arg, v, key) for v in value)
     if typ is bool:
         if isinstance(value, bool):
@@ -433,6 +456,13 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
+    names = [st.name for st in cfg.stages]
+    _require(len(set(names)) == len(names), f"stages: names must be unique, got {names}")
+    for st in cfg.stages:
+        _require(st.steps >= 1, f"stages[{st.name}].steps={st.steps} must be >= 1")
+        for src in st.mixture:
+            _require(src.weight > 0, f"stages[{st.name}].mixture: weights must be > 0")
+        stage_config(cfg, st)   # each stage's resolved config must be valid on its own
     for axis in ("data", "fsdp", "tensor", "expert", "pipeline"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
@@ -447,3 +477,21 @@ def is_moe_layer(i: int, num_layers: int, moe: MoEConfig) -> bool:
         return False
     end = num_layers - 1 if moe.layer_end == -1 else moe.layer_end
     return (i + 1) % moe.layer_interval == 0 and moe.layer_start <= i <= end
+
+
+def stage_config(cfg: Config, stage: StageConfig) -> Config:
+    """The config one stage runs with: the base config, the stage's overrides, its steps; no stages."""
+    raw = to_dict(cfg)
+    raw["stages"] = []
+    raw["train"]["steps"] = stage.steps
+    for item in stage.set:
+        try:
+            _apply_override(raw, item)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{stage.name}].set: {e}") from None
+    try:
+        out = from_dict(raw)
+        validate(out)
+    except ConfigError as e:
+        raise ConfigError(f"stages[{stage.name}]: {e}") from None
+    return out

@@ -33,9 +33,13 @@ def main(argv) -> int:
         from ernie_jax.parallel.distributed import initialize
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS.config))[0])
-        from ernie_jax.trainers.loop import run
-        from ernie_jax.trainers.pretrain import pretraining_task
-        run(cfg, workdir, pretraining_task, quiet=FLAGS.quiet)
+        if cfg.stages:
+            from ernie_jax.trainers.stages import run_stages
+            run_stages(cfg, workdir, quiet=FLAGS.quiet)
+        else:
+            from ernie_jax.trainers.loop import run
+            from ernie_jax.trainers.pretrain import pretraining_task
+            run(cfg, workdir, pretraining_task, quiet=FLAGS.quiet)
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

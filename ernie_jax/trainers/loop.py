@@ -45,6 +45,7 @@ class Task:
     stats: Any = None                    # data-side counters (skipped samples), logged with metrics
     reference: str | None = None         # "copy": keep a frozen copy of the starting params (DPO)
     prepare: Callable | None = None      # (graphdef, state, mesh, workdir, fresh) once the model exists
+    extra_evals: dict = dataclasses.field(default_factory=dict)   # name -> eval batch factory, logged name_loss
 
 
 def check_workdir(workdir: str) -> None:
@@ -76,31 +77,72 @@ def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use anoth
                                   f"{fix} or set {section}.{f}={old}")
 
 
-def _params_from_workdir(path: str, cfg: Config, params: dict) -> dict:
-    """The params of the newest checkpoint of a training workdir (pretrain -> SFT -> DPO chains)."""
+def _restore_subset(step_dir: str, target: dict) -> dict:
+    """Partially restore `target` ({"params": ..., "buffers": ..., ...} of ShapeDtypeStructs with
+    shardings) from a train-state checkpoint, keeping only the leaves the checkpoint has; returns the
+    restored leaves as a dict of the same nesting (missing leaves absent)."""
     import orbax.checkpoint as ocp
+    with ocp.PyTreeCheckpointer() as c:
+        meta = c.metadata(step_dir)
+    meta = getattr(meta, "item_metadata", meta)
+    meta = getattr(meta, "tree", meta)
+    have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(meta)}
+    flat = {jax.tree_util.keystr(p): (p, v) for p, v in jax.tree_util.tree_leaves_with_path(target)}
+    keep = {k: pv for k, pv in flat.items() if k in have}
+    if not keep:
+        return {}
+    subset: dict = {}
+    for path, v in keep.values():
+        node = subset
+        for key in path[:-1]:
+            node = node.setdefault(key.key, {})
+        node[path[-1].key] = v
+    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                        subset)
+    with ocp.PyTreeCheckpointer() as c:
+        return c.restore(step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    return {k: (_merge(v, update[k]) if isinstance(v, dict) and k in update else update.get(k, v))
+            for k, v in base.items()}
+
+
+def _state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "buffers")) -> tuple[dict, int]:
+    """Params and buffers (and optionally opt_state) of the newest checkpoint of a training workdir.
+    Leaves the checkpoint lacks (e.g. the vision parts when a text stage feeds a VL stage) keep their
+    fresh initialisation; returns (updated parts, number of leaves restored)."""
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, False)
     steps = ckpt.steps()
     if not steps:
         raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without checkpoints")
     check_same_model(ckpt.saved_config(steps[-1]), cfg, path, "fix checkpoint.init_from")
-    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)}
-    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                        target)
+    target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
+              for k in keys}
+    step_dir = os.path.join(path, "checkpoints", str(steps[-1]), "state")
     try:
-        with ocp.PyTreeCheckpointer() as c:
-            return c.restore(os.path.join(path, "checkpoints", str(steps[-1]), "state"),
-                             args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))["params"]
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"checkpoint.init_from={path}: step {steps[-1]} does not hold this model's params "
+        got = _restore_subset(step_dir, target)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        raise CheckpointError(f"checkpoint.init_from={path}: step {steps[-1]} does not fit this model "
                               f"({str(e).splitlines()[0]})") from None
+    n = len(jax.tree.leaves(got))
+    return {k: _merge(state[k], got.get(k, {})) for k in keys}, n
 
 
-def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
-    """Params from a converted orbax dir (hf-to-ernie), a Hugging Face directory or a training workdir."""
-    from ernie_jax.convert import convert
+def _init_from(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
+    """(params, buffers, note) from a training workdir, a converted orbax dir or a HF directory."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        return _params_from_workdir(path, cfg, params)
+        parts, n = _state_from_workdir(path, cfg, state)
+        total = len(jax.tree.leaves(state["params"])) + len(jax.tree.leaves(state["buffers"]))
+        note = "" if n == total else f" ({total - n} new tensors keep their initialisation)"
+        return parts["params"], parts["buffers"], note
+    params, buffers = _init_params_from(path, cfg, state["params"], state["buffers"])
+    return params, buffers, ""
+
+
+def _init_params_from(path: str, cfg: Config, params: dict, buffers: dict | None = None):
+    """Params (and buffers: the routing bias) from a converted orbax dir (hf-to-ernie) or a HF directory."""
+    from ernie_jax.convert import convert
     if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
         check_same_model(to_dict(convert._read_our_config(path)), cfg, path, "fix checkpoint.init_from")
         loaded = convert.restore_params(path, cfg)
@@ -111,8 +153,12 @@ def _init_params_from(path: str, cfg: Config, params: dict) -> dict:
     else:
         raise CheckpointError(f"checkpoint.init_from={path} is neither a training workdir, an ernie_jax (hf-to-ernie) "
                               f"nor a Hugging Face directory")
-    loaded = nnx.to_pure_dict(nnx.split(convert.model_from_params(cfg, loaded), nnx.Param, ...)[1])
-    return jax.tree.map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), loaded, params)
+    _, loaded_params, loaded_buffers = nnx.split(convert.model_from_params(cfg, loaded), nnx.Param, ...)
+    place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
+    out = jax.tree.map(place, nnx.to_pure_dict(loaded_params), params)
+    if buffers is None:
+        return out
+    return out, jax.tree.map(place, nnx.to_pure_dict(loaded_buffers), buffers)
 
 
 class _StopFlag:
@@ -170,8 +216,13 @@ def _next_step_batch(it, accum: int) -> dict:
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
-def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet: bool = False) -> dict:
-    """Train `cfg` in `workdir`; returns the last logged metrics."""
+def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet: bool = False,
+        log_dir: str | None = None, tags: dict | None = None, step_offset: int = 0,
+        keep_optimizer_from: str | None = None) -> dict:
+    """Train `cfg` in `workdir`; returns the last logged metrics (+ "stopped" when a signal ended it).
+    Stages use `log_dir` (one metrics.jsonl for the whole recipe), `tags` (e.g. the stage name) and
+    `step_offset` (logged steps continue across stages)."""
+    tags = tags or {}
     console = Console(quiet)
     check_workdir(workdir)
     task = task_factory(cfg)
@@ -195,11 +246,18 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         step0, state, data_state = restored
         console.say(f"resumed from {ckpt.directory} at step {step0}")
     elif cfg.checkpoint.init_from:
-        state["params"] = _init_params_from(cfg.checkpoint.init_from, cfg, state["params"])
+        state["params"], state["buffers"], note = _init_from(cfg.checkpoint.init_from, cfg, state)
         state["opt_state"] = init_opt_state(tx, state["params"], mesh)
+        if keep_optimizer_from:
+            try:
+                state["opt_state"] = _state_from_workdir(keep_optimizer_from, cfg, state, ("opt_state",))[0]["opt_state"]
+            except CheckpointError as e:
+                raise CheckpointError(f"optimizer_state=keep: {e}; the trainable set or model changed between "
+                                      f"stages, use optimizer_state: reset") from None
+            note += "; optimizer state kept"
         if task.reference == "copy":
             state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
-        console.say(f"initialised params from {cfg.checkpoint.init_from}")
+        console.say(f"initialised params from {cfg.checkpoint.init_from}{note}")
     if task.prepare is not None:
         task.prepare(graphdef, state, mesh, workdir, fresh=restored is None)
     if restored is not None:
@@ -217,12 +275,13 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                 f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
                 f"{task.description}")
-    console.say(f"writing to {os.path.abspath(workdir)} (metrics.jsonl, tb/, checkpoints/); "
+    logs = "" if not log_dir else f", metrics to {os.path.abspath(log_dir)}"
+    console.say(f"writing to {os.path.abspath(workdir)} (checkpoints/{logs or ', metrics.jsonl, tb/'}); "
                 f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
 
     train_step = jit_train_step(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), state, mesh)
     eval_step = MeshJit(jax.jit(make_eval_step(graphdef, cfg, task.objective)), mesh)
-    writer = MetricsWriter(workdir, cfg.log.tensorboard)
+    writer = MetricsWriter(log_dir or workdir, cfg.log.tensorboard)
     config_dict = to_dict(cfg)
     last: dict = {}
     sums, count = None, 0
@@ -256,23 +315,36 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                     row.update(task.stats.as_metrics())
                 eta = (now - t_first) / max(step - count_at_first, 1) * (cfg.train.steps - step)
                 console.progress(step, cfg.train.steps, row, eta)
-                writer.write(step, row)
+                writer.write(step_offset + step, {**row, **tags})
                 last = row
                 sums, count, t_log = None, 0, time.perf_counter()
             if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 ev = evaluate(eval_step, state, lambda: (place_batch(b, mesh, 0) for b in task.eval_batches()),
                               cfg.train.eval_steps)
-                writer.write(step, ev)
-                console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}")
+                for name, batches in task.extra_evals.items():
+                    extra = evaluate(eval_step, state, lambda b=batches: (place_batch(x, mesh, 0) for x in b()),
+                                     cfg.train.eval_steps)
+                    ev[f"{name}_loss"] = extra["eval_loss"]
+                writer.write(step_offset + step, {**ev, **tags})
+                extras = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k != "eval_loss")
+                console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}")
                 last = {**last, **ev}
             if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or flag.stop:
                 save(step)
+        if start >= cfg.train.steps and task.eval_batches is not None:
+            # resumed after the last step (e.g. a stage whose summary was not written): report its eval
+            last = evaluate(eval_step, state, lambda: (place_batch(b, mesh, 0) for b in task.eval_batches()),
+                            cfg.train.eval_steps)
+            for name, batches in task.extra_evals.items():
+                last[f"{name}_loss"] = evaluate(eval_step, state, lambda b=batches: (place_batch(x, mesh, 0)
+                                                                                    for x in b()),
+                                                cfg.train.eval_steps)["eval_loss"]
         if flag.stop:
             ckpt.wait()
             console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")
     ckpt.close()
     writer.close()
-    return last
+    return {**last, "stopped": flag.stop}
 
 
 def evaluate(eval_step, state, eval_batches: Callable[[], Iterator], steps: int) -> dict:

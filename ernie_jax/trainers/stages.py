@@ -1,0 +1,130 @@
+"""Multi-stage pretraining (ERNIE45_SPEC.md 5.3) as a sequence of runs of the shared loop.
+
+`stages:` in the config lists the stages; each runs `stage_config(cfg, stage)` in its own
+sub-workdir `<workdir>/<k>_<name>/` (checkpoints, resumable), logs into the top-level
+metrics.jsonl with `stage` on every line and a continuing step count, and starts from the previous
+stage's final params and routing biases (`checkpoint.init_from` = the previous sub-workdir). Params
+the previous stage did not have (the ViT, adapter and vision experts when stage III switches the VL
+model on) keep their fresh initialisation. A finished stage is skipped on restart, a stopped one
+resumes, so a run killed anywhere (also right at a boundary) continues where it was.
+
+Mixtures (`stages[i].mixture`) draw each step's batches from one source chosen with probability
+proportional to its weight, from a seeded stream that depends only on the step (resumable). When a
+stage has a text source, its held-out text loss is logged as `text_eval_loss`, so stages can be
+compared on text (stages.json lists each stage's final value).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from ernie_jax.config import Config, StageConfig, stage_config
+from ernie_jax.trainers.loop import Checkpointer, Task, run
+
+SUMMARY = "stages.json"
+
+
+class MixtureIterator:
+    """Micro-batches from several resumable iterators; one source per optimizer step."""
+
+    def __init__(self, iters: list, weights: list[float], seed: int, accum: int):
+        self.iters, self.seed, self.accum = iters, seed, accum
+        self.p = np.asarray(weights, np.float64) / np.sum(weights)
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        step = self.count // self.accum
+        i = int(np.random.default_rng([self.seed, step]).choice(len(self.iters), p=self.p))
+        self.count += 1
+        return next(self.iters[i])
+
+    def get_state(self) -> dict:
+        return {"count": self.count, "sources": [it.get_state() for it in self.iters]}
+
+    def set_state(self, state: dict) -> None:
+        self.count = int(state["count"])
+        for it, s in zip(self.iters, state["sources"]):
+            it.set_state(s)
+
+
+def mixture_task(cfg: Config, mixture) -> Task:
+    from ernie_jax.trainers.pretrain import pretraining_task
+    tasks = []
+    for src in mixture:
+        sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind=src.kind, source=src.source))
+        tasks.append(pretraining_task(sub))
+    it = MixtureIterator([t.train_iter for t in tasks], [s.weight for s in mixture], cfg.data.shuffle_seed,
+                         cfg.optimizer.grad_accum_steps)
+    text = [t for t, s in zip(tasks, mixture) if s.kind == "text" and t.eval_batches is not None]
+    mixed = next((t for t in tasks if t.eval_batches is not None), None)
+    desc = "; ".join(f"{s.kind} x{s.weight:g}: {t.description}" for s, t in zip(mixture, tasks))
+    stats = next((t.stats for t in tasks if t.stats is not None), None)
+    return Task(objective=tasks[0].objective, train_iter=it, eval_batches=mixed.eval_batches if mixed else None,
+                vocab_size=max(t.vocab_size for t in tasks), description=desc, stats=stats,
+                extra_evals={"text_eval": text[0].eval_batches} if text else {})
+
+
+def _stage_dir(workdir: str, k: int, stage: StageConfig) -> str:
+    return os.path.join(workdir, f"{k + 1}_{stage.name}")
+
+
+def _finished(stage_dir: str, steps: int) -> bool:
+    path = os.path.join(stage_dir, "checkpoints")
+    return os.path.isdir(path) and steps in Checkpointer(path, 1, False).steps()
+
+
+def _read_summary(path: str) -> list:
+    """Finished stages' results; an unreadable summary only means those stages report again."""
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+        return rows if isinstance(rows, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def run_stages(cfg: Config, workdir: str, quiet: bool = False) -> list[dict]:
+    """Run every stage in order; returns one result row per stage (also written to stages.json)."""
+    from ernie_jax.trainers.pretrain import pretraining_task
+    os.makedirs(workdir, exist_ok=True)
+    summary_path = os.path.join(workdir, SUMMARY)
+    results = _read_summary(summary_path)
+    done = {r["stage"]: r for r in results}
+    prev, offset, out = None, 0, []
+    for k, stage in enumerate(cfg.stages):
+        sdir = _stage_dir(workdir, k, stage)
+        scfg = stage_config(cfg, stage)
+        if prev is not None:
+            scfg = dataclasses.replace(scfg, checkpoint=dataclasses.replace(scfg.checkpoint, init_from=prev))
+        if _finished(sdir, stage.steps) and stage.name in done:
+            out.append(done[stage.name])
+        else:
+            if not quiet:
+                print(f"== stage {k + 1}/{len(cfg.stages)}: {stage.name} ({stage.steps} steps) ==", flush=True)
+            factory = (lambda c, m=stage.mixture: mixture_task(c, m)) if stage.mixture else pretraining_task
+            keep = prev if stage.optimizer_state == "keep" and prev is not None else None
+            last = run(scfg, sdir, factory, quiet=quiet, log_dir=workdir, tags={"stage": stage.name},
+                       step_offset=offset, keep_optimizer_from=keep)
+            if last.get("stopped"):
+                return out
+            row = {"stage": stage.name, "steps": stage.steps, "end_step": offset + stage.steps,
+                   **{k2: float(last[k2]) for k2 in ("eval_loss", "text_eval_loss", "lm_loss") if k2 in last}}
+            if "text_eval_loss" not in row and not stage.mixture and scfg.data.kind == "text" and "eval_loss" in row:
+                row["text_eval_loss"] = row["eval_loss"]
+            out.append(row)
+            results = [r for r in results if r["stage"] != stage.name] + [row]
+            with open(summary_path + ".tmp", "w") as f:
+                json.dump(results, f, indent=2)
+            os.replace(summary_path + ".tmp", summary_path)   # never a half-written summary
+        prev, offset = sdir, offset + stage.steps
+    if not quiet:
+        for r in out:
+            text = f"  text val loss {r['text_eval_loss']:.4f}" if "text_eval_loss" in r else ""
+            print(f"stage {r['stage']:<14} eval loss {r.get('eval_loss', float('nan')):.4f}{text}")
+    return out
