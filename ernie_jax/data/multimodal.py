@@ -56,6 +56,14 @@ class MultimodalStats:
         with self._lock:
             setattr(self, field, getattr(self, field) + 1)
 
+    def counts(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def restore(self, counts: dict) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self, k, v)
+
     def summary(self) -> str:
         extra = "".join(f", {getattr(self, k)} {k.replace('_', ' ')}" for k in
                         ("bad_role", "empty_response", "same_pair", "vision_in_text_model") if getattr(self, k))
@@ -267,10 +275,11 @@ def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, c
                         f"{merge2} (the 2x2 merge); raise it")
     if not cfg.vision.enabled:
         per_row = merge2   # text-only model: no sample has patches; a minimal slot keeps the packer happy
+    encoder = encoder or SampleEncoder(cfg, tokenizer, stats, per_row)
+    _require_usable(samples, encoder, stats, d.source)
     ds = samples.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
-    encoder = encoder or SampleEncoder(cfg, tokenizer, stats, per_row)
     it = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset()
     length = {"tokens": d.seq_len + 1, "types": d.seq_len + 1, "targets": d.seq_len + 1, "pos3": d.seq_len + 1,
               "patches": per_row, "items": d.max_images_per_row, **extra_lengths}
@@ -284,6 +293,21 @@ def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, c
     if not cfg.vision.enabled:
         return it.map(_text_only)
     return it.map(CollateVision(cfg.vision.spatial_merge, per_row * rows))
+
+
+def _require_usable(samples, encoder, stats: MultimodalStats, source: str, probe: int = 64) -> None:
+    """A source whose samples all get skipped would spin forever in a repeating pipeline: encode the
+    first few up front and stop with one line when none is usable (the counts stay untouched)."""
+    if not len(samples):
+        return
+    before = stats.counts()
+    ok = sum(encoder(samples[i]) is not None for i in range(min(probe, len(samples))))
+    after = stats.counts()
+    stats.restore(before)
+    if not ok:
+        reasons = ", ".join(f"{v - before[k]} {k.replace('_', ' ')}" for k, v in after.items() if v > before[k])
+        raise DataError(f"data.source={source}: none of the first {min(probe, len(samples))} samples is usable "
+                        f"({reasons}); fix the data or raise data.seq_len / data.max_patches")
 
 
 def _text_only(batch: dict) -> dict:

@@ -60,13 +60,15 @@ class PairEncoder:
             return None
         try:
             head = render_prompt(prompt, self.mode, self.begin, images)
-            parts = [self.encode((base, head + render_answer(ans, self.mode, self.end), False))
-                     for ans in (chosen, rejected)]
+            answers = [head + render_answer(ans, self.mode, self.end) for ans in (chosen, rejected)]
         except ChatError as e:
             self.stats.add(e.reason)
             return None
-        if any(p is None for p in parts):
-            return None
+        parts = []
+        for segs in answers:   # stop at the first unusable part: one skip is counted once
+            parts.append(self.encode((base, segs, False)))
+            if parts[-1] is None:
+                return None
         n = sum(len(p["tokens"]) for p in parts)
         if n > self.cfg.data.seq_len + 1:
             self.stats.add("too_long")

@@ -129,6 +129,30 @@ def _state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "bu
     return {k: _merge(state[k], got.get(k, {})) for k in keys}, n
 
 
+def _kept_optimizer_state(workdir: str, opt_state):
+    """The previous stage's optimizer state (moments, Adam's count) with the LR-schedule counters
+    reset, so the new stage's schedule starts from its own warmup. The structure must match: same
+    model and trainable set."""
+    import optax
+    import orbax.checkpoint as ocp
+    steps = Checkpointer(os.path.join(workdir, "checkpoints"), 1, False).steps()
+    target = {"opt_state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                        opt_state)}
+    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                        target)
+    try:
+        with ocp.PyTreeCheckpointer() as c:
+            got = c.restore(os.path.join(workdir, "checkpoints", str(steps[-1]), "state"),
+                            args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))
+        restored = jax.tree.unflatten(jax.tree.structure(opt_state), jax.tree.leaves(got["opt_state"]))
+    except (ValueError, KeyError, FileNotFoundError, TypeError, IndexError) as e:
+        raise CheckpointError(f"optimizer_state: keep needs the same model and trainable set as the previous stage "
+                              f"({str(e).splitlines()[0]}); use optimizer_state: reset") from None
+    return jax.tree.map(lambda x: x._replace(count=jnp.zeros_like(x.count))
+                        if isinstance(x, optax.ScaleByScheduleState) else x,
+                        restored, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+
+
 def _init_from(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
     """(params, buffers, note) from a training workdir, a converted orbax dir or a HF directory."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -249,12 +273,8 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         state["params"], state["buffers"], note = _init_from(cfg.checkpoint.init_from, cfg, state)
         state["opt_state"] = init_opt_state(tx, state["params"], mesh)
         if keep_optimizer_from:
-            try:
-                state["opt_state"] = _state_from_workdir(keep_optimizer_from, cfg, state, ("opt_state",))[0]["opt_state"]
-            except CheckpointError as e:
-                raise CheckpointError(f"optimizer_state=keep: {e}; the trainable set or model changed between "
-                                      f"stages, use optimizer_state: reset") from None
-            note += "; optimizer state kept"
+            state["opt_state"] = _kept_optimizer_state(keep_optimizer_from, state["opt_state"])
+            note += "; optimizer moments kept, schedule restarted"
         if task.reference == "copy":
             state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
         console.say(f"initialised params from {cfg.checkpoint.init_from}{note}")

@@ -121,3 +121,24 @@ def test_dpo_cli_raises_reward_accuracy(tmp_path, reference):
     assert rows[-1]["reward_accuracy"] > 0.8, [r["reward_accuracy"] for r in rows]
     if reference == "cached":
         assert os.path.isfile(tmp_path / "w" / "reference_logps.npz")
+
+
+def test_bad_pairs_counted_and_unusable_file_refused(tmp_path):
+    lines = [{"prompt": "a b c", "chosen": "same", "rejected": "same"},
+             {"prompt": "a b c", "chosen": " ", "rejected": "x"},
+             {"messages": [{"role": "wizard", "content": "x"}], "chosen": "y", "rejected": "z"},
+             {"prompt": "word " * 300, "chosen": "y", "rejected": "z"},
+             {"prompt": "ok", "chosen": "yes", "rejected": "no"}]
+    src = tmp_path / "p.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    from ernie_jax.trainers.dpo import DPOTask
+    cfg = load_config("configs/dpo_tiny.yaml", [f"data.source={src}", "data.eval_fraction=0", "data.batch_size=1",
+                                                "data.seq_len=64"])
+    task = DPOTask(cfg)
+    batch = next(iter(task.batches(task.data.train, 0, False)))
+    s = task.data.stats
+    assert (s.bad_json, s.same_pair, s.empty_response, s.bad_role, s.too_long) == (1, 1, 1, 1, 1), s.summary()
+    assert batch["segment_ids"].max() == 2
+    src.write_text("\n".join(json.dumps(x) for x in lines[:4]) + "\n")
+    r = _cli(tmp_path / "w", f"data.source={src}", "train.steps=1")
+    assert r.returncode == 2 and "samples is usable (" in r.stderr and "same pair" in r.stderr, r.stderr[-500:]
