@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 import yaml
 
 SMALL = {"model": {"num_layers": 2}, "vision": {"depth": 1}, "data": {"batch_size": 2, "max_patches": 256},
@@ -50,7 +51,7 @@ def _lm(params):
                                                                "vision_experts"))}
 
 
-def test_three_stages_end_to_end_and_resume(tmp_path):
+def test_three_stages_end_to_end(tmp_path):
     cfg = _write_cfg(tmp_path)
     w = str(tmp_path / "run")
     out = _cli(cfg, w).stdout
@@ -74,6 +75,13 @@ def test_three_stages_end_to_end_and_resume(tmp_path):
     p3b = _params(w, "4_IIIb_vision_experts", 2)
     for a, b in zip(jax.tree.leaves(p3a["vision_model"]), jax.tree.leaves(p3b["vision_model"])):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_three_stages_resume_at_a_boundary_and_inside_a_stage(tmp_path):
+    cfg = _write_cfg(tmp_path)
+    w = str(tmp_path / "run")
+    _cli(cfg, w)
     final = _params(w, "5_IIIc_joint", 3)
 
     # killed right at the IIIa/IIIb boundary: IIIb and IIIc rerun from IIIa's final params
