@@ -80,7 +80,8 @@ class PrecisionConfig:
     """FP8 matmuls: `experts` (ERNIE's choice: routed-expert GEMMs) or `all_linear` (every Linear
     except router, embeddings and LM head)."""
     fp8: Literal["off", "experts", "all_linear"] = "off"
-    fp8_recipe: Literal["current", "blockwise"] = "current"
+    fp8_recipe: Literal["current", "blockwise", "delayed"] = "current"
+    fp8_amax_history: int = 16   # delayed: steps of amax history per tensor
 
 
 @dataclass(frozen=True)
@@ -433,6 +434,10 @@ def validate(cfg: Config) -> None:
                  f"vision.rope_t_frequencies={v.rope_t_frequencies} must leave an even number of the "
                  f"{m.head_dim // 2} RoPE frequencies for h/w")
         _require(e.vision_num_experts > 0, "vision.enabled needs vision experts: set moe.vision_num_experts")
+    if cfg.precision.fp8 != "off" and cfg.precision.fp8_recipe == "delayed":
+        _require(cfg.precision.fp8_amax_history >= 1, "precision.fp8_amax_history must be >= 1")
+        _require(e.transport == "auto", "precision.fp8_recipe=delayed does not run inside the expert-parallel "
+                                         "transports yet; use moe.transport=auto or fp8_recipe=current|blockwise")
     for name in cfg.train.freeze:
         _require(name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}")
     o = cfg.optimizer

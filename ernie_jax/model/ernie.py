@@ -83,7 +83,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, **kw)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
         if moe:
-            experts_fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "experts")
+            experts_fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "experts", cfg.precision.fp8_amax_history)
             self.mlp = MoEBlock(m.hidden_size, cfg.moe, fp8=experts_fp8, **kw)
         else:
             self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)
@@ -101,8 +101,10 @@ class DecoderLayer(nnx.Module):
 
 def linear_dot_general(cfg: Config):
     """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
-    fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "linear")
-    return jax.lax.dot_general if fp8 is None else fp8.dot_general
+    fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "linear", cfg.precision.fp8_amax_history)
+    if fp8 is None:
+        return jax.lax.dot_general
+    return fp8 if fp8.recipe == "delayed" else fp8.dot_general   # Linear keeps the delayed state itself
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):

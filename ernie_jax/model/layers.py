@@ -54,15 +54,20 @@ class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, std: float,
                  dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general,
                  bias: bool = False):
+        from ernie_jax.precision.fp8 import DelayedFp8, Fp8Meta
         self.dtype = dtype
         self.dot_general = dot_general
         self.kernel = nnx.Param(normal_init(std)(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if bias else None
+        # delayed-scaling FP8 keeps amax histories (input, kernel, output gradient) beside the kernel
+        self.fp8_meta = Fp8Meta(jnp.zeros((3, dot_general.history), jnp.float32), axes=("norm", "norm")) \
+            if isinstance(dot_general, DelayedFp8) else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         w = self.kernel[...].astype(self.dtype)
-        y = self.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        dot = self.dot_general if self.fp8_meta is None else self.dot_general.dot_general_with(self.fp8_meta[...])
+        y = dot(x, w, (((x.ndim - 1,), (0,)), ((), ())))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 

@@ -82,11 +82,11 @@ def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, 
     tokens = order // k
     xs = checkpoint_name(jnp.take(x, tokens, axis=0), "moe_dispatch")  # [T*K, H] grouped by expert
     sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
-    out = fp8.out if fp8 is not None else (lambda v: v)
-    h = jax.nn.silu(out(jax.lax.ragged_dot(xs, gate, sizes))) * out(jax.lax.ragged_dot(xs, up, sizes))
+    out = [fp8.out_for(i) if fp8 is not None else (lambda v: v) for i in range(3)]
+    h = jax.nn.silu(out[0](jax.lax.ragged_dot(xs, gate, sizes))) * out[1](jax.lax.ragged_dot(xs, up, sizes))
     if fp8 is not None:
-        h = fp8.act(h)
-    ys = checkpoint_name(out(jax.lax.ragged_dot(h, down, sizes)), "expert_out")  # [T*K, H]
+        h = fp8.act_for(1)(h)
+    ys = checkpoint_name(out[2](jax.lax.ragged_dot(h, down, sizes)), "expert_out")  # [T*K, H]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
 
@@ -119,11 +119,12 @@ def dispatch(x: jax.Array, expert_km, slot, num_experts: int, capacity: int) -> 
 def swiglu_experts(buf: jax.Array, gate, up, down, fp8=None) -> jax.Array:
     """[..., E, C, H] through expert e's SwiGLU for every buffer row of expert e. With `fp8`, the
     inputs arrive quantized; the hidden activation is quantized here and output gradients go e5m2."""
-    out = fp8.out if fp8 is not None else (lambda v: v)
-    h = jax.nn.silu(out(jnp.einsum("...ech,ehi->...eci", buf, gate))) * out(jnp.einsum("...ech,ehi->...eci", buf, up))
+    out = [fp8.out_for(i) if fp8 is not None else (lambda v: v) for i in range(3)]
+    h = jax.nn.silu(out[0](jnp.einsum("...ech,ehi->...eci", buf, gate))) * \
+        out[1](jnp.einsum("...ech,ehi->...eci", buf, up))
     if fp8 is not None:
-        h = fp8.act(h)
-    return checkpoint_name(out(jnp.einsum("...eci,eih->...ech", h, down)), "expert_out")
+        h = fp8.act_for(1)(h)
+    return checkpoint_name(out[2](jnp.einsum("...eci,eih->...ech", h, down)), "expert_out")
 
 
 def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Array:
@@ -179,6 +180,12 @@ class MoEBlock(nnx.Module):
                                           rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
         else:
             self.vision_gate = self.vision_experts = None
+        from ernie_jax.precision.fp8 import DelayedFp8, Fp8Meta
+        delayed = isinstance(fp8, DelayedFp8)
+        meta = lambda: Fp8Meta(jnp.zeros((DelayedFp8.EXPERT_ROWS, fp8.history), jnp.float32),  # noqa: E731
+                               axes=("norm", "norm"))
+        self.fp8_meta = meta() if delayed else None
+        self.vision_fp8_meta = meta() if delayed and moe_cfg.vision_num_experts else None
         shared_width = moe_cfg.intermediate_size * moe_cfg.num_shared_experts
         self.shared_experts = SwiGLU(hidden, shared_width, rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype,
                                      dot_general=dot_general) if shared_width else None
@@ -203,34 +210,42 @@ class MoEBlock(nnx.Module):
         xt = x.reshape(b * s, hdim).astype(self.dtype)
         mask = token_mask.reshape(b * s).astype(bool)
         vision = jnp.zeros_like(mask) if modality is None else modality.reshape(b * s) > 0
-        xq = self.fp8.act(xt) if self.fp8 is not None else xt
         y, stats = jnp.zeros_like(xt), {}
         for prefix, gate, experts, gcfg in self.groups():   # at most two groups, fixed at build time
             live = mask & (vision if prefix else ~vision)
-            y_g, stats_g = self._group(xt, xq, live, gate, experts, gcfg)
+            fp8 = self._quantizers(prefix)
+            xq = fp8.act_for(0)(xt) if fp8 is not None else xt
+            y_g, stats_g = self._group(xt, xq, live, gate, experts, gcfg, fp8)
             y = y + y_g
             stats.update({prefix + k: v for k, v in stats_g.items()})
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         return y.reshape(b, s, hdim).astype(x.dtype), stats
 
-    def _group(self, xt, xq, live, gate, experts, cfg):
+    def _quantizers(self, prefix: str):
+        """The group's FP8 quantizers (bound to its amax history under delayed scaling) or None."""
+        if self.fp8 is None or self.fp8_meta is None:
+            return self.fp8
+        meta = self.vision_fp8_meta if prefix else self.fp8_meta
+        return self.fp8.bind(meta[...])
+
+    def _group(self, xt, xq, live, gate, experts, cfg, fp8):
         """One expert group over the tokens where `live` is True."""
         t = xt.shape[0]
         logits = gate(xt)
         probs, idx, weights = route(logits, gate.correction_bias[...], cfg.top_k, cfg.norm_min)
         kernels = experts.kernels()
-        if self.fp8 is not None:
-            kernels = tuple(self.fp8.weight(k) for k in kernels)
+        if fp8 is not None:
+            kernels = tuple(fp8.weight_for(i)(k) for i, k in enumerate(kernels))
         ep_mesh = expert_parallel_mesh() if cfg.transport != "auto" else None
         if ep_mesh is not None:
-            y, kept = expert_parallel_experts(xq, idx, weights, live, kernels, cfg, ep_mesh, self.fp8)
+            y, kept = expert_parallel_experts(xq, idx, weights, live, kernels, cfg, ep_mesh, fp8)
         elif cfg.dispatch == "dropless":
-            y = dropless_experts(xq, idx, weights, kernels, self.fp8, live=live)
+            y = dropless_experts(xq, idx, weights, kernels, fp8, live=live)
             kept = jnp.ones_like(idx, bool)
         else:
             cap = expert_capacity(t, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
-            y, kept = capacity_experts(xq, idx, weights, live, kernels, cap, self.fp8)
+            y, kept = capacity_experts(xq, idx, weights, live, kernels, cap, fp8)
         return y, self._stats(cfg, gate, logits, probs, idx, kept, live)
 
     @staticmethod

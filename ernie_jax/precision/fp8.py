@@ -6,7 +6,12 @@ rounded to e5m2 (custom VJPs, straight-through elsewhere); accumulation in fp32.
 Recipes (`precision.fp8_recipe`):
 - current: one scale per tensor from its amax at this step;
 - blockwise: activations per 1x128 tile of the contraction dim, weights per 128x128 block
-  (DeepSeek-V3 / ERNIE 4.5 fine-grained scaling).
+  (DeepSeek-V3 / ERNIE 4.5 fine-grained scaling);
+- delayed: one scale per tensor from the max of its amax history (the last
+  `precision.fp8_amax_history` steps, Transformer-Engine style). Histories live in `Fp8Meta`
+  variables (non-trainable, saved in checkpoints). The step learns each tensor's current amax as
+  the cotangent of its history row (the quantizers' custom VJPs emit it, forward and backward
+  tensors alike) and `update_histories` rolls it in after the optimizer step.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 FMAX = {E4M3: 448.0, E5M2: 57344.0}
@@ -87,6 +93,16 @@ class Fp8:
         self.out = grad_e5m2
         self.recipe = recipe
 
+    # per-site access used by the expert matmuls (one quantizer for every site here)
+    def act_for(self, i: int):
+        return self.act
+
+    def weight_for(self, i: int):
+        return self.weight
+
+    def out_for(self, i: int):
+        return self.out
+
     def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         """Drop-in jax.lax.dot_general for Linear: rhs is the [in, out] kernel."""
         y = jax.lax.dot_general(self.act(lhs), self.weight(rhs), dimension_numbers,
@@ -100,9 +116,117 @@ class Fp8:
         return isinstance(other, Fp8) and other.recipe == self.recipe
 
 
+class Fp8Meta(nnx.Variable):
+    """Amax histories [..., rows, H] of delayed-scaling FP8 tensors; changed only by update_histories."""
+
+
+def _amax_used(hist: jax.Array, current: jax.Array) -> jax.Array:
+    """max over the history; the current amax until a history has a value (the first step)."""
+    past = jnp.max(hist)
+    return jnp.where(past > 0, past, current)
+
+
+def _slot(amax: jax.Array, like: jax.Array) -> jax.Array:
+    """The cotangent that reports `amax` for a history row: amax at position 0, zeros elsewhere."""
+    return jnp.zeros_like(like).at[0].set(amax.astype(like.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def qdq_delayed(x: jax.Array, hist: jax.Array, dtype=E4M3) -> jax.Array:
+    """Forward e4m3 rounding with the history's scale; the history row's cotangent is x's amax."""
+    return _qdq(x, dtype, _amax_used(hist, jnp.max(jnp.abs(x))))
+
+
+def _qdq_delayed_fwd(x, hist, dtype):
+    amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return _qdq(x, dtype, _amax_used(hist, amax)), (amax, hist)
+
+
+def _qdq_delayed_bwd(dtype, res, g):
+    amax, hist = res
+    return g, _slot(amax, hist)
+
+
+qdq_delayed.defvjp(_qdq_delayed_fwd, _qdq_delayed_bwd)
+
+
+@jax.custom_vjp
+def grad_e5m2_delayed(y: jax.Array, hist: jax.Array) -> jax.Array:
+    """Identity forward; the gradient is rounded to e5m2 with the history's scale and its amax reported."""
+    return y
+
+
+def _grad_delayed_fwd(y, hist):
+    return y, hist
+
+
+def _grad_delayed_bwd(hist, g):
+    amax = jnp.max(jnp.abs(g)).astype(jnp.float32)
+    return _qdq(g, E5M2, _amax_used(hist, amax)), _slot(amax, hist)
+
+
+grad_e5m2_delayed.defvjp(_grad_delayed_fwd, _grad_delayed_bwd)
+
+
+class DelayedFp8:
+    """Delayed-scaling quantizers. A Linear keeps a history [3, H] (input, kernel, output gradient);
+    an expert group keeps [8, H]: inputs x and h, kernels gate/up/down, output gradients gate/up/down
+    (rows ACT_X, ACT_H, W0..W2, OUT0..OUT2)."""
+    recipe = "delayed"
+    ACT_X, ACT_H, W0, OUT0 = 0, 1, 2, 5
+    EXPERT_ROWS = 8
+
+    def __init__(self, history: int):
+        self.history = history
+
+    def dot_general_with(self, hist: jax.Array):
+        def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+            y = jax.lax.dot_general(qdq_delayed(lhs, hist[0]), qdq_delayed(rhs, hist[1]), dimension_numbers,
+                                    preferred_element_type=jnp.float32)
+            return grad_e5m2_delayed(y, hist[2]).astype(lhs.dtype)
+        return dot_general
+
+    def bind(self, hist: jax.Array) -> "BoundExperts":
+        return BoundExperts(hist)
+
+    def __hash__(self):
+        return hash(("fp8-delayed", self.history))
+
+    def __eq__(self, other):
+        return isinstance(other, DelayedFp8) and other.history == self.history
+
+
+class BoundExperts:
+    """Expert-matmul quantizers reading one expert group's history rows."""
+
+    def __init__(self, hist: jax.Array):
+        self.hist = hist
+
+    def act_for(self, i: int):
+        return lambda x: qdq_delayed(x, self.hist[DelayedFp8.ACT_X + i])
+
+    def weight_for(self, i: int):
+        return lambda w: qdq_delayed(w, self.hist[DelayedFp8.W0 + i])
+
+    def out_for(self, i: int):
+        return lambda y: grad_e5m2_delayed(y, self.hist[DelayedFp8.OUT0 + i])
+
+
+def update_histories(buffers: dict, amax: dict) -> dict:
+    """After the step: roll each Fp8Meta history and put this step's amax (the cotangent's slot 0,
+    max over micro-batches) in front. Other buffers pass through."""
+    def roll(path, old, new):
+        if "fp8_meta" not in jax.tree_util.keystr(path):
+            return old
+        return jnp.concatenate([new[..., :1], old[..., :-1]], axis=-1)
+    return jax.tree_util.tree_map_with_path(roll, buffers, amax)
+
+
 @functools.lru_cache(maxsize=None)
-def fp8_for(mode: str, recipe: str, part: str) -> Fp8 | None:
+def fp8_for(mode: str, recipe: str, part: str, history: int = 16):
     """The quantizers for `part` ('linear' or 'experts') under precision.fp8 = `mode`, or None."""
     if mode == "off" or (mode == "experts" and part != "experts"):
         return None
+    if recipe == "delayed":
+        return DelayedFp8(history)
     return Fp8(recipe)

@@ -56,6 +56,10 @@ def _post_step_rules(cfg: Config, params: dict, buffers: dict, loads: dict) -> t
     return params, buffers
 
 
+def _has_fp8_meta(buffers: dict) -> bool:
+    return any("fp8_meta" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(buffers))
+
+
 def _get(tree: dict, path: tuple):
     for p in path:
         tree = tree[p]
@@ -100,25 +104,36 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        # delayed-scaling FP8: differentiate w.r.t. the buffers too; the amax histories' cotangents
+        # carry this step's amaxes (max over micro-batches), rolled in after the update
+        fp8_state = _has_fp8_meta(buffers)
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if fp8_state else 0, has_aux=True)
 
         def micro_step(acc, micro):
             micro = with_reference(state, buffers, micro)
             (_, (metrics, load)), grads = grad_fn(params, buffers, micro)
+            grads, amax = grads if fp8_state else (grads, None)
             if cfg.train.modality_detach:
                 grads = _detach_language_model(grads, micro, cfg)
-            return jax.tree.map(jnp.add, acc, (grads, metrics, load)), None
+            acc_grads, acc_metrics, acc_load, acc_amax = acc
+            summed = jax.tree.map(jnp.add, (acc_grads, acc_metrics, acc_load), (grads, metrics, load))
+            amax = None if amax is None else jax.tree.map(jnp.maximum, acc_amax, amax)
+            return (*summed, amax), None
 
         first = with_reference(state, buffers, jax.tree.map(lambda x: x[0], batch))
         (_, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(grad_fn, params, buffers, first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape, load_shape))
-        (grads, metrics, load), _ = jax.lax.scan(micro_step, zeros, batch)
+        grads_shape, amax_shape = grads_shape if fp8_state else (grads_shape, None)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape, load_shape, amax_shape))
+        (grads, metrics, load, amax), _ = jax.lax.scan(micro_step, zeros, batch)
         n = batch["input_ids"].shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: (v if k == "tokens" else v / n) for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         params, buffers = _post_step_rules(cfg, params, buffers, load)
+        if fp8_state:
+            from ernie_jax.precision.fp8 import update_histories
+            buffers = update_histories(buffers, amax)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
         if "gate" in load:

@@ -77,8 +77,63 @@ def _final_loss(workdir, *sets):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, recipe", [("experts", "blockwise"), ("all_linear", "current")])
+@pytest.mark.parametrize("mode, recipe", [("experts", "blockwise"), ("all_linear", "current"),
+                                          ("all_linear", "delayed")])
 def test_200_step_training_matches_bf16(tmp_path, mode, recipe):
     bf16 = _final_loss(tmp_path / "bf16")
     fp8 = _final_loss(tmp_path / "fp8", f"precision.fp8={mode}", f"precision.fp8_recipe={recipe}")
     assert abs(fp8 - bf16) / bf16 < 0.02, (fp8, bf16)
+
+
+
+# ----------------------------------------------------------------------------- delayed scaling
+
+def test_delayed_scale_comes_from_the_history_and_reports_amax():
+    from ernie_jax.precision.fp8 import _qdq, qdq_delayed
+    x = jnp.linspace(-1.0, 1.0, 33)
+    empty, hist = jnp.zeros(4), jnp.array([0.5, 10.0, 2.0, 0.0])
+    # an empty history (first step) uses the current amax, like the current recipe
+    np.testing.assert_array_equal(qdq_delayed(x, empty), _qdq(x, E4M3, jnp.max(jnp.abs(x))))
+    # later steps scale by the history's max (10), not by x's own amax (1): coarser steps
+    np.testing.assert_array_equal(qdq_delayed(x, hist), _qdq(x, E4M3, jnp.array(10.0)))
+    assert not np.array_equal(qdq_delayed(x, hist), qdq_delayed(x, empty))
+    # the history's cotangent reports this step's amax in slot 0; x's gradient passes straight through
+    gx, gh = jax.grad(lambda a, h: jnp.sum(qdq_delayed(a * 3.0, h)), argnums=(0, 1))(x, hist)
+    np.testing.assert_allclose(gx, 3.0)
+    np.testing.assert_allclose(gh, [3.0, 0, 0, 0])
+
+
+def test_delayed_output_gradient_uses_history_and_reports_amax():
+    from ernie_jax.precision.fp8 import grad_e5m2_delayed
+    w = jnp.linspace(0.1, 1.0, 7)
+    g, gh = jax.grad(lambda y, h: jnp.sum(grad_e5m2_delayed(y, h) * w), argnums=(0, 1))(jnp.ones(7), jnp.zeros(3))
+    np.testing.assert_allclose(gh, [1.0, 0, 0])
+    scale = 1.0 / 57344.0
+    np.testing.assert_allclose(np.asarray(g / scale).astype(E5M2).astype(np.float32), np.asarray(g / scale), rtol=1e-6)
+
+
+def test_delayed_histories_roll_after_each_step_and_live_in_buffers():
+    from ernie_jax.model import build_model
+    from ernie_jax.trainers.state import init_train_state, make_optimizer
+    from ernie_jax.trainers.step import make_train_step
+    from ernie_jax.trainers.pretrain import lm_objective
+    cfg = load_config("configs/tiny_moe.yaml", ["precision.fp8=all_linear", "precision.fp8_recipe=delayed",
+                                                "precision.fp8_amax_history=3", "model.num_layers=2",
+                                                "model.mtp_depth=0", "optimizer.grad_accum_steps=2"])
+    mesh = jax.make_mesh((1, 1, 1, 1, 1), ("data", "fsdp", "tensor", "expert", "pipeline"),
+                         devices=jax.devices()[:1])
+    tx = make_optimizer(cfg.optimizer, 10)
+    graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
+    step = jax.jit(make_train_step(graphdef, cfg, tx, lm_objective, 10))
+    ids = np.random.default_rng(0).integers(3, 4000, (2, 2, 16)).astype(np.int32)
+    batch = {"input_ids": ids, "labels": np.roll(ids, -1, -1), "loss_mask": np.ones((2, 2, 16), np.float32)}
+    kernels = []
+    for _ in range(4):
+        kernels.append(np.asarray(state["params"]["prefix"]["self_attn"]["q_proj"]["kernel"][0]))
+        state, _ = step(state, batch)
+    hist = np.asarray(state["buffers"]["prefix"]["self_attn"]["q_proj"]["fp8_meta"][0])   # [3 rows, 3 steps]
+    # kernel row: the kernel amax of the last three steps, newest first (kernel read before each update)
+    np.testing.assert_allclose(hist[1], [np.abs(k).max() for k in kernels[::-1][:3]], rtol=1e-6)
+    assert (hist > 0).all()
+    experts = np.asarray(state["buffers"]["units"]["moe"]["mlp"]["fp8_meta"])
+    assert experts.shape[1:] == (8, 3) and (experts[..., 0] > 0).all()
