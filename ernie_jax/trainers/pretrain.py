@@ -75,12 +75,12 @@ def text_pretraining_task(cfg: Config):
                 description=f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval pieces")
 
 
-def multimodal_pretraining_task(cfg: Config):
-    """Packed image-text batches (data.kind=multimodal) with the same LM objective, text targets only."""
-    from ernie_jax.data.multimodal import load_multimodal, packed_multimodal_batches
+def multimodal_task(cfg: Config, data, encoder=None, description: str = ""):
+    """A task over packed multimodal-pipeline batches of `data` (image-text samples, or chats with a
+    chat `encoder`) with the LM objective; text targets only."""
+    from ernie_jax.data.multimodal import packed_multimodal_batches
     from ernie_jax.trainers.loop import Task
-    data = load_multimodal(cfg)
-    kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    kw = dict(process_index=jax.process_index(), process_count=jax.process_count(), encoder=encoder)
     train_iter = iter(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats,
                                                 seed=cfg.data.shuffle_seed, **kw))
     eval_batches = None
@@ -88,9 +88,15 @@ def multimodal_pretraining_task(cfg: Config):
         eval_batches = lambda: iter(packed_multimodal_batches(  # noqa: E731
             data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False, **kw))
     return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
-                vocab_size=data.tokenizer.vocab_size,
-                description=f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval samples",
-                stats=data.stats)
+                vocab_size=data.tokenizer.vocab_size, stats=data.stats,
+                description=description or f"data: {data.stats.summary()}, {len(data.train)} train / "
+                                           f"{len(data.eval)} eval samples")
+
+
+def multimodal_pretraining_task(cfg: Config):
+    """Packed image-text batches (data.kind=multimodal)."""
+    from ernie_jax.data.multimodal import load_multimodal
+    return multimodal_task(cfg, load_multimodal(cfg))
 
 
 def pretraining_task(cfg: Config):

@@ -3,13 +3,9 @@ packed with segment ids, text or multimodal (images in user turns) through the m
 The objective is the pretraining LM objective: only the loss mask differs."""
 from __future__ import annotations
 
-import jax
-
 from ernie_jax.config import Config
 from ernie_jax.data.chat import EMBEDDED_CHAT, ChatError, markers, render_chat
-from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, load_multimodal,
-                                       packed_multimodal_batches, read_jsonl)
-from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.data.multimodal import MultimodalStats, SampleEncoder, load_multimodal, read_jsonl
 
 
 def read_conversations(source: str):
@@ -40,18 +36,9 @@ class ChatEncoder:
 
 
 def sft_task(cfg: Config):
-    from ernie_jax.trainers.loop import Task
+    from ernie_jax.trainers.pretrain import multimodal_task
     data = load_multimodal(cfg, reader=read_conversations)
     per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else cfg.vision.spatial_merge ** 2
-    kw = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-              encoder=ChatEncoder(cfg, data.tokenizer, data.stats, per_row))
-    train_iter = iter(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats,
-                                                seed=cfg.data.shuffle_seed, **kw))
-    eval_batches = None
-    if len(data.eval):
-        eval_batches = lambda: iter(packed_multimodal_batches(  # noqa: E731
-            data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False, **kw))
-    return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
-                vocab_size=data.tokenizer.vocab_size, stats=data.stats,
-                description=f"chat data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval "
-                            f"conversations, mode {cfg.data.chat_mode}")
+    return multimodal_task(cfg, data, encoder=ChatEncoder(cfg, data.tokenizer, data.stats, per_row),
+                           description=f"chat data: {data.stats.summary()}, {len(data.train)} train / "
+                                       f"{len(data.eval)} eval conversations, mode {cfg.data.chat_mode}")
