@@ -104,7 +104,7 @@ def _rows(workdir):
         return [json.loads(line) for line in f if "reward_accuracy" in line]
 
 
-@pytest.mark.parametrize("reference", ["copy", "cached"])
+@pytest.mark.parametrize("reference", ["copy", pytest.param("cached", marks=pytest.mark.slow)])
 def test_dpo_cli_raises_reward_accuracy(tmp_path, reference):
     """From random init a model can only learn the preference by fitting the pairs, so the run uses
     the first 64 pairs of the embedded set for several epochs (started from an SFT model the full set

@@ -84,6 +84,7 @@ def test_sft_cli_learns_on_embedded_chat(tmp_path):
     assert "mode thinking" in r.stdout
 
 
+@pytest.mark.slow
 def test_multimodal_sft_cli(tmp_path):
     r = _cli("configs/sft_tiny.yaml", tmp_path / "w", "train.steps=4", "train.eval_interval=4",
              "data.source=ernie_jax/data/embedded/chat/sft_vl.jsonl", "model.vocab_size=4104",
@@ -108,6 +109,7 @@ def test_sft_from_converted_hf_checkpoint(tmp_path):
     assert "initialised params from" in r.stdout
 
 
+@pytest.mark.slow
 def test_sft_starts_from_a_pretraining_workdir(tmp_path):
     """pretrain -> SFT chain: init_from a training workdir takes its newest checkpoint's params."""
     small = ["model.num_layers=2", "data.seq_len=64", "train.eval_interval=100"]
