@@ -339,12 +339,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                 last = row
                 sums, count, t_log = None, 0, time.perf_counter()
             if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-                ev = evaluate(eval_step, state, lambda: (place_batch(b, mesh, 0) for b in task.eval_batches()),
-                              cfg.train.eval_steps)
-                for name, batches in task.extra_evals.items():
-                    extra = evaluate(eval_step, state, lambda b=batches: (place_batch(x, mesh, 0) for x in b()),
-                                     cfg.train.eval_steps)
-                    ev[f"{name}_loss"] = extra["eval_loss"]
+                ev = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
                 writer.write(step_offset + step, {**ev, **tags})
                 extras = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k != "eval_loss")
                 console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}")
@@ -353,18 +348,23 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                 save(step)
         if start >= cfg.train.steps and task.eval_batches is not None:
             # resumed after the last step (e.g. a stage whose summary was not written): report its eval
-            last = evaluate(eval_step, state, lambda: (place_batch(b, mesh, 0) for b in task.eval_batches()),
-                            cfg.train.eval_steps)
-            for name, batches in task.extra_evals.items():
-                last[f"{name}_loss"] = evaluate(eval_step, state, lambda b=batches: (place_batch(x, mesh, 0)
-                                                                                    for x in b()),
-                                                cfg.train.eval_steps)["eval_loss"]
+            last = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
         if flag.stop:
             ckpt.wait()
             console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")
     ckpt.close()
     writer.close()
     return {**last, "stopped": flag.stop}
+
+
+def evaluate_task(eval_step, state, task: Task, mesh, steps: int) -> dict:
+    """The task's eval split (eval_loss, eval_ppl) plus each extra eval as `<name>_loss`."""
+    def placed(batches):
+        return lambda: (place_batch(b, mesh, 0) for b in batches())
+    ev = evaluate(eval_step, state, placed(task.eval_batches), steps)
+    for name, batches in task.extra_evals.items():
+        ev[f"{name}_loss"] = evaluate(eval_step, state, placed(batches), steps)["eval_loss"]
+    return ev
 
 
 def evaluate(eval_step, state, eval_batches: Callable[[], Iterator], steps: int) -> dict:
