@@ -119,6 +119,16 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline parallelism over `mesh.pipeline` stages (parallel/pipeline.py). The pipelined stack
+    is the MoE units (dense models: all layers); leading dense layers, the last dense layers, the
+    vision encoder, embeddings, head and MTP run outside it."""
+    schedule: Literal["gpipe", "circular"] = "gpipe"
+    microbatches: int = 0   # per (accumulation) micro-batch; 0 = mesh.pipeline
+    repeats: int = 1        # circular: layer chunks per stage (each microbatch loops the stages this often)
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.01
@@ -225,6 +235,7 @@ class Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -471,6 +482,32 @@ def validate(cfg: Config) -> None:
     for axis in ("data", "fsdp", "tensor", "expert", "pipeline"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
+    _validate_pipeline(cfg)
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    pp, stages = cfg.pipeline, cfg.mesh.pipeline
+    _require(stages != -1, "mesh.pipeline=-1 is not allowed: give the number of pipeline stages explicitly")
+    _require(pp.repeats >= 1, f"pipeline.repeats={pp.repeats} must be >= 1")
+    _require(pp.microbatches >= 0, f"pipeline.microbatches={pp.microbatches} must be >= 0 (0 = mesh.pipeline)")
+    _require(pp.schedule == "circular" or pp.repeats == 1,
+             f"pipeline.repeats={pp.repeats} needs pipeline.schedule=circular (gpipe runs each stage once)")
+    if stages == 1:
+        return
+    micro = pp.microbatches or stages
+    _require(pp.schedule == "gpipe" or micro >= stages,
+             f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
+             f"(a microbatch must leave the last stage before it re-enters the first)")
+    from ernie_jax.model.ernie import layer_plan   # the pipelined stack: MoE units, else all layers
+    plan = layer_plan(cfg)
+    size, what = (plan.num_units, "MoE units") if plan.num_units else (plan.num_prefix, "layers")
+    _require(size % (stages * pp.repeats) == 0,
+             f"the {size} pipelined {what} are not divisible by mesh.pipeline x pipeline.repeats = "
+             f"{stages} x {pp.repeats}; change model.num_layers, mesh.pipeline or pipeline.repeats")
+    _require(cfg.data.batch_size % micro == 0,
+             f"data.batch_size={cfg.data.batch_size} is not divisible by pipeline.microbatches={micro}")
+    _require(cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
+             "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise")
 
 
 FREEZE_GROUPS = ("vit", "adapter", "language_model", "vision_experts")

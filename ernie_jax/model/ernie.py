@@ -19,6 +19,7 @@ from ernie_jax.model.attention import Attention, attention_mask
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
+from ernie_jax.parallel.pipeline import pipeline_apply, schedule_for
 from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
@@ -208,19 +209,29 @@ class ErnieForCausalLM(nnx.Module):
         token_mask = segment_ids > 0
         ctx = (angles, mask, token_mask, modality)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
-        if self.prefix is not None:
-            x, _ = _scan_layers(self.prefix, x, ctx, m)
+        pipelined = "units" if self.units is not None else "prefix"
         stats = None
-        if self.units is not None:
-            x, stats = _scan_layers(self.units, x, ctx, m)
-        if self.suffix is not None:
-            x, _ = _scan_layers(self.suffix, x, ctx, m)
+        for name in ("prefix", "units", "suffix"):
+            stack = getattr(self, name)
+            if stack is None:
+                continue
+            x, stack_stats = self._run_stack(stack, x, ctx, pipelined=name == pipelined)
+            if name == "units":
+                stats = stack_stats
         logits = self.head(x)
         mtp_logits = self._mtp(x, input_ids, ctx) if self.mtp is not None else None
         losses, load, dropped = _summarise_router_stats(stats)
         return ModelOutput(logits=logits, router_losses=losses, expert_load=load, dropped_fraction=dropped,
                            mtp_logits=mtp_logits, hidden=x,
                            vision_expert_load=None if not stats else stats.get("vision_expert_load"))
+
+    def _run_stack(self, stack, x, ctx, pipelined: bool):
+        """One scan over a stack, or the pipeline schedule for the pipelined stack when mesh.pipeline > 1."""
+        m = self.cfg.model
+        sched = schedule_for(self.cfg) if pipelined else None
+        if sched is None:
+            return _scan_layers(stack, x, ctx, m)
+        return pipeline_apply(stack, x, ctx, lambda chunk, x_mb, ctx_mb: _scan_layers(chunk, x_mb, ctx_mb, m), sched)
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch."""

@@ -2,7 +2,10 @@
 
 Every param carries logical axis names in its `axes` metadata (set where the param is created);
 `LOGICAL_RULES` maps them to mesh axes. Parallel layouts change in config (`mesh.*`), never in
-model code. Stacked layers add leading axes that stay unsharded here (pipeline stages come later).
+model code. Stacked layers add leading axes; they stay unsharded except the pipelined stack's
+(MoE units, or all layers of a dense model), whose layer axis is split over `pipeline`. Everything
+outside that stack is split over `pipeline` like FSDP (embed dims) and batch-wise (activations), so
+stages hold and compute only their share of it.
 """
 from __future__ import annotations
 
@@ -20,9 +23,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert", "pipeline")
 
 # logical axis -> mesh axes (in order of preference); MaxText-style, one place for the whole model.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"),   # activations: every non-model axis splits the batch
+    "batch": ("data", "fsdp", "expert", "pipeline"),   # activations: every non-model axis splits the batch
     "vocab": ("tensor",),
-    "embed": ("fsdp",),                    # ZeRO-3 by sharding: params split over fsdp
+    "embed": ("fsdp", "pipeline"),         # ZeRO-3 by sharding (pipeline: only where the layer axis is not)
     "mlp": ("tensor",),
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -53,8 +56,8 @@ def mesh_shape(m: MeshConfig, num_devices: int) -> dict[str, int]:
 def check_mesh_fits_model(cfg: Config, sizes: dict[str, int]) -> None:
     if cfg.moe.num_experts and cfg.moe.num_experts % sizes["expert"]:
         raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by mesh.expert={sizes['expert']}")
-    if sizes["pipeline"] != 1:
-        raise ConfigError("mesh.pipeline > 1 is not supported yet; set mesh.pipeline=1")
+    if sizes["pipeline"] != cfg.mesh.pipeline:
+        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline} but the mesh has {sizes['pipeline']} pipeline stages")
 
 
 def build_mesh(cfg: Config, devices=None) -> Mesh:
@@ -65,13 +68,17 @@ def build_mesh(cfg: Config, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec for a param with logical `axes` (trailing dims) and `shape` (maybe stacked).
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    layer_axis: str | None = None) -> P:
+    """PartitionSpec for a param with logical `axes` (trailing dims) and `shape` (maybe stacked);
+    `layer_axis` shards the first stacked (layer) dim.
 
     A mesh axis is used at most once per param, and only on a dimension it divides evenly."""
     lead = len(shape) - len(axes)
-    used: set[str] = set()
+    used: set[str] = {layer_axis} if layer_axis else set()
     spec: list = [None] * lead
+    if layer_axis:
+        spec[0] = layer_axis
     for name, dim in zip(axes, shape[lead:]):
         chosen = []
         for mesh_axis in LOGICAL_RULES.get(name, ()) if name else ():
@@ -85,13 +92,24 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return P(*spec)
 
 
+def pipelined_stack(top_level_names) -> str:
+    """The stack that pipeline parallelism splits into stages: the MoE units, else the dense layers."""
+    return "units" if "units" in set(top_level_names) else "prefix"
+
+
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
     """Pure dict of NamedShardings for every variable of an (abstract) nnx state."""
     flat = {}
-    for path, var in nnx.to_flat_state(abstract_state):
+    entries = list(nnx.to_flat_state(abstract_state))
+    staged = pipelined_stack(p[0] for p, _ in entries) if mesh.shape["pipeline"] > 1 else None
+    for path, var in entries:
         axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None
         shape = tuple(var.shape) if hasattr(var, "shape") else tuple(var[...].shape)
-        spec = logical_to_spec(tuple(axes), shape, mesh) if axes else P()
+        layer_axis = "pipeline" if path[0] == staged else None
+        if layer_axis and shape[0] % mesh.shape["pipeline"]:
+            raise ConfigError(f"{'.'.join(map(str, path))}: {shape[0]} stacked layers do not split over "
+                              f"mesh.pipeline={mesh.shape['pipeline']}")
+        spec = logical_to_spec(tuple(axes or ()), shape, mesh, layer_axis) if axes or layer_axis else P()
         flat[path] = NamedSharding(mesh, spec)
     out: dict = {}
     for path, sharding in flat.items():
@@ -111,6 +129,11 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
+
+
+def stage_batch_axes(mesh) -> tuple[str, ...]:
+    """Inside the pipeline each stage sees whole microbatches: the batch splits over the other axes."""
+    return tuple(a for a in LOGICAL_RULES["batch"] if a != "pipeline" and mesh.shape[a] > 1)
 
 
 def describe(mesh: Mesh) -> str:

@@ -1,0 +1,143 @@
+"""Pipeline parallelism: the GPipe and circular schedules equal the unpipelined model (loss and
+grads, fp32) on one device and sharded over 4 and 8 CPU devices with data and expert axes."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ernie_jax.config import load_config
+from ernie_jax.errors import ConfigError
+from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
+from ernie_jax.parallel.mesh import batch_sharding, build_mesh, state_shardings
+from ernie_jax.parallel.pipeline import Schedule, from_microbatches, schedule_for, to_microbatches
+from ernie_jax.trainers.pretrain import lm_objective
+
+BATCH, SEQ = 8, 16
+BASE = ["model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0", f"data.batch_size={BATCH}"]
+
+
+def _batch(cfg):
+    ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+    seg = np.ones((BATCH, SEQ), np.int32)
+    seg[1, 10:] = 2   # a packed row
+    seg[2, 12:] = 0   # padding
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "segment_ids": seg,
+            "loss_mask": (seg > 0).astype(np.float32)}
+
+
+def _params(cfg):
+    _, params, rest = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def _reference(cfg, microbatches):
+    """Unpipelined model on each microbatch (rows i, i+M, ...): router losses averaged, LM loss over
+    the whole batch -- what the pipeline computes."""
+    graphdef = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
+    params, rest = _params(cfg)
+    batch = _batch(cfg)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        ids, seg = (to_microbatches(jnp.asarray(batch[k]), microbatches) for k in ("input_ids", "segment_ids"))
+        outs = [model(ids[i], segment_ids=seg[i]) for i in range(microbatches)]
+        stack = lambda f: from_microbatches(jnp.stack([f(o) for o in outs]))   # noqa: E731
+        mtp = None
+        if outs[0].mtp_logits is not None:
+            mtp = stack(lambda o: o.mtp_logits.swapaxes(0, 1)).swapaxes(0, 1)
+        losses = {k: sum(o.router_losses[k] for o in outs) / microbatches for k in outs[0].router_losses}
+        out = ModelOutput(logits=stack(lambda o: o.logits), router_losses=losses, mtp_logits=mtp)
+        return lm_objective(out, batch, cfg)[0]
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _pipelined(cfg, mesh=None):
+    graphdef = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
+    params, rest = _params(cfg)
+    batch = _batch(cfg)
+    if mesh is not None:
+        _, ap, ab = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+        params = jax.device_put(params, state_shardings(ap, mesh))
+        rest = jax.device_put(rest, state_shardings(ab, mesh))
+        batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
+
+    def loss(params):
+        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], segment_ids=batch["segment_ids"])
+        return lm_objective(out, batch, cfg)[0]
+    if mesh is None:
+        return jax.jit(jax.value_and_grad(loss))(params)
+    with jax.set_mesh(mesh):
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def _assert_close(got, want):
+    (loss, grads), (ref_loss, ref_grads) = got, want
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_schedule_bubble():
+    assert Schedule(4, 8, 1).iterations == 11
+    assert Schedule(4, 8, 1).bubble_fraction == pytest.approx(3 / 11)
+    assert Schedule(4, 8, 2).bubble_fraction == pytest.approx(3 / 19)   # circular: R x smaller bubble share
+    cfg = load_config("configs/tiny_moe.yaml", ["model.num_layers=5", "mesh.pipeline=2", "mesh.data=1"])
+    assert schedule_for(cfg) == Schedule(2, 2, 1)
+    assert "bubble 33.3%" in schedule_for(cfg).describe()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.pipeline=2"], "the 3 pipelined MoE units are not divisible by mesh.pipeline x pipeline.repeats = 2 x 1"),
+    (["model.num_layers=5", "mesh.pipeline=2", "pipeline.repeats=2"], "needs pipeline.schedule=circular"),
+    (["model.num_layers=5", "mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2",
+      "pipeline.microbatches=1"], "must be >= mesh.pipeline=2 for the circular schedule"),
+    (["model.num_layers=5", "mesh.pipeline=2", "pipeline.microbatches=3"], "not divisible by pipeline.microbatches=3"),
+    (["mesh.pipeline=-1"], "give the number of pipeline stages explicitly"),
+])
+def test_bad_pipeline_config(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config("configs/tiny_moe.yaml", BASE + overrides)
+
+
+@pytest.mark.parametrize("layers, pipe", [
+    (5, ["mesh.pipeline=2", "pipeline.microbatches=4"]),
+    (5, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=4"]),
+    (7, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=3", "pipeline.microbatches=2"]),
+])
+def test_schedule_on_one_device_equals_unpipelined(layers, pipe):
+    cfg = load_config("configs/tiny_moe.yaml", BASE + [f"model.num_layers={layers}"] + pipe)
+    ref = _reference(load_config("configs/tiny_moe.yaml", BASE + [f"model.num_layers={layers}"]),
+                     schedule_for(cfg).microbatches)
+    _assert_close(_pipelined(cfg), ref)
+
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+@needs8
+@pytest.mark.parametrize("config, layers, layout", [
+    # 4 devices
+    ("tiny_moe", 5, ["mesh.pipeline=4", "mesh.data=1", "pipeline.microbatches=4"]),
+    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "pipeline.schedule=circular", "pipeline.repeats=2",
+                     "pipeline.microbatches=2"]),
+    ("tiny_dense", 4, ["mesh.pipeline=2", "mesh.expert=1", "mesh.data=2", "pipeline.microbatches=2"]),
+    # 8 devices
+    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"]),
+    ("tiny_moe", 9, ["mesh.pipeline=2", "mesh.data=1", "mesh.expert=4", "pipeline.schedule=circular",
+                     "pipeline.repeats=2", "pipeline.microbatches=2", "moe.transport=all_to_all"]),
+    ("tiny_moe", 5, ["mesh.pipeline=4", "mesh.data=2", "pipeline.microbatches=4"]),
+    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.data=1", "pipeline.schedule=circular",
+                     "pipeline.repeats=2", "pipeline.microbatches=2", "moe.transport=allgather"]),
+])
+def test_sharded_pipeline_equals_unpipelined(config, layers, layout):
+    base = BASE + [f"model.num_layers={layers}"]
+    cfg = load_config(f"configs/{config}.yaml", base + layout)
+    mesh = build_mesh(cfg, jax.devices()[:_devices(cfg)])
+    ref = _reference(load_config(f"configs/{config}.yaml", base), schedule_for(cfg).microbatches)
+    _assert_close(_pipelined(cfg, mesh), ref)
+
+
+def _devices(cfg):
+    m = cfg.mesh
+    return m.pipeline * max(m.data, 1) * m.fsdp * m.tensor * m.expert
