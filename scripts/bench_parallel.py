@@ -1,6 +1,11 @@
 """Step time, compiled memory per device and collective traffic for each parallel layout.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py [--config FILE]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/bench_parallel.py --pipeline
+
+`--pipeline` compares GPipe and circular schedules with the same microbatches (and no pipeline as
+the baseline) on a deeper model: bubble fraction, peak memory per device = arguments + outputs -
+aliased + temporaries, from `compile().memory_analysis()`.
 
 On fake CPU devices the times only compare layouts against each other (the devices share the cores);
 memory per device and the collectives counted from the compiled HLO are what the layout changes.
@@ -17,6 +22,7 @@ import numpy as np
 from ernie_jax.config import load_config
 from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import batch_sharding, build_mesh, describe
+from ernie_jax.parallel.pipeline import schedule_for
 from ernie_jax.trainers.pretrain import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
 from ernie_jax.trainers.loop import jit_train_step
@@ -30,6 +36,17 @@ LAYOUTS = [
     ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"],
     ["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"],
     ["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"],
+]
+# 8 MoE units (9 layers) so that 4 stages x 2 repeats divide them
+PIPELINE_BASE = ["model.num_layers=9", "data.batch_size=16"]
+PIPELINE_LAYOUTS = [
+    ["mesh.data=8"],
+    ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=8"],
+    ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=8", "pipeline.schedule=circular", "pipeline.repeats=2"],
+    ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=4"],
+    ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=4", "pipeline.schedule=circular", "pipeline.repeats=2"],
+    ["mesh.data=1", "mesh.expert=2", "mesh.pipeline=4", "pipeline.microbatches=8", "pipeline.schedule=circular",
+     "pipeline.repeats=2"],
 ]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -48,39 +65,67 @@ def collective_bytes(hlo: str) -> dict[str, float]:
     return out
 
 
+def measure(cfg, steps: int):
+    """(step ms, memory stats, collective MB by kind) of the jitted train step on cfg's mesh."""
+    mesh = build_mesh(cfg)
+    tx = make_optimizer(cfg.optimizer, 100)
+    graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
+    rng = np.random.default_rng(0)
+    s = cfg.data.seq_len
+    ids = rng.integers(3, cfg.model.vocab_size, (1, cfg.data.batch_size, s + 1)).astype(np.int32)
+    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
+             "loss_mask": np.ones((1, cfg.data.batch_size, s), np.float32)}
+    batch = {k: jax.device_put(v, batch_sharding(mesh, 3, 1)) for k, v in batch.items()}
+    step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh)
+    compiled = step.lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    traffic = collective_bytes(compiled.as_text())
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    return (time.perf_counter() - t0) / steps * 1e3, mem, traffic, mesh
+
+
+def peak_mb(mem) -> float:
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes) / 2**20
+
+
+def pipeline_table(config: str, steps: int) -> None:
+    print(f"{'layout':<44}{'bubble':>8}{'step ms':>9}{'args MB':>9}{'temp MB':>9}{'peak MB':>9}"
+          f"{'permute MB':>11}  (per device)")
+    for layout in PIPELINE_LAYOUTS:
+        cfg = load_config(config, PIPELINE_BASE + layout + ["model.dtype=float32"])
+        sched = schedule_for(cfg)
+        ms, mem, traffic, mesh = measure(cfg, steps)
+        name = describe(mesh) + (f" M={sched.microbatches}" + (f" R={sched.repeats}" if sched.repeats > 1 else "")
+                                 if sched else "")
+        bubble = f"{sched.bubble_fraction:.1%}" if sched else "-"
+        print(f"{name:<44}{bubble:>8}{ms:9.1f}{mem.argument_size_in_bytes / 2**20:9.2f}"
+              f"{mem.temp_size_in_bytes / 2**20:9.2f}{peak_mb(mem):9.2f}{traffic['collective-permute']:11.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/tiny_moe.yaml")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--pipeline", action="store_true", help="compare pipeline schedules instead of layouts")
     a = p.parse_args()
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {a.config}")
+    if a.pipeline:
+        return pipeline_table(a.config, a.steps)
     print(f"{'layout':<32}{'step ms':>9}{'temp MB/dev':>13}{'args MB/dev':>13}  collectives MB (HLO)")
     for layout in LAYOUTS:
         cfg = load_config(a.config, layout + ["data.batch_size=8", "model.dtype=float32"])
         try:
-            mesh = build_mesh(cfg)
+            build_mesh(cfg)
         except Exception as e:  # noqa: BLE001 - a layout this device count cannot hold
             print(f"{' '.join(layout):<32} skipped: {e}")
             continue
-        tx = make_optimizer(cfg.optimizer, 100)
-        graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
-        rng = np.random.default_rng(0)
-        s = cfg.data.seq_len
-        ids = rng.integers(3, cfg.model.vocab_size, (1, cfg.data.batch_size, s + 1)).astype(np.int32)
-        batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-                 "loss_mask": np.ones((1, cfg.data.batch_size, s), np.float32)}
-        batch = {k: jax.device_put(v, batch_sharding(mesh, 3, 1)) for k, v in batch.items()}
-        step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh)
-        compiled = step.lower(state, batch).compile()
-        mem = compiled.memory_analysis()
-        traffic = collective_bytes(compiled.as_text())
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        ms = (time.perf_counter() - t0) / a.steps * 1e3
+        ms, mem, traffic, mesh = measure(cfg, a.steps)
         temp = getattr(mem, "temp_size_in_bytes", 0) / 2**20
         args = getattr(mem, "argument_size_in_bytes", 0) / 2**20
         comm = ", ".join(f"{k} {v:.1f}" for k, v in traffic.items() if v)

@@ -21,6 +21,7 @@ pipelined weights over the pipeline axis per step to regroup them by stage).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,6 +60,21 @@ def schedule_for(cfg) -> Schedule | None:
     if stages <= 1:
         return None
     return Schedule(stages, cfg.pipeline.microbatches or stages, cfg.pipeline.repeats)
+
+
+def check_pipeline_batch(cfg, mesh) -> None:
+    """Each microbatch must split evenly over the batch axes a stage uses."""
+    from ernie_jax.errors import ConfigError
+    from ernie_jax.parallel.mesh import stage_batch_axes
+    sched = schedule_for(cfg)
+    if sched is None:
+        return
+    per_stage = math.prod(mesh.shape[a] for a in stage_batch_axes(mesh))
+    micro = cfg.data.batch_size // sched.microbatches
+    if micro % per_stage:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} / pipeline.microbatches={sched.microbatches} = "
+                          f"{micro} rows per microbatch, not divisible by mesh data x fsdp x expert = {per_stage}; "
+                          f"use fewer microbatches or a larger batch")
 
 
 def _mesh_has_pipeline() -> bool:

@@ -24,6 +24,7 @@ from ernie_jax.errors import CheckpointError, ConfigError, DataError
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, describe
+from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
 from ernie_jax.trainers.state import init_opt_state, init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
 
@@ -260,7 +261,8 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     mesh = build_mesh(cfg)
     if cfg.data.batch_size % data_parallel_size(mesh):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
-                          f"{data_parallel_size(mesh)} (mesh data x fsdp x expert)")
+                          f"{data_parallel_size(mesh)} (mesh data x fsdp x expert x pipeline)")
+    check_pipeline_batch(cfg, mesh)
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
     if task.reference == "copy":
@@ -293,6 +295,8 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     devices = jax.devices()
     console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
                 f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
+    if schedule_for(cfg) is not None:
+        console.say(schedule_for(cfg).describe())
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
                 f"{task.description}")
     logs = "" if not log_dir else f", metrics to {os.path.abspath(log_dir)}"
@@ -349,6 +353,8 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         if start >= cfg.train.steps and task.eval_batches is not None:
             # resumed after the last step (e.g. a stage whose summary was not written): report its eval
             last = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
+            writer.write(step_offset + start, {**last, **tags})
+            console.say(f"eval @ {start} (resumed at the end): loss {last['eval_loss']:.4f}")
         if flag.stop:
             ckpt.wait()
             console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")

@@ -93,10 +93,21 @@ def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
 
 
 def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
-    """Moments follow the param shardings; leaves XLA left on one device (counters) are replicated."""
+    """Moments take the sharding of the param they mirror (ZeRO: optimizer state split like the
+    params, not left to XLA, which replicates zeros); other leaves (counters) are replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-                        else jax.device_put(x, replicated), jax.jit(tx.init)(params))
+    by_path = {tuple(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(params)
+               if isinstance(x.sharding, NamedSharding)}
+
+    def sharding_of(path, leaf):
+        for k in range(len(path)):
+            s = by_path.get(tuple(path[k:]))
+            if s is not None and len(s.spec) <= leaf.ndim:
+                return s
+        return replicated
+    abstract = jax.eval_shape(tx.init, params)
+    shardings = jax.tree_util.tree_map_with_path(sharding_of, abstract)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def init_train_state(cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,

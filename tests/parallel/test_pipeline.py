@@ -100,10 +100,14 @@ def test_bad_pipeline_config(overrides, message):
         load_config("configs/tiny_moe.yaml", BASE + overrides)
 
 
+slow = pytest.mark.slow
+
+
 @pytest.mark.parametrize("layers, pipe", [
-    (5, ["mesh.pipeline=2", "pipeline.microbatches=4"]),
+    pytest.param(5, ["mesh.pipeline=2", "pipeline.microbatches=4"], marks=slow),
     (5, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=4"]),
-    (7, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=3", "pipeline.microbatches=2"]),
+    pytest.param(7, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=3",
+                     "pipeline.microbatches=2"], marks=slow),
 ])
 def test_schedule_on_one_device_equals_unpipelined(layers, pipe):
     cfg = load_config("configs/tiny_moe.yaml", BASE + [f"model.num_layers={layers}"] + pipe)
@@ -118,17 +122,19 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devic
 @needs8
 @pytest.mark.parametrize("config, layers, layout", [
     # 4 devices
-    ("tiny_moe", 5, ["mesh.pipeline=4", "mesh.data=1", "pipeline.microbatches=4"]),
+    pytest.param("tiny_moe", 5, ["mesh.pipeline=4", "mesh.data=1", "pipeline.microbatches=4"], marks=slow),
     ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "pipeline.schedule=circular", "pipeline.repeats=2",
                      "pipeline.microbatches=2"]),
     ("tiny_dense", 4, ["mesh.pipeline=2", "mesh.expert=1", "mesh.data=2", "pipeline.microbatches=2"]),
     # 8 devices
-    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"]),
+    pytest.param("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"],
+                 marks=slow),
     ("tiny_moe", 9, ["mesh.pipeline=2", "mesh.data=1", "mesh.expert=4", "pipeline.schedule=circular",
                      "pipeline.repeats=2", "pipeline.microbatches=2", "moe.transport=all_to_all"]),
-    ("tiny_moe", 5, ["mesh.pipeline=4", "mesh.data=2", "pipeline.microbatches=4"]),
-    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.data=1", "pipeline.schedule=circular",
-                     "pipeline.repeats=2", "pipeline.microbatches=2", "moe.transport=allgather"]),
+    pytest.param("tiny_moe", 5, ["mesh.pipeline=4", "mesh.data=2", "pipeline.microbatches=4"], marks=slow),
+    pytest.param("tiny_moe", 5, ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.data=1",
+                                 "pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=2",
+                                 "moe.transport=allgather"], marks=slow),
 ])
 def test_sharded_pipeline_equals_unpipelined(config, layers, layout):
     base = BASE + [f"model.num_layers={layers}"]
