@@ -19,6 +19,7 @@ from ernie_jax.model.attention import Attention, attention_mask
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
+from ernie_jax.parallel.mesh import constrain_batch
 from ernie_jax.parallel.pipeline import pipeline_apply, schedule_for
 from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
@@ -116,10 +117,12 @@ def _stack(n: int, make, rngs: nnx.Rngs):
     return create(rngs)
 
 
-def _scan_layers(stack, x, ctx, m):
-    """Apply a stacked DecoderLayer (or unit) over its leading axis with nnx.scan."""
+def _scan_layers(stack, x, ctx, m, in_stage: bool = False):
+    """Apply a stacked DecoderLayer (or unit) over its leading axis with nnx.scan; the residual
+    stream is pinned batch-sharded at each block boundary (inside a pipeline stage: over the
+    batch axes other than `pipeline`)."""
     def apply(layer, x, ctx):
-        return layer(x, *ctx)
+        return layer(constrain_batch(x, in_stage), *ctx)
     if m.remat != "none":
         apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
 
@@ -134,13 +137,14 @@ class MoEUnit(nnx.Module):
 
     def __init__(self, cfg: Config, dense_per_unit: int, *, rngs: nnx.Rngs):
         self.model_cfg = cfg.model
+        self.in_stage = schedule_for(cfg) is not None   # units are the pipelined stack when there is one
         self.dense = _stack(dense_per_unit, lambda r: DecoderLayer(cfg, False, rngs=r), rngs) \
             if dense_per_unit else None
         self.moe = DecoderLayer(cfg, True, rngs=rngs)
 
     def __call__(self, x, angles, mask, token_mask, modality):
         if self.dense is not None:
-            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask, modality), self.model_cfg)
+            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask, modality), self.model_cfg, self.in_stage)
         return self.moe(x, angles, mask, token_mask, modality)
 
 
@@ -152,7 +156,7 @@ class MTPLayer(nnx.Module):
         pd = _dtype(m.param_dtype)
         self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
-        self.linear_proj = Linear(2 * m.hidden_size, m.hidden_size, axes=("mlp", "embed"), rngs=rngs,
+        self.linear_proj = Linear(2 * m.hidden_size, m.hidden_size, axes=("concat", "embed"), rngs=rngs,
                                   std=m.init_std, dtype=_dtype(m.dtype), param_dtype=pd,
                                   dot_general=linear_dot_general(cfg))
         self.block = DecoderLayer(cfg, False, rngs=rngs)
@@ -231,7 +235,8 @@ class ErnieForCausalLM(nnx.Module):
         sched = schedule_for(self.cfg) if pipelined else None
         if sched is None:
             return _scan_layers(stack, x, ctx, m)
-        return pipeline_apply(stack, x, ctx, lambda chunk, x_mb, ctx_mb: _scan_layers(chunk, x_mb, ctx_mb, m), sched)
+        return pipeline_apply(stack, x, ctx, lambda chunk, x_mb, ctx_mb: _scan_layers(chunk, x_mb, ctx_mb, m, True),
+                              sched)
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch."""
@@ -249,9 +254,9 @@ class ErnieForCausalLM(nnx.Module):
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
         def body(h, layer, emb, ctx):
             out = layer(h, emb, *ctx)
-            return out, self.head(out)
-        _, logits = body(h, self.mtp, embs, ctx)
-        return logits
+            return out, out
+        _, hidden = body(h, self.mtp, embs, ctx)   # [D,B,S,H]; the head stays out of the scan
+        return self.head(hidden)
 
 
 def _summarise_router_stats(stats):

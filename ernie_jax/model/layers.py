@@ -84,7 +84,7 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("bsh,vh->bsv", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum("...h,vh->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
 
 
 class SwiGLU(nnx.Module):

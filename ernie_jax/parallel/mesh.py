@@ -31,6 +31,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "kv_heads": ("tensor",),
     "exp": ("expert",),
     "norm": (),
+    # MTP's [emb; h] input dim: splitting a concatenated dim over `tensor` made XLA's partitioner
+    # compute wrong values under autodiff (seen with data x tensor + block constraints); 2H x H is small
+    "concat": (),
 }
 
 
@@ -138,3 +141,16 @@ def stage_batch_axes(mesh) -> tuple[str, ...]:
 
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"
+
+
+def constrain_batch(x, in_stage: bool = False):
+    """Pin activations [B, ...] batch-sharded (other dims left to XLA) under the mesh set with
+    `jax.set_mesh`; a no-op without one. `in_stage`: inside a pipeline stage, where `pipeline`
+    is the stage axis and the batch splits over the other axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "pipeline" not in mesh.axis_names:
+        return x
+    axes = stage_batch_axes(mesh) if in_stage else tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes, *([P.UNCONSTRAINED] * (x.ndim - 1))))

@@ -126,7 +126,8 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devic
     ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "pipeline.schedule=circular", "pipeline.repeats=2",
                      "pipeline.microbatches=2"]),
     ("tiny_dense", 4, ["mesh.pipeline=2", "mesh.expert=1", "mesh.data=2", "pipeline.microbatches=2"]),
-    # 8 devices
+    # 8 devices (with tensor: MTP's concatenated input once met an XLA partitioner bug here)
+    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.tensor=2", "pipeline.microbatches=2"]),
     pytest.param("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"],
                  marks=slow),
     ("tiny_moe", 9, ["mesh.pipeline=2", "mesh.data=1", "mesh.expert=4", "pipeline.schedule=circular",
