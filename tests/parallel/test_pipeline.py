@@ -23,7 +23,8 @@ def _batch(cfg):
     seg[1, 10:] = 2   # a packed row
     seg[2, 12:] = 0   # padding
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "segment_ids": seg,
-            "loss_mask": (seg > 0).astype(np.float32)}
+            "loss_mask": (seg > 0).astype(np.float32),
+            "modality": (ids[:, :-1] % 3 == 0).astype(np.int32)}   # used by heterogeneous (VL) layers
 
 
 def _params(cfg):
@@ -40,8 +41,9 @@ def _reference(cfg, microbatches):
 
     def loss(params):
         model = nnx.merge(graphdef, params, rest)
-        ids, seg = (to_microbatches(jnp.asarray(batch[k]), microbatches) for k in ("input_ids", "segment_ids"))
-        outs = [model(ids[i], segment_ids=seg[i]) for i in range(microbatches)]
+        ids, seg, mod = (to_microbatches(jnp.asarray(batch[k]), microbatches)
+                         for k in ("input_ids", "segment_ids", "modality"))
+        outs = [model(ids[i], segment_ids=seg[i], modality=mod[i]) for i in range(microbatches)]
         stack = lambda f: from_microbatches(jnp.stack([f(o) for o in outs]))   # noqa: E731
         mtp = None
         if outs[0].mtp_logits is not None:
@@ -63,7 +65,8 @@ def _pipelined(cfg, mesh=None):
         batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
 
     def loss(params):
-        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], segment_ids=batch["segment_ids"])
+        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], segment_ids=batch["segment_ids"],
+                                                 modality=batch["modality"])
         return lm_objective(out, batch, cfg)[0]
     if mesh is None:
         return jax.jit(jax.value_and_grad(loss))(params)
@@ -143,6 +146,17 @@ def test_sharded_pipeline_equals_unpipelined(config, layers, layout):
     mesh = build_mesh(cfg, jax.devices()[:_devices(cfg)])
     ref = _reference(load_config(f"configs/{config}.yaml", base), schedule_for(cfg).microbatches)
     _assert_close(_pipelined(cfg, mesh), ref)
+
+
+@needs8
+def test_heterogeneous_layers_pipelined():
+    """Text and vision expert groups inside the stages, expert-parallel, circular schedule."""
+    base = BASE + ["model.num_layers=5", "moe.vision_num_experts=8", "moe.vision_intermediate_size=64"]
+    cfg = load_config("configs/tiny_moe.yaml", base + [
+        "mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.schedule=circular", "pipeline.repeats=2",
+        "pipeline.microbatches=2", "moe.transport=all_to_all"])
+    ref = _reference(load_config("configs/tiny_moe.yaml", base), 2)
+    _assert_close(_pipelined(cfg, build_mesh(cfg)), ref)
 
 
 def _devices(cfg):
