@@ -51,8 +51,8 @@ def test_capacity_equals_dropless_with_room_and_grads_match():
         return jnp.sum(jnp.sin(y))
     np.testing.assert_allclose(a(x, mask)[0], b(x, mask)[0], atol=1e-5)
     ga, gb = nnx.grad(loss)(a), nnx.grad(loss)(b)
-    for la, lb in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(la, lb, atol=1e-5)
+    for la, lb in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):   # fp32, summed in another order
+        np.testing.assert_allclose(la, lb, atol=1e-5 * max(1.0, float(jnp.abs(lb).max())))
 
 
 def test_capacity_drops_count_and_shared_still_applies():
