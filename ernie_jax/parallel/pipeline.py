@@ -151,9 +151,10 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Cal
         if r_ > 1:
             loop_buf = loop_buf.at[m_last].set(jnp.where(v_last, last, loop_buf[m_last]))
         outputs = outputs.at[m_last].set(jnp.where(v_last & (r_last == r_ - 1), last, outputs[m_last]))
-        hit = jax.nn.one_hot(rep, r_, dtype=jnp.float32) * valid[:, None]          # [S, R]
+        hit = (rep[:, None] == jnp.arange(r_)) & valid[:, None]                     # [S, R]
+        # `where`, not a product: a bubble stage's statistics must not leak in, even as inf/NaN
         stats_acc = jax.tree.map(
-            lambda acc, v: acc + (hit.reshape(hit.shape + (1,) * (v.ndim - 1)) * v[:, None]).astype(acc.dtype),
+            lambda acc, v: acc + jnp.where(hit.reshape(hit.shape + (1,) * (v.ndim - 1)), v[:, None], 0).astype(acc.dtype),
             stats_acc, stats)
         state = _constrain(jnp.roll(out, 1, axis=0), "stage", "batch")
         return (state, loop_buf, outputs, stats_acc), None
