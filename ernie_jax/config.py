@@ -501,9 +501,9 @@ def _validate_pipeline(cfg: Config) -> None:
     from ernie_jax.model.ernie import layer_plan   # the pipelined stack: MoE units, else all layers
     plan = layer_plan(cfg)
     size, what = (plan.num_units, "MoE units") if plan.num_units else (plan.num_prefix, "layers")
-    _require(size % (stages * pp.repeats) == 0,
-             f"the {size} pipelined {what} are not divisible by mesh.pipeline x pipeline.repeats = "
-             f"{stages} x {pp.repeats}; change model.num_layers, mesh.pipeline or pipeline.repeats")
+    _require(size >= stages * pp.repeats,
+             f"the {size} pipelined {what} are fewer than mesh.pipeline x pipeline.repeats = "
+             f"{stages} x {pp.repeats} chunks; use fewer stages or repeats")
     _require(cfg.data.batch_size % micro == 0,
              f"data.batch_size={cfg.data.batch_size} is not divisible by pipeline.microbatches={micro}")
     _require(cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",

@@ -117,19 +117,26 @@ def _stack(n: int, make, rngs: nnx.Rngs):
     return create(rngs)
 
 
-def _scan_layers(stack, x, ctx, m, in_stage: bool = False):
+def _scan_layers(stack, x, ctx, m, in_stage: bool = False, active: jax.Array | None = None):
     """Apply a stacked DecoderLayer (or unit) over its leading axis with nnx.scan; the residual
     stream is pinned batch-sharded at each block boundary (inside a pipeline stage: over the
-    batch axes other than `pipeline`)."""
+    batch axes other than `pipeline`). `active` [L] bool: False layers pass x through and report
+    zero statistics (padding units of uneven pipeline stages)."""
     def apply(layer, x, ctx):
         return layer(constrain_batch(x, in_stage), *ctx)
     if m.remat != "none":
         apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
+    if active is None:
+        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
+        def body(x, layer, ctx):
+            return apply(layer, x, ctx)
+        return body(x, stack, ctx)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
-    def body(x, layer, ctx):
-        return apply(layer, x, ctx)
-    return body(x, stack, ctx)
+    @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0))
+    def masked(x, layer, ctx, on):
+        y, stats = apply(layer, x, ctx)
+        return jnp.where(on, y, x), jax.tree.map(lambda v: jnp.where(on, v, jnp.zeros_like(v)), stats)
+    return masked(x, stack, ctx, active)
 
 
 class MoEUnit(nnx.Module):
@@ -235,8 +242,8 @@ class ErnieForCausalLM(nnx.Module):
         sched = schedule_for(self.cfg) if pipelined else None
         if sched is None:
             return _scan_layers(stack, x, ctx, m)
-        return pipeline_apply(stack, x, ctx, lambda chunk, x_mb, ctx_mb: _scan_layers(chunk, x_mb, ctx_mb, m, True),
-                              sched)
+        return pipeline_apply(stack, x, ctx, lambda chunk, x_mb, ctx_mb, active: _scan_layers(
+            chunk, x_mb, ctx_mb, m, True, active), sched)
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch."""

@@ -108,10 +108,9 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
     for path, var in entries:
         axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None
         shape = tuple(var.shape) if hasattr(var, "shape") else tuple(var[...].shape)
-        layer_axis = "pipeline" if path[0] == staged else None
-        if layer_axis and shape[0] % mesh.shape["pipeline"]:
-            raise ConfigError(f"{'.'.join(map(str, path))}: {shape[0]} stacked layers do not split over "
-                              f"mesh.pipeline={mesh.shape['pipeline']}")
+        # the layer axis goes to the stages when it splits evenly; otherwise (uneven stages) the
+        # stack is split over `pipeline` like FSDP and regrouped by stage inside the step
+        layer_axis = "pipeline" if path[0] == staged and shape[0] % mesh.shape["pipeline"] == 0 else None
         spec = logical_to_spec(tuple(axes or ()), shape, mesh, layer_axis) if axes or layer_axis else P()
         flat[path] = NamedSharding(mesh, spec)
     out: dict = {}

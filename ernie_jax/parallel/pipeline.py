@@ -3,6 +3,8 @@
 The pipelined stack (leading axis U, in global layer order) is viewed as [R, S, L, ...]: R repeats,
 S stages, L units per chunk; chunk c = r*S + s holds units c*L .. c*L+L-1 and runs on stage s, so
 every microbatch visits stage 0..S-1 R times and meets the chunks in layer order. GPipe is R = 1.
+When R*S does not divide U (27 MoE units of 21B-A3B on 4 stages), the stack is padded at the end
+with units that pass their input through (L = ceil(U / (R*S))).
 
 The batch is split into M microbatches (rows m, m+M, m+2M, ... form microbatch m, so each one is
 spread over the data axes). Work item k = r*M + m (microbatch m in repeat r) is on stage s at
@@ -21,6 +23,7 @@ pipelined weights over the pipeline axis per step to regroup them by stage).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -48,10 +51,15 @@ class Schedule:
         """Share of stage-iterations spent idle: (S - 1) / (R*M + S - 1)."""
         return (self.stages - 1) / self.iterations
 
-    def describe(self) -> str:
+    def describe(self, units: int | None = None) -> str:
         kind = "gpipe" if self.repeats == 1 else f"circular x{self.repeats}"
-        return (f"pipeline {kind}: {self.stages} stages, {self.microbatches} microbatches, "
+        text = (f"pipeline {kind}: {self.stages} stages, {self.microbatches} microbatches, "
                 f"{self.iterations} iterations, bubble {self.bubble_fraction:.1%}")
+        chunks = self.stages * self.repeats
+        if units is not None and units % chunks:
+            per = -(-units // chunks)
+            text += f"; {units} units in chunks of {per}, {per * chunks - units} pass-through padding"
+        return text
 
 
 def schedule_for(cfg) -> Schedule | None:
@@ -113,27 +121,31 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Cal
     s_, m_, r_ = sched.stages, sched.microbatches, sched.repeats
     graphdef, weights = nnx.split(stack)
     units = jax.tree.leaves(weights)[0].shape[0]
-    per_chunk = units // (s_ * r_)
+    per_chunk = -(-units // (s_ * r_))
+    padded = per_chunk * s_ * r_      # uneven stages: trailing padding units that pass x through
 
     def by_stage(w):   # [U, ...] -> [S, R, L, ...], stage axis on the pipeline devices
+        if padded > units:
+            w = jnp.concatenate([w, jnp.zeros((padded - units, *w.shape[1:]), w.dtype)])
         w = w.reshape(r_, s_, per_chunk, *w.shape[1:]).swapaxes(0, 1)
         return _constrain(w, "stage")
     weights = jax.tree.map(by_stage, weights)
+    active = by_stage(jnp.ones((units,), bool)) if padded > units else None
 
     # every stage may need any microbatch: gathered over the pipeline axis, split over the others
     xs = _constrain(to_microbatches(x, m_), None, "batch")        # [M, mb, ...]
     ctxs = tuple(_constrain(to_microbatches(c, m_), None, "batch") for c in ctx)
 
-    def stage(w, r, x_mb, ctx_mb):
+    def stage(w, on, r, x_mb, ctx_mb):
         chunk = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], w))
-        return apply_chunk(chunk, x_mb, ctx_mb)
+        return apply_chunk(chunk, x_mb, ctx_mb, None if on is None else on[r])
     spmd = PIPELINE_AXIS if _mesh_has_pipeline() else None
-    run_stages = jax.vmap(stage, in_axes=(0, 0, 0, 0), spmd_axis_name=spmd)
+    run_stages = functools.partial(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0), spmd_axis_name=spmd), weights, active)
 
     stage_ids = jnp.arange(s_)
     ctx_at = lambda m: tuple(jnp.take(c, m, axis=0) for c in ctxs)   # noqa: E731  [S, mb, ...]
     state0 = _constrain(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
-    _, stats_shape = jax.eval_shape(run_stages, weights, jnp.zeros((s_,), jnp.int32), state0,
+    _, stats_shape = jax.eval_shape(run_stages, jnp.zeros((s_,), jnp.int32), state0,
                                     ctx_at(jnp.zeros((s_,), jnp.int32)))
     stats0 = jax.tree.map(lambda a: jnp.zeros((s_, r_) + a.shape[1:], a.dtype), stats_shape)
 
@@ -145,7 +157,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Cal
         mb, rep = kc % m_, kc // m_
         first = xs[mb[0]] if r_ == 1 else jnp.where(rep[0] == 0, xs[mb[0]], loop_buf[mb[0]])  # fresh or looped
         state = state.at[0].set(first)
-        out, stats = run_stages(weights, rep, state, ctx_at(mb))
+        out, stats = run_stages(rep, state, ctx_at(mb))
         out = _constrain(out, "stage", "batch")
         last, m_last, r_last, v_last = out[-1], mb[-1], rep[-1], valid[-1]
         if r_ > 1:
@@ -163,6 +175,6 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Cal
     carry = (state0, loop_buf, jnp.zeros_like(xs), stats0)
     (_, _, outputs, stats_acc), _ = jax.lax.scan(iteration, carry, jnp.arange(sched.iterations))
     # [S, R, L, ...] -> [R, S, L, ...] -> [U, ...]: chunk r*S + s, i.e. global layer order
-    stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(units, *a.shape[3:]), stats_acc)
+    stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(padded, *a.shape[3:])[:units], stats_acc)
     stats = {k: v / m_ if k.endswith("_loss") else v for k, v in stats.items()}
     return _constrain(from_microbatches(outputs), "all_batch"), stats

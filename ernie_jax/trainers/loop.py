@@ -296,7 +296,9 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
                 f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
     if schedule_for(cfg) is not None:
-        console.say(schedule_for(cfg).describe())
+        from ernie_jax.model.ernie import layer_plan
+        plan = layer_plan(cfg)
+        console.say(schedule_for(cfg).describe(plan.num_units or plan.num_prefix))
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
                 f"{task.description}")
     logs = "" if not log_dir else f", metrics to {os.path.abspath(log_dir)}"

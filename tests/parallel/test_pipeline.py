@@ -91,7 +91,7 @@ def test_schedule_bubble():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mesh.pipeline=2"], "the 3 pipelined MoE units are not divisible by mesh.pipeline x pipeline.repeats = 2 x 1"),
+    (["mesh.pipeline=4"], "the 3 pipelined MoE units are fewer than mesh.pipeline x pipeline.repeats = 4 x 1"),
     (["model.num_layers=5", "mesh.pipeline=2", "pipeline.repeats=2"], "needs pipeline.schedule=circular"),
     (["model.num_layers=5", "mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2",
       "pipeline.microbatches=1"], "must be >= mesh.pipeline=2 for the circular schedule"),
@@ -110,6 +110,10 @@ slow = pytest.mark.slow
     pytest.param(5, ["mesh.pipeline=2", "pipeline.microbatches=4"], marks=slow),
     (5, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=4"]),
     pytest.param(7, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=3",
+                     "pipeline.microbatches=2"], marks=slow),
+    # uneven stages: 3 MoE units on 2 stages (like 27 units of 21B-A3B on 4), padded with a pass-through
+    (4, ["mesh.pipeline=2", "pipeline.microbatches=2"]),
+    pytest.param(4, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2",
                      "pipeline.microbatches=2"], marks=slow),
 ])
 def test_schedule_on_one_device_equals_unpipelined(layers, pipe):
@@ -131,6 +135,8 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devic
     ("tiny_dense", 4, ["mesh.pipeline=2", "mesh.expert=1", "mesh.data=2", "pipeline.microbatches=2"]),
     # 8 devices (with tensor: MTP's concatenated input once met an XLA partitioner bug here)
     ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.tensor=2", "pipeline.microbatches=2"]),
+    # uneven: 3 units over 2 stages; the stack is stored FSDP-split over `pipeline` and regrouped
+    ("tiny_moe", 4, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"]),
     pytest.param("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"],
                  marks=slow),
     ("tiny_moe", 9, ["mesh.pipeline=2", "mesh.data=1", "mesh.expert=4", "pipeline.schedule=circular",
