@@ -113,8 +113,8 @@ slow = pytest.mark.slow
                      "pipeline.microbatches=2"], marks=slow),
     # uneven stages: 3 MoE units on 2 stages (like 27 units of 21B-A3B on 4), padded with a pass-through
     (4, ["mesh.pipeline=2", "pipeline.microbatches=2"]),
-    pytest.param(4, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2",
-                     "pipeline.microbatches=2"], marks=slow),
+    pytest.param(6, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2",
+                     "pipeline.microbatches=2"], marks=slow),   # 5 units in 4 chunks of 2
 ])
 def test_schedule_on_one_device_equals_unpipelined(layers, pipe):
     cfg = load_config("configs/tiny_moe.yaml", BASE + [f"model.num_layers={layers}"] + pipe)
