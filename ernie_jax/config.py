@@ -447,8 +447,6 @@ def validate(cfg: Config) -> None:
         _require(e.vision_num_experts > 0, "vision.enabled needs vision experts: set moe.vision_num_experts")
     if cfg.precision.fp8 != "off" and cfg.precision.fp8_recipe == "delayed":
         _require(cfg.precision.fp8_amax_history >= 1, "precision.fp8_amax_history must be >= 1")
-        _require(e.transport == "auto", "precision.fp8_recipe=delayed does not run inside the expert-parallel "
-                                         "transports yet; use moe.transport=auto or fp8_recipe=current|blockwise")
     for name in cfg.train.freeze:
         _require(name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}")
     o = cfg.optimizer

@@ -19,18 +19,29 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ernie_jax.model.moe import assignment_slots, combine, dispatch, expert_capacity, swiglu_experts
+from ernie_jax.precision.fp8 import BoundExperts, ShardedBoundExperts
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
 def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh, fp8=None):
-    """x [T,H], idx/weights [T,K], mask [T], kernels ([E,H,I],[E,H,I],[E,I,H]) -> (y [T,H], kept [T,K])."""
+    """x [T,H], idx/weights [T,K], mask [T], kernels ([E,H,I],[E,H,I],[E,I,H]) -> (y [T,H], kept [T,K]).
+    `fp8`: current/blockwise quantizers, or a delayed-scaling group bound to its amax history, which
+    then enters the shard_map as a replicated input (its cotangent carries the amaxes out)."""
     batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
     tok2, tok1, exp = P(batch, None), P(batch), P("expert", None, None)
     local = _all_to_all_local if cfg.transport == "all_to_all" else _allgather_local
     fn = functools.partial(local, num_experts=cfg.num_experts, top_k=cfg.top_k, factor=cfg.capacity_factor,
-                           ep=mesh.shape["expert"], fp8=fp8)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp),
+                           ep=mesh.shape["expert"])
+    if isinstance(fp8, BoundExperts):
+        axes, devices = tuple(mesh.axis_names), mesh.size
+
+        def with_history(*args):
+            *arrays, hist = args
+            return fn(*arrays, fp8=ShardedBoundExperts(hist, axes, devices))
+        return jax.shard_map(with_history, mesh=mesh, in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp, P()),
+                             out_specs=(tok2, tok2), check_vma=False)(x, idx, weights, mask, *kernels, fp8.hist)
+    return jax.shard_map(functools.partial(fn, fp8=fp8), mesh=mesh, in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp),
                          out_specs=(tok2, tok2), check_vma=False)(x, idx, weights, mask, *kernels)
 
 

@@ -212,6 +212,61 @@ class BoundExperts:
         return lambda y: grad_e5m2_delayed(y, self.hist[DelayedFp8.OUT0 + i])
 
 
+class ShardedBoundExperts(BoundExperts):
+    """The quantizers used inside an expert-parallel `shard_map`: every device scales with the amax
+    over all devices (pmax over `axes`), so the result equals the single-device run, and reports
+    amax / `devices` because shard_map sums a replicated input's cotangent over all devices."""
+
+    def __init__(self, hist: jax.Array, axes: tuple[str, ...], devices: int):
+        super().__init__(hist)
+        self.axes, self.devices = axes, devices
+
+    def act_for(self, i: int):
+        return lambda x: qdq_delayed_sharded(x, self.hist[DelayedFp8.ACT_X + i], self.axes, self.devices)
+
+    def out_for(self, i: int):
+        return lambda y: grad_e5m2_delayed_sharded(y, self.hist[DelayedFp8.OUT0 + i], self.axes, self.devices)
+
+
+def _global_amax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.pmax(jnp.max(jnp.abs(x)).astype(jnp.float32), axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def qdq_delayed_sharded(x, hist, axes, devices):
+    return _qdq(x, E4M3, _amax_used(hist, _global_amax(x, axes)))
+
+
+def _qdq_sharded_fwd(x, hist, axes, devices):
+    amax = _global_amax(x, axes)
+    return _qdq(x, E4M3, _amax_used(hist, amax)), (amax, hist)
+
+
+def _qdq_sharded_bwd(axes, devices, res, g):
+    amax, hist = res
+    return g, _slot(amax / devices, hist)
+
+
+qdq_delayed_sharded.defvjp(_qdq_sharded_fwd, _qdq_sharded_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def grad_e5m2_delayed_sharded(y, hist, axes, devices):
+    return y
+
+
+def _grad_sharded_fwd(y, hist, axes, devices):
+    return y, hist
+
+
+def _grad_sharded_bwd(axes, devices, hist, g):
+    amax = _global_amax(g, axes)
+    return _qdq(g, E5M2, _amax_used(hist, amax)), _slot(amax / devices, hist)
+
+
+grad_e5m2_delayed_sharded.defvjp(_grad_sharded_fwd, _grad_sharded_bwd)
+
+
 def update_histories(buffers: dict, amax: dict) -> dict:
     """After the step: roll each Fp8Meta history and put this step's amax (the cotangent's slot 0,
     max over micro-batches) in front. Other buffers pass through."""
