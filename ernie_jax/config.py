@@ -386,128 +386,6 @@ def _coerce(typ: Any, value: Any, key: str) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks; each failure names the key and how to fix it."""
-    m, e = cfg.model, cfg.moe
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "intermediate_size"):
-        _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
-    _require(m.num_heads % m.num_kv_heads == 0,
-             f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (GQA groups)")
-    _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
-    _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
-    _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
-    from ernie_jax.precision.remat import CHECKPOINT_NAMES
-    for n in m.remat_names:
-        _require(n in CHECKPOINT_NAMES, f"model.remat_names: {n!r} is not a checkpoint name; use {CHECKPOINT_NAMES}")
-    _require(m.remat != "named" or m.remat_names, "model.remat=named needs model.remat_names (e.g. [qkv, attn_out])")
-    if e.num_experts:
-        _require(e.num_experts > 0, f"moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)")
-        _require(1 <= e.top_k <= e.num_experts,
-                 f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}")
-        _require(e.intermediate_size > 0, "moe.intermediate_size must be set (> 0) when moe.num_experts > 0")
-        _require(e.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0")
-        _require(e.layer_interval >= 1, f"moe.layer_interval={e.layer_interval} must be >= 1")
-        end = m.num_layers - 1 if e.layer_end == -1 else e.layer_end
-        _require(0 <= e.layer_start < m.num_layers,
-                 f"moe.layer_start={e.layer_start} must be in [0, model.num_layers={m.num_layers})")
-        _require(e.layer_start <= end < m.num_layers,
-                 f"moe.layer_end={e.layer_end} must be -1 or in [moe.layer_start, model.num_layers)")
-        _require(any(is_moe_layer(i, m.num_layers, e) for i in range(m.num_layers)),
-                 "moe.layer_start/layer_end/layer_interval select no MoE layer; widen the range")
-        _require(e.capacity_factor > 0, f"moe.capacity_factor={e.capacity_factor} must be > 0")
-        if e.group_orthogonal:
-            _require(e.num_experts % e.top_k == 0,
-                     f"moe.group_orthogonal needs moe.top_k={e.top_k} to divide moe.num_experts={e.num_experts}")
-    if e.vision_num_experts:
-        _require(e.num_experts > 0, "moe.vision_num_experts needs text experts too (moe.num_experts > 0)")
-        _require(e.vision_intermediate_size > 0,
-                 "moe.vision_intermediate_size must be set (> 0) when moe.vision_num_experts > 0")
-        vk = e.vision_top_k or e.top_k
-        _require(1 <= vk <= e.vision_num_experts,
-                 f"moe.vision_top_k={vk} must be between 1 and moe.vision_num_experts={e.vision_num_experts}")
-        _require(e.vision_capacity_factor >= 0, "moe.vision_capacity_factor must be >= 0 (0 = moe.capacity_factor)")
-    v = cfg.vision
-    if v.enabled:
-        _require(v.hidden_size % v.num_heads == 0,
-                 f"vision.num_heads={v.num_heads} must divide vision.hidden_size={v.hidden_size}")
-        _require((v.hidden_size // v.num_heads) % 4 == 0,
-                 "vision head dim (vision.hidden_size / vision.num_heads) must be a multiple of 4 (2D RoPE)")
-        _require(v.temporal_merge == 2, "vision.temporal_merge must be 2 (the adapter pairs frames)")
-        _require(0 <= v.rope_t_frequencies <= m.head_dim // 2 and (m.head_dim // 2 - v.rope_t_frequencies) % 2 == 0,
-                 f"vision.rope_t_frequencies={v.rope_t_frequencies} must leave an even number of the "
-                 f"{m.head_dim // 2} RoPE frequencies for h/w")
-        _require(e.vision_num_experts > 0, "vision.enabled needs vision experts: set moe.vision_num_experts")
-    if cfg.precision.fp8 != "off" and cfg.precision.fp8_recipe == "delayed":
-        _require(cfg.precision.fp8_amax_history >= 1, "precision.fp8_amax_history must be >= 1")
-    for name in cfg.train.freeze:
-        _require(name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}")
-    o = cfg.optimizer
-    _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
-    _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
-    _require(o.learning_rate >= 0, "optimizer.learning_rate must be >= 0")
-    d = cfg.data
-    _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
-    _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
-    _require(d.seq_len <= m.max_position_embeddings,
-             f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
-    _require(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be > 0")
-    _require(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
-    if d.kind == "multimodal":
-        _require(cfg.vision.enabled, "data.kind=multimodal needs a VL model: set vision.enabled=true (e.g. "
-                                     "configs/tiny_vl.yaml)")
-        _require(d.max_frames >= 2, f"data.max_frames={d.max_frames} must be >= 2 (frames are merged in pairs)")
-        _require(0 < d.image_min_pixels <= d.image_max_pixels,
-                 "data.image_min_pixels must be positive and <= data.image_max_pixels")
-    _require(cfg.train.steps >= 0, "train.steps must be >= 0")
-    _require(cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
-    _require(cfg.log.interval >= 1, "log.interval must be >= 1")
-    names = [st.name for st in cfg.stages]
-    _require(len(set(names)) == len(names), f"stages: names must be unique, got {names}")
-    for st in cfg.stages:
-        _require(st.steps >= 1, f"stages[{st.name}].steps={st.steps} must be >= 1")
-        for src in st.mixture:
-            _require(src.weight > 0, f"stages[{st.name}].mixture: weights must be > 0")
-        stage_config(cfg, st)   # each stage's resolved config must be valid on its own
-    for axis in ("data", "fsdp", "tensor", "expert", "pipeline"):
-        size = getattr(cfg.mesh, axis)
-        _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
-    _validate_pipeline(cfg)
-
-
-def _validate_pipeline(cfg: Config) -> None:
-    pp, stages = cfg.pipeline, cfg.mesh.pipeline
-    _require(stages != -1, "mesh.pipeline=-1 is not allowed: give the number of pipeline stages explicitly")
-    _require(pp.repeats >= 1, f"pipeline.repeats={pp.repeats} must be >= 1")
-    _require(pp.microbatches >= 0, f"pipeline.microbatches={pp.microbatches} must be >= 0 (0 = mesh.pipeline)")
-    _require(pp.schedule == "circular" or pp.repeats == 1,
-             f"pipeline.repeats={pp.repeats} needs pipeline.schedule=circular (gpipe runs each stage once)")
-    if stages == 1:
-        return
-    micro = pp.microbatches or stages
-    _require(pp.schedule == "gpipe" or micro >= stages,
-             f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
-             f"(a microbatch must leave the last stage before it re-enters the first)")
-    from ernie_jax.model.ernie import layer_plan   # the pipelined stack: MoE units, else all layers
-    plan = layer_plan(cfg)
-    size, what = (plan.num_units, "MoE units") if plan.num_units else (plan.num_prefix, "layers")
-    _require(size >= stages * pp.repeats,
-             f"the {size} pipelined {what} are fewer than mesh.pipeline x pipeline.repeats = "
-             f"{stages} x {pp.repeats} chunks; use fewer stages or repeats")
-    _require(cfg.data.batch_size % micro == 0,
-             f"data.batch_size={cfg.data.batch_size} is not divisible by pipeline.microbatches={micro}")
-    _require(cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
-             "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise")
-
-
 FREEZE_GROUPS = ("vit", "adapter", "language_model", "vision_experts")
 
 
@@ -535,3 +413,9 @@ def stage_config(cfg: Config, stage: StageConfig) -> Config:
     except ConfigError as e:
         raise ConfigError(f"stages[{stage.name}]: {e}") from None
     return out
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks (ernie_jax/config_checks.py); each failure names the key and the fix."""
+    from ernie_jax.config_checks import check_config   # that module reads the classes above
+    check_config(cfg)

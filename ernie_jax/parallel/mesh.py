@@ -123,7 +123,7 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
-    batch_axes = tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+    batch_axes = activation_batch_axes(mesh)
     spec = [None] * ndim
     spec[batch_dim] = batch_axes if batch_axes else None
     return NamedSharding(mesh, P(*spec))
@@ -133,9 +133,10 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in LOGICAL_RULES["batch"])
 
 
-def stage_batch_axes(mesh) -> tuple[str, ...]:
-    """Inside the pipeline each stage sees whole microbatches: the batch splits over the other axes."""
-    return tuple(a for a in LOGICAL_RULES["batch"] if a != "pipeline" and mesh.shape[a] > 1)
+def activation_batch_axes(mesh, in_stage: bool = False) -> tuple[str, ...]:
+    """The mesh axes (size > 1) that split an activation's batch dim. Inside a pipeline stage,
+    `pipeline` is the stage axis, so the stage's microbatch splits over the other axes only."""
+    return tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1 and not (in_stage and a == "pipeline"))
 
 
 def describe(mesh: Mesh) -> str:
@@ -149,7 +150,7 @@ def constrain_batch(x, in_stage: bool = False):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "pipeline" not in mesh.axis_names:
         return x
-    axes = stage_batch_axes(mesh) if in_stage else tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+    axes = activation_batch_axes(mesh, in_stage)
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, P(axes, *([P.UNCONSTRAINED] * (x.ndim - 1))))

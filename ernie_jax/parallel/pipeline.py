@@ -33,6 +33,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from ernie_jax.errors import ConfigError
+from ernie_jax.parallel.mesh import activation_batch_axes
+
 PIPELINE_AXIS = "pipeline"
 
 
@@ -72,12 +75,10 @@ def schedule_for(cfg) -> Schedule | None:
 
 def check_pipeline_batch(cfg, mesh) -> None:
     """Each microbatch must split evenly over the batch axes a stage uses."""
-    from ernie_jax.errors import ConfigError
-    from ernie_jax.parallel.mesh import stage_batch_axes
     sched = schedule_for(cfg)
     if sched is None:
         return
-    per_stage = math.prod(mesh.shape[a] for a in stage_batch_axes(mesh))
+    per_stage = math.prod(mesh.shape[a] for a in activation_batch_axes(mesh, in_stage=True))
     micro = cfg.data.batch_size // sched.microbatches
     if micro % per_stage:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} / pipeline.microbatches={sched.microbatches} = "
@@ -96,10 +97,9 @@ def _constrain(x: jax.Array, *lead: str | None) -> jax.Array:
     replicated; later dims are left to XLA."""
     if not _mesh_has_pipeline():
         return x
-    from ernie_jax.parallel.mesh import LOGICAL_RULES, stage_batch_axes
     mesh = jax.sharding.get_abstract_mesh()
-    named = {"stage": PIPELINE_AXIS, "batch": stage_batch_axes(mesh) or None,
-             "all_batch": tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1), None: None}
+    named = {"stage": PIPELINE_AXIS, "batch": activation_batch_axes(mesh, in_stage=True) or None,
+             "all_batch": activation_batch_axes(mesh) or None, None: None}
     spec = P(*(named[d] for d in lead), *([P.UNCONSTRAINED] * (x.ndim - len(lead))))
     return jax.lax.with_sharding_constraint(x, spec)
 

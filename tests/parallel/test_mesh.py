@@ -8,9 +8,9 @@ from jax.sharding import PartitionSpec as P
 
 from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
-from ernie_jax.model.ernie import ErnieForCausalLM
-from ernie_jax.parallel.mesh import batch_sharding, build_mesh, logical_to_spec, mesh_shape, state_shardings
+from ernie_jax.parallel.mesh import batch_sharding, build_mesh, logical_to_spec, mesh_shape
 from ernie_jax.trainers.pretrain import lm_objective
+from tests.parallel.sharded import model_state, place_batch, run
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
@@ -36,31 +36,17 @@ def test_rules_table():
 
 
 def _loss_and_grads(cfg, mesh=None):
-    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.model.vocab_size, (8, 33)).astype(np.int32)
+    graphdef, params, rest = model_state(cfg, mesh)
+    ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 33)).astype(np.int32)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((8, 32), np.float32)}
-    if mesh is not None:
-        _, ap, ab = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-        params = jax.device_put(params, state_shardings(ap, mesh))
-        rest = jax.device_put(rest, state_shardings(ab, mesh))
-        batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
-
-    modality = None
     if cfg.moe.vision_num_experts:   # heterogeneous layers: about a third of the tokens are vision tokens
-        modality = jnp.asarray(ids[:, :-1] % 3 == 0, jnp.int32)
-        if mesh is not None:
-            modality = jax.device_put(modality, batch_sharding(mesh, 2))
+        batch["modality"] = (ids[:, :-1] % 3 == 0).astype(np.int32)
+    batch = place_batch(batch, mesh)
 
     def loss(params):
-        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], modality=modality)
+        out = nnx.merge(graphdef, params, rest)(batch["input_ids"], modality=batch.get("modality"))
         return lm_objective(out, batch, cfg)[0]
-    if mesh is None:
-        return jax.jit(jax.value_and_grad(loss))(params)
-    with jax.set_mesh(mesh):
-        return jax.jit(jax.value_and_grad(loss))(params)
+    return run(jax.value_and_grad(loss), mesh, params)
 
 
 @pytest.mark.parametrize("layout, dispatch", [
@@ -102,27 +88,17 @@ def test_heterogeneous_layer_sharded_equals_single_device(layout):
 
 def _fp8_loss_and_grads(cfg, mesh, seed_history):
     """Loss, param grads and the amax cotangents of the delayed-FP8 histories."""
-    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    graphdef, params, rest = model_state(cfg, mesh)
     if seed_history:   # a history from earlier steps: the scale comes from it, not the current amax
         rest = jax.tree_util.tree_map_with_path(
             lambda p, v: jnp.full_like(v, 3.0).at[..., 1].set(0.5) if "fp8_meta" in jax.tree_util.keystr(p) else v, rest)
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 33)).astype(np.int32)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((8, 32), np.float32)}
-    if mesh is not None:
-        _, ap, ab = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-        params = jax.device_put(params, state_shardings(ap, mesh))
-        rest = jax.device_put(rest, state_shardings(ab, mesh))
-        batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
+    batch = place_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:],
+                         "loss_mask": np.ones((8, 32), np.float32)}, mesh)
 
     def loss(params, rest):
         return lm_objective(nnx.merge(graphdef, params, rest)(batch["input_ids"]), batch, cfg)[0]
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    if mesh is None:
-        return fn(params, rest)
-    with jax.set_mesh(mesh):
-        return fn(params, rest)
+    return run(jax.value_and_grad(loss, argnums=(0, 1)), mesh, params, rest)
 
 
 @pytest.mark.parametrize("transport", ["all_to_all", "allgather"])

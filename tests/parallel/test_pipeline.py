@@ -8,10 +8,11 @@ from flax import nnx
 
 from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
-from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
-from ernie_jax.parallel.mesh import batch_sharding, build_mesh, state_shardings
+from ernie_jax.model.ernie import ModelOutput
+from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.parallel.pipeline import Schedule, from_microbatches, schedule_for, to_microbatches
 from ernie_jax.trainers.pretrain import lm_objective
+from tests.parallel.sharded import model_state, place_batch, run
 
 BATCH, SEQ = 8, 16
 BASE = ["model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0", f"data.batch_size={BATCH}"]
@@ -27,16 +28,10 @@ def _batch(cfg):
             "modality": (ids[:, :-1] % 3 == 0).astype(np.int32)}   # used by heterogeneous (VL) layers
 
 
-def _params(cfg):
-    _, params, rest = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-
 def _reference(cfg, microbatches):
     """Unpipelined model on each microbatch (rows i, i+M, ...): router losses averaged, LM loss over
     the whole batch -- what the pipeline computes."""
-    graphdef = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
-    params, rest = _params(cfg)
+    graphdef, params, rest = model_state(cfg)
     batch = _batch(cfg)
 
     def loss(params):
@@ -55,23 +50,14 @@ def _reference(cfg, microbatches):
 
 
 def _pipelined(cfg, mesh=None):
-    graphdef = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[0]
-    params, rest = _params(cfg)
-    batch = _batch(cfg)
-    if mesh is not None:
-        _, ap, ab = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-        params = jax.device_put(params, state_shardings(ap, mesh))
-        rest = jax.device_put(rest, state_shardings(ab, mesh))
-        batch = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
+    graphdef, params, rest = model_state(cfg, mesh)
+    batch = place_batch(_batch(cfg), mesh)
 
     def loss(params):
         out = nnx.merge(graphdef, params, rest)(batch["input_ids"], segment_ids=batch["segment_ids"],
                                                  modality=batch["modality"])
         return lm_objective(out, batch, cfg)[0]
-    if mesh is None:
-        return jax.jit(jax.value_and_grad(loss))(params)
-    with jax.set_mesh(mesh):
-        return jax.jit(jax.value_and_grad(loss))(params)
+    return run(jax.value_and_grad(loss), mesh, params)
 
 
 def _assert_close(got, want):
