@@ -41,6 +41,15 @@ class ModelConfig:
     remat: Literal["none", "full", "dots_saveable", "save_attention_out", "save_qkv_recompute_mlp", "named"] = "none"
     remat_names: tuple[str, ...] = ()  # with remat: named, e.g. [qkv, attn_out, expert_out]
     remat_offload: bool = False  # named activations go to host memory instead of being kept
+    # attention backend (ernie_jax/ops/attention.py): auto = splash on TPU, cudnn on GPU, flash elsewhere;
+    # dense materialises S x S logits (the reference)
+    attention: Literal["auto", "dense", "flash", "cudnn", "splash"] = "auto"
+    attention_block_q: int = 0      # query tile of flash / splash; 0: the backend's default
+    attention_block_kv: int = 0     # key/value tile; 0: the backend's default
+    attention_interpret: bool = False  # run the Pallas kernels (splash, GPU) in interpret mode: any platform, slow
+    # LM head + cross-entropy (and the MTP heads) over chunks of this many positions per sequence
+    # shard, so [B, S, V] logits never exist at once; 0: the whole sequence in one piece
+    logits_chunk: int = 2048
     pad_token_id: int = 0
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -116,6 +125,7 @@ class MeshConfig:
     tensor: int = 1
     expert: int = 1
     pipeline: int = 1
+    context: int = 1   # sequence shards (context parallelism); data.seq_len must divide by 2 x context
 
 
 @dataclass(frozen=True)

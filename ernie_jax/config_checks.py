@@ -94,10 +94,25 @@ def check_config(cfg: Config) -> None:
         for src in st.mixture:
             _require(src.weight > 0, f"stages[{st.name}].mixture: weights must be > 0")
         stage_config(cfg, st)   # each stage's resolved config must be valid on its own
-    for axis in ("data", "fsdp", "tensor", "expert", "pipeline"):
+    for axis in ("data", "fsdp", "context", "tensor", "expert", "pipeline"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
+    _validate_long_context(cfg)
     _validate_pipeline(cfg)
+
+
+def _validate_long_context(cfg: Config) -> None:
+    m, c = cfg.model, cfg.mesh.context
+    _require(c != -1, "mesh.context=-1 is not allowed: give the number of context shards explicitly")
+    _require(cfg.data.seq_len % (2 * c) == 0 or c == 1,
+             f"data.seq_len={cfg.data.seq_len} is not divisible by 2 x mesh.context = {2 * c} (each context "
+             f"shard holds two equal chunks of the sequence); change data.seq_len or mesh.context")
+    for name in ("attention_block_q", "attention_block_kv", "logits_chunk"):
+        _require(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0 (0: the default)")
+    if m.attention == "splash":
+        for name in ("attention_block_q", "attention_block_kv"):
+            _require(getattr(m, name) % 128 == 0,
+                     f"model.{name}={getattr(m, name)} must be a multiple of 128 for splash (TPU lanes)")
 
 
 def _validate_pipeline(cfg: Config) -> None:

@@ -12,13 +12,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from ernie_jax.config import Config, is_moe_layer
-from ernie_jax.model.attention import Attention, attention_mask
+from ernie_jax.model.attention import Attention, attention_spec
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
+from ernie_jax.ops.cross_entropy import chunked_head_cross_entropy
+from ernie_jax.parallel.context import load_balanced_order
 from ernie_jax.parallel.mesh import constrain_batch
 from ernie_jax.parallel.pipeline import pipeline_apply, schedule_for
 from ernie_jax.precision.fp8 import fp8_for
@@ -63,15 +66,29 @@ def _dtype(name: str):
 
 @struct.dataclass
 class ModelOutput:
-    """logits [B,S,V]; router_losses: named scalars summed over MoE layers; expert_load [L_moe,E];
-    mtp_logits [D,B,S,V] or None; hidden [B,S,H] (last hidden state before the final norm)."""
-    logits: jax.Array
+    """logits [B,S,V] (None when the call had labels); router_losses: named scalars summed over MoE
+    layers; expert_load [L_moe,E]; mtp_logits [D,B,S,V] or None; hidden [B,S,H] (last hidden state
+    before the final norm). With labels, the head runs in chunks and only per-token losses come
+    back: label_nll [B,S] (-log p(labels[t])) and mtp_label_nll [D,B,S] (depth d scores labels[t+d+1])."""
+    logits: Any
     router_losses: dict
     expert_load: Any = None
     dropped_fraction: Any = None
     mtp_logits: Any = None
     hidden: Any = None
     vision_expert_load: Any = None   # [L_moe, E_vision] for heterogeneous (VL) layers
+    label_nll: Any = None
+    mtp_label_nll: Any = None
+
+
+@struct.dataclass
+class BlockContext:
+    """What every decoder block reads besides the residual stream; each field is [B,S,...]."""
+    angles: jax.Array                       # [B,S,D/2] RoPE angles
+    token_mask: jax.Array                   # [B,S] bool: real tokens (padding takes no expert slot)
+    modality: jax.Array                     # [B,S] 0 text, 1 vision (heterogeneous MoE routing)
+    segment_ids: jax.Array | None = None    # [B,S] packed documents (None: one per row)
+    token_index: jax.Array | None = None    # [B,S] original positions of reordered tokens (context parallelism)
 
 
 class DecoderLayer(nnx.Module):
@@ -82,7 +99,8 @@ class DecoderLayer(nnx.Module):
         kw = dict(rngs=rngs, std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
                   dot_general=linear_dot_general(cfg))
         self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
-        self.self_attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, **kw)
+        self.self_attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
+                                   spec=attention_spec(m, causal=True), **kw)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
         if moe:
             experts_fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "experts", cfg.precision.fp8_amax_history)
@@ -91,11 +109,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)
         self.is_moe = moe
 
-    def __call__(self, x, angles, mask, token_mask, modality):
-        x = x + self.self_attn(self.input_layernorm(x), angles, mask)
+    def __call__(self, x, ctx: BlockContext):
+        x = x + self.self_attn(self.input_layernorm(x), ctx.angles, ctx.segment_ids, ctx.token_index)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            y, stats = self.mlp(h, token_mask, modality)
+            y, stats = self.mlp(h, ctx.token_mask, ctx.modality)
         else:
             y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
         return x + y, stats
@@ -123,7 +141,7 @@ def _scan_layers(stack, x, ctx, m, in_stage: bool = False, active: jax.Array | N
     batch axes other than `pipeline`). `active` [L] bool: False layers pass x through and report
     zero statistics (padding units of uneven pipeline stages)."""
     def apply(layer, x, ctx):
-        return layer(constrain_batch(x, in_stage), *ctx)
+        return layer(constrain_batch(x, in_stage), ctx)
     if m.remat != "none":
         apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
     if active is None:
@@ -149,10 +167,10 @@ class MoEUnit(nnx.Module):
             if dense_per_unit else None
         self.moe = DecoderLayer(cfg, True, rngs=rngs)
 
-    def __call__(self, x, angles, mask, token_mask, modality):
+    def __call__(self, x, ctx: BlockContext):
         if self.dense is not None:
-            x, _ = _scan_layers(self.dense, x, (angles, mask, token_mask, modality), self.model_cfg, self.in_stage)
-        return self.moe(x, angles, mask, token_mask, modality)
+            x, _ = _scan_layers(self.dense, x, ctx, self.model_cfg, self.in_stage)
+        return self.moe(x, ctx)
 
 
 class MTPLayer(nnx.Module):
@@ -168,9 +186,9 @@ class MTPLayer(nnx.Module):
                                   dot_general=linear_dot_general(cfg))
         self.block = DecoderLayer(cfg, False, rngs=rngs)
 
-    def __call__(self, h, emb, angles, mask, token_mask, modality):
+    def __call__(self, h, emb, ctx: BlockContext):
         u = self.linear_proj(jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1))
-        out, _ = self.block(u, angles, mask, token_mask, modality)
+        out, _ = self.block(u, ctx)
         return out
 
 
@@ -199,26 +217,35 @@ class ErnieForCausalLM(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-                 modality: jax.Array | None = None) -> ModelOutput:
+                 modality: jax.Array | None = None, labels: jax.Array | None = None) -> ModelOutput:
         """input_ids [B,S]; positions [B,S] (default arange) or [B,S,3] (t, h, w: 3D RoPE);
-        segment_ids [B,S] (0 = padding, equal ids attend to each other; default all ones);
+        segment_ids [B,S] (0 = padding, equal ids attend to each other; default one segment);
         inputs_embeds replaces the lookup; modality [B,S] routes 1 = vision tokens to the vision
-        experts of heterogeneous MoE layers (default: all text)."""
+        experts of heterogeneous MoE layers (default: all text); labels [B,S]: return per-token
+        losses from a chunked head instead of logits (the training path)."""
         m = self.cfg.model
         b, s = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, s), jnp.int32)
+        token_mask = jnp.ones((b, s), bool) if segment_ids is None else segment_ids > 0
         if modality is None:
             modality = jnp.zeros((b, s), jnp.int32)
+        mtp_ids = self._mtp_input_ids(input_ids) if self.mtp is not None else None
+        mtp_labels = _shifted_labels(labels, m.mtp_depth) if self.mtp is not None and labels is not None else None
+        order = self._token_order(s)
+        token_index = None
+        if order is not None:   # context parallelism: load-balanced token order, undone on the outputs
+            take = lambda a, axis=1: None if a is None else jnp.take(a, order, axis=axis)  # noqa: E731
+            input_ids, positions, segment_ids, token_mask, modality, inputs_embeds, labels = (
+                take(a) for a in (input_ids, positions, segment_ids, token_mask, modality, inputs_embeds, labels))
+            mtp_ids, mtp_labels = take(mtp_ids, 2), take(mtp_labels, 2)
+            token_index = jnp.broadcast_to(jnp.asarray(order), (b, s))
         if positions.ndim == 3:
             angles = rope_angles_3d(positions, m.head_dim, m.rope_theta, self.cfg.vision.rope_t_frequencies)
         else:
             angles = rope_angles(positions, m.head_dim, m.rope_theta)
-        mask = attention_mask(segment_ids)
-        token_mask = segment_ids > 0
-        ctx = (angles, mask, token_mask, modality)
+        ctx = BlockContext(angles=angles, token_mask=token_mask, modality=modality, segment_ids=segment_ids,
+                           token_index=token_index)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
         pipelined = "units" if self.units is not None else "prefix"
         stats = None
@@ -229,12 +256,30 @@ class ErnieForCausalLM(nnx.Module):
             x, stack_stats = self._run_stack(stack, x, ctx, pipelined=name == pipelined)
             if name == "units":
                 stats = stack_stats
-        logits = self.head(x)
-        mtp_logits = self._mtp(x, input_ids, ctx) if self.mtp is not None else None
+        mtp_hidden = self._mtp(x, mtp_ids, ctx) if self.mtp is not None else None
+        out = self._heads(x, mtp_hidden, labels, mtp_labels)
+        if order is not None:
+            restore = np.argsort(order)
+            out = {k: None if v is None else jnp.take(v, restore, axis=2 if k.startswith("mtp") else 1)
+                   for k, v in out.items()}
         losses, load, dropped = _summarise_router_stats(stats)
-        return ModelOutput(logits=logits, router_losses=losses, expert_load=load, dropped_fraction=dropped,
-                           mtp_logits=mtp_logits, hidden=x,
-                           vision_expert_load=None if not stats else stats.get("vision_expert_load"))
+        return ModelOutput(router_losses=losses, expert_load=load, dropped_fraction=dropped,
+                           vision_expert_load=None if not stats else stats.get("vision_expert_load"), **out)
+
+    def _token_order(self, s: int) -> np.ndarray | None:
+        """The load-balanced token order under context parallelism (static), else None."""
+        return load_balanced_order(s, self.cfg.mesh.context) if self.cfg.mesh.context > 1 else None
+
+    def _heads(self, x, mtp_hidden, labels, mtp_labels) -> dict:
+        """Logits, or (with labels) per-token losses from the chunked head; MTP likewise."""
+        m, shards = self.cfg.model, self.cfg.mesh.context
+        if labels is None:
+            return {"logits": self.head(x), "hidden": x, "label_nll": None, "mtp_label_nll": None,
+                    "mtp_logits": None if mtp_hidden is None else self.head(mtp_hidden)}
+        nll = lambda h, lab: chunked_head_cross_entropy(self.head, h, lab, m.logits_chunk, shards)  # noqa: E731
+        mtp = None if mtp_hidden is None else jnp.stack([nll(mtp_hidden[d], mtp_labels[d])
+                                                         for d in range(m.mtp_depth)])
+        return {"logits": None, "hidden": x, "label_nll": nll(x, labels), "mtp_label_nll": mtp, "mtp_logits": None}
 
     def _run_stack(self, stack, x, ctx, pipelined: bool):
         """One scan over a stack, or the pipeline schedule for the pipelined stack when mesh.pipeline > 1."""
@@ -246,24 +291,34 @@ class ErnieForCausalLM(nnx.Module):
             chunk, x_mb, ctx_mb, m, True, active), sched)
 
     def apply_batch(self, batch: dict) -> ModelOutput:
-        """The trainer's call on a prepared batch."""
-        return self(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+        """The trainer's call on a prepared batch (per-token losses of its labels)."""
+        return self(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                    labels=batch.get("labels"))
 
-    def _mtp(self, h, input_ids, ctx):
-        """Depth d predicts token t+d+2 from h_t and the embedding of token t+d+1 (shifted left)."""
-        depth = self.cfg.model.mtp_depth
-        pad = self.cfg.model.pad_token_id
-        s = input_ids.shape[1]
+    def _mtp_input_ids(self, input_ids):
+        """[D,B,S]: depth d reads the embedding of token t+d+1 (shifted left, padded)."""
+        depth, pad, s = self.cfg.model.mtp_depth, self.cfg.model.pad_token_id, input_ids.shape[1]
         padded = jnp.pad(input_ids, ((0, 0), (0, depth)), constant_values=pad)
-        shifted = jnp.stack([padded[:, d + 1:d + 1 + s] for d in range(depth)])   # [D,B,S]
-        embs = self.embed_tokens(shifted)
+        return jnp.stack([padded[:, d + 1:d + 1 + s] for d in range(depth)])
+
+    def _mtp(self, h, mtp_ids, ctx):
+        """Depth d predicts token t+d+2 from h_t and the embedding of token t+d+1; [D,B,S,H]."""
+        embs = self.embed_tokens(mtp_ids)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
         def body(h, layer, emb, ctx):
-            out = layer(h, emb, *ctx)
+            out = layer(h, emb, ctx)
             return out, out
-        _, hidden = body(h, self.mtp, embs, ctx)   # [D,B,S,H]; the head stays out of the scan
-        return self.head(hidden)
+        _, hidden = body(h, self.mtp, embs, ctx)   # the head stays out of the scan
+        return hidden
+
+
+def _shifted_labels(labels, depth: int):
+    """[D,B,S]: MTP depth d at position t is scored on labels[t+d+1] (0 past the end; the
+    objective masks those positions)."""
+    s = labels.shape[1]
+    padded = jnp.pad(labels, ((0, 0), (0, depth)))
+    return jnp.stack([padded[:, d + 1:d + 1 + s] for d in range(depth)])
 
 
 def _summarise_router_stats(stats):

@@ -14,8 +14,10 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.config import Config
+from ernie_jax.model.attention import attention_spec
 from ernie_jax.model.layers import LayerNorm, Linear, RMSNorm
 from ernie_jax.model.rope import apply_half_rope, vision_rope_angles
+from ernie_jax.ops.attention import AttentionSpec, dot_product_attention
 from ernie_jax.precision.remat import remat_policy
 
 
@@ -74,23 +76,23 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 class VisionAttention(nnx.Module):
-    """Bidirectional MHA inside each frame; fused qkv with bias; 2D half-split RoPE."""
+    """Bidirectional MHA inside each frame (one attention segment per frame, so patches of
+    different images never mix and no P x P mask exists); fused qkv with bias; 2D half-split RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, *, kw: dict):
-        self.num_heads = num_heads
+    def __init__(self, dim: int, num_heads: int, *, kw: dict, spec: AttentionSpec = AttentionSpec(causal=False)):
+        self.num_heads, self.spec = num_heads, spec
         self.qkv = Linear(dim, 3 * dim, axes=("embed", "q_heads"), bias=True, **kw)
         self.proj = Linear(dim, dim, axes=("q_heads", "embed"), bias=True, **kw)
 
-    def __call__(self, x, angles, mask):
+    def __call__(self, x, angles, frame_ids):
+        """x [P, dim], angles [P, d/2], frame_ids [P] (0 = padding, itself one segment) -> [P, dim]."""
         n, dim = x.shape
         d = dim // self.num_heads
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, d), 1, 0)
         q, k = apply_half_rope(q, angles), apply_half_rope(k, angles)
-        logits = jnp.einsum("qnd,knd->nqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-        logits = jnp.where(mask[None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("nqk,knd->qnd", probs, v).reshape(n, dim)
-        return self.proj(out)
+        seg = frame_ids[None]
+        out = dot_product_attention(q[None], k[None], v[None], seg, seg, spec=self.spec)
+        return self.proj(out.reshape(n, dim))
 
 
 class VisionBlock(nnx.Module):
@@ -101,13 +103,13 @@ class VisionBlock(nnx.Module):
         kw = dict(rngs=rngs, std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
         pd = kw["param_dtype"]
         self.norm1 = LayerNorm(v.hidden_size, v.layer_norm_eps, param_dtype=pd)
-        self.attn = VisionAttention(v.hidden_size, v.num_heads, kw=kw)
+        self.attn = VisionAttention(v.hidden_size, v.num_heads, kw=kw, spec=attention_spec(m, causal=False))
         self.norm2 = LayerNorm(v.hidden_size, v.layer_norm_eps, param_dtype=pd)
         self.fc1 = Linear(v.hidden_size, v.intermediate_size, axes=("embed", "mlp"), bias=True, **kw)
         self.fc2 = Linear(v.intermediate_size, v.hidden_size, axes=("mlp", "embed"), bias=True, **kw)
 
-    def __call__(self, x, angles, mask):
-        x = x + self.attn(self.norm1(x), angles, mask)
+    def __call__(self, x, angles, frame_ids):
+        x = x + self.attn(self.norm1(x), angles, frame_ids)
         return x + self.fc2(quick_gelu(self.fc1(self.norm2(x))))
 
 
@@ -131,11 +133,10 @@ class VisionTransformer(nnx.Module):
     def __call__(self, patches: jax.Array, patch_hw: jax.Array, frame_ids: jax.Array) -> jax.Array:
         v, m = self.cfg.vision, self.cfg.model
         angles = vision_rope_angles(patch_hw, v.hidden_size // v.num_heads, v.rope_theta)
-        mask = frame_ids[:, None] == frame_ids[None, :]
         x = self.patch_embed(patches)
 
         def apply(block, x):
-            return block(x, angles, mask)
+            return block(x, angles, frame_ids)
         if m.remat != "none":
             apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
 

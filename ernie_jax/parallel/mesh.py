@@ -19,13 +19,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from ernie_jax.config import Config, MeshConfig
 from ernie_jax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "pipeline")
+MESH_AXES = ("data", "fsdp", "context", "tensor", "expert", "pipeline")
 
 # logical axis -> mesh axes (in order of preference); MaxText-style, one place for the whole model.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert", "pipeline"),   # activations: every non-model axis splits the batch
     "vocab": ("tensor",),
-    "embed": ("fsdp", "pipeline"),         # ZeRO-3 by sharding (pipeline: only where the layer axis is not)
+    # ZeRO-3 by sharding: over fsdp, over the context shards (which hold the same batch rows, as in
+    # MaxText) and over pipeline where the layer axis is not
+    "embed": ("fsdp", "context", "pipeline"),
     "mlp": ("tensor",),
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -59,6 +61,8 @@ def mesh_shape(m: MeshConfig, num_devices: int) -> dict[str, int]:
 def check_mesh_fits_model(cfg: Config, sizes: dict[str, int]) -> None:
     if cfg.moe.num_experts and cfg.moe.num_experts % sizes["expert"]:
         raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by mesh.expert={sizes['expert']}")
+    if sizes["context"] != cfg.mesh.context:
+        raise ConfigError(f"mesh.context={cfg.mesh.context} but the mesh has {sizes['context']} context shards")
     if sizes["pipeline"] != cfg.mesh.pipeline:
         raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline} but the mesh has {sizes['pipeline']} pipeline stages")
 
@@ -144,13 +148,19 @@ def describe(mesh: Mesh) -> str:
 
 
 def constrain_batch(x, in_stage: bool = False):
-    """Pin activations [B, ...] batch-sharded (other dims left to XLA) under the mesh set with
-    `jax.set_mesh`; a no-op without one. `in_stage`: inside a pipeline stage, where `pipeline`
-    is the stage axis and the batch splits over the other axes."""
+    """Pin activations [B, S, ...] batch-sharded, and sequence-sharded over `context` (other dims
+    left to XLA), under the mesh set with `jax.set_mesh`; a no-op without one. `in_stage`: inside
+    a pipeline stage, where `pipeline` is the stage axis and the batch splits over the other axes."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "pipeline" not in mesh.axis_names:
         return x
     axes = activation_batch_axes(mesh, in_stage)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    batch = axes if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes) == 0 else None
+    context = mesh.shape.get("context", 1)
+    seq = "context" if context > 1 and x.ndim > 1 and x.shape[1] % context == 0 else None
+    if batch is None and seq is None:
         return x
-    return jax.lax.with_sharding_constraint(x, P(axes, *([P.UNCONSTRAINED] * (x.ndim - 1))))
+    rest = [P.UNCONSTRAINED] * (x.ndim - 1)
+    if x.ndim > 1:
+        rest[0] = seq if seq is not None else P.UNCONSTRAINED
+    return jax.lax.with_sharding_constraint(x, P(batch if batch is not None else P.UNCONSTRAINED, *rest))

@@ -114,9 +114,9 @@ def from_microbatches(a: jax.Array) -> jax.Array:
     return a.swapaxes(0, 1).reshape(-1, *a.shape[2:])
 
 
-def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Callable, sched: Schedule):
-    """Run the stacked module `stack` (leading axis U = R*S*L) over x [B, ...] with per-row context
-    arrays `ctx` ([B, ...] each). `apply_chunk(chunk_module, x_mb, ctx_mb) -> (y_mb, stats)` applies
+def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, sched: Schedule):
+    """Run the stacked module `stack` (leading axis U = R*S*L) over x [B, ...] with a pytree `ctx`
+    of per-row context arrays ([B, ...] each). `apply_chunk(chunk_module, x_mb, ctx_mb) -> (y_mb, stats)` applies
     one chunk of L units. Returns (y [B, ...], stats with a leading axis U in layer order)."""
     s_, m_, r_ = sched.stages, sched.microbatches, sched.repeats
     graphdef, weights = nnx.split(stack)
@@ -134,7 +134,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Cal
 
     # every stage may need any microbatch: gathered over the pipeline axis, split over the others
     xs = _constrain(to_microbatches(x, m_), None, "batch")        # [M, mb, ...]
-    ctxs = tuple(_constrain(to_microbatches(c, m_), None, "batch") for c in ctx)
+    ctxs = jax.tree.map(lambda c: _constrain(to_microbatches(c, m_), None, "batch"), ctx)
 
     def stage(w, on, r, x_mb, ctx_mb):
         chunk = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], w))
@@ -143,7 +143,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx: tuple, apply_chunk: Cal
     run_stages = functools.partial(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0), spmd_axis_name=spmd), weights, active)
 
     stage_ids = jnp.arange(s_)
-    ctx_at = lambda m: tuple(jnp.take(c, m, axis=0) for c in ctxs)   # noqa: E731  [S, mb, ...]
+    ctx_at = lambda m: jax.tree.map(lambda c: jnp.take(c, m, axis=0), ctxs)   # noqa: E731  [S, mb, ...]
     state0 = _constrain(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
     _, stats_shape = jax.eval_shape(run_stages, jnp.zeros((s_,), jnp.int32), state0,
                                     ctx_at(jnp.zeros((s_,), jnp.int32)))

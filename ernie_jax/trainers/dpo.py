@@ -27,7 +27,7 @@ from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inpu
                                        packed_multimodal_batches, read_jsonl)
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model.ernie import router_loss_total
-from ernie_jax.trainers.pretrain import token_cross_entropy
+from ernie_jax.trainers.pretrain import token_nll
 
 CACHE_FILE = "reference_logps.npz"
 
@@ -117,7 +117,7 @@ def preference_loss(z: jax.Array, beta: float, loss_type: str, label_smoothing: 
 def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     d = cfg.dpo
     mask = batch["loss_mask"].astype(jnp.float32)
-    logp = -token_cross_entropy(out.logits, batch["labels"]) * mask
+    logp = -token_nll(out, batch["labels"]) * mask
     ref = batch.get("ref_logp", jnp.zeros_like(logp)) * mask
     seg = batch["segment_ids"]
     pc, pr = pair_sums(logp, seg)
@@ -158,7 +158,7 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
 
 def reference_logps(ref_out, batch) -> jax.Array:
     """Per-token log-probs of the labels under the reference model (no gradient)."""
-    return jax.lax.stop_gradient(-token_cross_entropy(ref_out.logits, batch["labels"]))
+    return jax.lax.stop_gradient(-token_nll(ref_out, batch["labels"]))
 
 
 class DPOTask:

@@ -6,38 +6,47 @@ import jax.numpy as jnp
 
 from ernie_jax.config import Config
 from ernie_jax.model.ernie import ModelOutput, router_loss_total
+from ernie_jax.ops.cross_entropy import token_cross_entropy
 
 
-def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-token CE [B,S] in fp32."""
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    return lse - picked
+def token_nll(out: ModelOutput, labels: jax.Array) -> jax.Array:
+    """Per-token CE [B,S] of `labels`: the model's chunked-head losses when it was called with the
+    labels (the training path), else from its logits."""
+    return out.label_nll if out.label_nll is not None else token_cross_entropy(out.logits, labels)
+
+
+def mtp_token_nll(out: ModelOutput, labels: jax.Array) -> jax.Array | None:
+    """[D,B,S]: MTP depth d at position t scored on labels[t+d+1]; None without MTP heads."""
+    if out.mtp_label_nll is not None:
+        return out.mtp_label_nll
+    if out.mtp_logits is None:
+        return None
+    s = labels.shape[1]
+    depth = out.mtp_logits.shape[0]
+    padded = jnp.pad(labels, ((0, 0), (0, depth)))
+    return jnp.stack([token_cross_entropy(out.mtp_logits[d], padded[:, d + 1:d + 1 + s]) for d in range(depth)])
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def mtp_loss(mtp_logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Depth d at position t predicts labels[t+d+1]; valid only if t..t+d+1 stay in one document."""
-    depth = mtp_logits.shape[0]
+def mtp_loss(mtp_nll: jax.Array, mask: jax.Array) -> jax.Array:
+    """mtp_nll [D,B,S] (depth d at position t scored on labels[t+d+1]); a position counts only if
+    t..t+d+1 stay in one document."""
     losses = []
-    for d in range(depth):  # depth is 1 in the released models; static and tiny
-        shift = d + 1
-        lab = jnp.pad(labels[:, shift:], ((0, 0), (0, shift)))
+    for d in range(mtp_nll.shape[0]):  # depth is 1 in the released models; static and tiny
         valid = mask
-        for j in range(1, shift + 1):
+        for j in range(1, d + 2):
             valid = valid * jnp.pad(mask[:, j:], ((0, 0), (0, j)))
-        losses.append(masked_mean(token_cross_entropy(mtp_logits[d], lab), valid))
+        losses.append(masked_mean(mtp_nll[d], valid))
     return jnp.mean(jnp.stack(losses))
 
 
 def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     """total = LM + sum_layers router loss + lambda_mtp * MTP; returns (total, named scalars)."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce = token_cross_entropy(out.logits, batch["labels"])
+    ce = token_nll(out, batch["labels"])
     lm = masked_mean(ce, mask)
     router = router_loss_total(out, cfg)
     metrics = {"lm_loss": lm, "router_loss": router, **out.router_losses, "tokens": jnp.sum(mask)}
@@ -49,8 +58,9 @@ def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array,
         balanced = jnp.sum(ce * mask) / mask.size
         objective = balanced - jax.lax.stop_gradient(balanced) + jax.lax.stop_gradient(lm)
     total = objective + router
-    if out.mtp_logits is not None:
-        mtp = mtp_loss(out.mtp_logits, batch["labels"], mask)
+    mtp_nll = mtp_token_nll(out, batch["labels"])
+    if mtp_nll is not None:
+        mtp = mtp_loss(mtp_nll, mask)
         metrics["mtp_loss"] = mtp
         total = total + cfg.model.mtp_loss_weight * mtp
     if out.dropped_fraction is not None:

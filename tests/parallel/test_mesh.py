@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 
 def test_mesh_shape_and_errors():
     cfg = load_config("configs/tiny_moe.yaml", ["mesh.fsdp=2", "mesh.expert=2"])
-    assert mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "tensor": 1, "expert": 2, "pipeline": 1}
+    assert mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1, "expert": 2, "pipeline": 1}
     with pytest.raises(ConfigError, match="uses 6 devices but 8 are available"):
         mesh_shape(load_config("configs/tiny_moe.yaml", ["mesh.data=3", "mesh.fsdp=2"]).mesh, 8)
     with pytest.raises(ConfigError, match="only one axis may be -1"):

@@ -8,9 +8,9 @@ from flax import nnx
 
 from ernie_jax.config import load_config
 from ernie_jax.model import router_losses
-from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
 from ernie_jax.parallel.mesh import build_mesh
-from ernie_jax.trainers.pretrain import lm_objective, mtp_loss, token_cross_entropy
+from ernie_jax.trainers.pretrain import lm_objective, mtp_loss, mtp_token_nll, token_cross_entropy
 from ernie_jax.trainers.state import init_train_state, lr_schedule, make_optimizer, param_groups
 from ernie_jax.trainers.step import make_train_step
 
@@ -95,7 +95,8 @@ def test_objective_pieces_against_numpy():
     np.testing.assert_allclose(token_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), ref, rtol=1e-5)
     # MTP depth 1 at t predicts labels[t+1] and needs mask[t] and mask[t+1]
     mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.float32)
-    got = mtp_loss(jnp.asarray(logits)[None], jnp.asarray(labels), jnp.asarray(mask))
+    out = ModelOutput(logits=None, router_losses={}, mtp_logits=jnp.asarray(logits)[None])
+    got = mtp_loss(mtp_token_nll(out, jnp.asarray(labels)), jnp.asarray(mask))
     shifted = np.pad(labels[:, 1:], ((0, 0), (0, 1)))
     ce = lse - np.take_along_axis(logits, shifted[..., None], -1)[..., 0]
     valid = mask * np.pad(mask[:, 1:], ((0, 0), (0, 1)))
