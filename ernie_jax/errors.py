@@ -15,3 +15,13 @@ class DataError(ErnieJaxError, ValueError):
 
 class CheckpointError(ErnieJaxError, ValueError):
     """A checkpoint (orbax or Hugging Face) is missing, corrupt or of another model."""
+
+
+class ResourceError(ErnieJaxError, RuntimeError):
+    """The run does not fit the device memory (found at compile time or when a step allocates)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for XLA's allocation failures (RESOURCE_EXHAUSTED / Out of memory)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text

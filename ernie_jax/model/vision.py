@@ -17,7 +17,8 @@ from ernie_jax.config import Config
 from ernie_jax.model.attention import attention_spec
 from ernie_jax.model.layers import LayerNorm, Linear, RMSNorm
 from ernie_jax.model.rope import apply_half_rope, vision_rope_angles
-from ernie_jax.ops.attention import AttentionSpec, dot_product_attention
+from ernie_jax.ops.attention import AttentionSpec
+from ernie_jax.parallel.context import sharded_attention
 from ernie_jax.precision.remat import remat_policy
 
 
@@ -91,7 +92,7 @@ class VisionAttention(nnx.Module):
         q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, d), 1, 0)
         q, k = apply_half_rope(q, angles), apply_half_rope(k, angles)
         seg = frame_ids[None]
-        out = dot_product_attention(q[None], k[None], v[None], seg, seg, spec=self.spec)
+        out = sharded_attention(q[None], k[None], v[None], seg, None, self.spec)
         return self.proj(out.reshape(n, dim))
 
 

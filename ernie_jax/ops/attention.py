@@ -33,7 +33,7 @@ BACKENDS = ("auto", "dense", "flash", "cudnn", "splash")
 _PLATFORM_OF = {"splash": "tpu", "cudnn": "gpu"}
 # (block_q, block_kv) when the config leaves them 0: flash's tiles are sized for CPU caches
 # (scripts/bench_attention.py), splash's are MaxText's defaults
-DEFAULT_BLOCKS = {"flash": (256, 128), "splash": (512, 512)}
+DEFAULT_BLOCKS = {"flash": (256, 256), "splash": (512, 512)}
 
 
 @dataclass(frozen=True)
@@ -152,17 +152,16 @@ def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec
     return out[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, d).astype(q.dtype)
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(s: int, t: int, heads: int, causal: bool, offset: int, bq: int, bk: int, interpret: bool):
-    """A cached MQA splash kernel for padded lengths s x t (its mask tables are numpy constants)."""
+    """An MQA splash kernel for padded lengths s x t. Built inside each trace: its mask tables
+    become constants of that trace (splash caches the numpy mask processing itself)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     mask = sm.CausalMask((s, t), offset=offset) if causal else sm.FullMask((s, t))
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    with jax.ensure_compile_time_eval():   # the mask tables are constants, not tracers of one trace
-        return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * heads), block_sizes=blocks,
-                                                interpret=interpret)
+    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * heads), block_sizes=blocks,
+                                            interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- GPU: cuDNN / Pallas

@@ -56,7 +56,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
     kseg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, tp, _KV_PAD)
     qidx = pad_axis(q_index.astype(jnp.int32), 1, sp, -1)
     kidx = pad_axis(kv_index.astype(jnp.int32), 1, tp, _BIG_INDEX)
-    out = _flash(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, float(scale))
+    # the scale is applied to q outside the custom VJP, so autodiff carries it into dq
+    out = _flash(qh * jnp.asarray(scale, qh.dtype), kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk)
     return out[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
 
@@ -105,21 +106,12 @@ def _span(row: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(row.any(), first, 0), jnp.where(row.any(), last, 0)
 
 
-def _tile_mask(qseg_i, kseg_j, qidx_i, kidx_j, causal: bool) -> jax.Array:
-    """[B,1,1,bq,bk] bool for one tile, from the tile's vectors."""
+def _tile_mask(qseg_i, kseg_j, qidx_i, kidx_j, causal: bool, keys_first: bool = False) -> jax.Array:
+    """One tile's mask from its vectors: [B,1,1,bq,bk], or [B,1,bk,1,bq] with `keys_first`."""
     mask = qseg_i[:, :, None] == kseg_j[:, None, :]
     if causal:
         mask &= qidx_i[:, :, None] >= kidx_j[:, None, :]
-    return mask[:, None, None]
-
-
-def _slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, start * size, size, axis)
-
-
-def _logits(qi, kj, mask, scale):
-    s = jnp.einsum("bkgqd,bktd->bkgqt", qi, kj, preferred_element_type=jnp.float32) * scale
-    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+    return jnp.swapaxes(mask, 1, 2)[:, None, :, None] if keys_first else mask[:, None, None]
 
 
 def _visit(kind, tile, carry):
@@ -127,27 +119,47 @@ def _visit(kind, tile, carry):
     return jax.lax.switch(kind, [lambda c: c, lambda c: tile(c, True), lambda c: tile(c, False)], carry)
 
 
-def _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, scale):
-    """(out [B,K,G,S,D] in q's dtype, lse [B,K,G,S] fp32)."""
+def _masked(s, mask):
+    return s if mask is None else jnp.where(mask, s, MASK_VALUE)
+
+
+def _blocks(x: jax.Array, axis: int, size: int, transpose: bool = False) -> jax.Array:
+    """[B,K,...,L,D] split into tiles of `size` along `axis` (L), tile index first, so each tile is
+    one contiguous slab: [n,B,K,...,size,D]; `transpose` puts D right after B,K ([n,B,K,D,...,size]),
+    a pre-transposed operand for the tile matmuls."""
+    n = x.shape[axis] // size
+    x = jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
+    return jnp.moveaxis(x, -1, 3) if transpose else x
+
+
+def _f32(x):
+    return x.astype(jnp.float32)
+
+
+# Layouts: q-side tiles [B,K,G,bq,D] (q, dout) and [B,K,D,G,bq] (transposed); key-side tiles
+# [B,K,bk,D] (k, v) and [B,K,D,bk] (transposed); per-row statistics [B,K,G,bq]. Operands are
+# pre-transposed once (O(S) copies) so that every tile product is a contiguous matmul.
+
+def _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk):
+    """softmax(q k^T) v with q already scaled: (out [B,K,G,S,D] in q's dtype, lse [B,K,G,S] fp32)."""
     b, kvh, g, sp, d = qh.shape
-    nq, nk = sp // bq, kh.shape[2] // bk
     kinds = tile_kinds(qseg, kseg, qidx, kidx, causal, bq, bk)
+    q_t, kt_t, v_t = _blocks(qh, 3, bq), _blocks(kh, 2, bk, transpose=True), _blocks(vh, 2, bk)
+    qseg_t, qidx_t = _blocks(qseg, 1, bq), _blocks(qidx, 1, bq)
+    kseg_t, kidx_t = _blocks(kseg, 1, bk), _blocks(kidx, 1, bk)
 
     def q_block(i):
-        qi = _slice(qh, i, bq, 3)
-        qseg_i, qidx_i = _slice(qseg, i, bq, 1), _slice(qidx, i, bq, 1)
+        qi = q_t[i]
 
         def kv_tile(j, carry):
             def compute(carry, masked):
                 m, l, acc = carry
-                kj, vj = _slice(kh, j, bk, 2), _slice(vh, j, bk, 2)
-                mask = _tile_mask(qseg_i, _slice(kseg, j, bk, 1), qidx_i, _slice(kidx, j, bk, 1), causal) \
-                    if masked else None
-                s = _logits(qi, kj, mask, scale)
+                mask = _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal) if masked else None
+                s = _masked(jnp.einsum("bkgqd,bkdt->bkgqt", qi, kt_t[j], preferred_element_type=jnp.float32), mask)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkgqt,bktd->bkgqd", p.astype(vh.dtype), vj, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("bkgqt,bktd->bkgqd", p.astype(vh.dtype), v_t[j], preferred_element_type=jnp.float32)
                 return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
             return _visit(kinds[i, j], compute, carry)
 
@@ -158,65 +170,80 @@ def _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, scale):
         l = jnp.where(l == 0, 1.0, l)                 # a block that sees no tile at all
         return (acc / l[..., None]).astype(qh.dtype), m + jnp.log(l)
 
-    out, lse = jax.lax.map(q_block, jnp.arange(nq))   # [nq, B,K,G,bq,(D)]
-    out = jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, sp, d)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, sp)
-    return out, lse
+    out, lse = jax.lax.map(q_block, jnp.arange(sp // bq))   # [nq, B,K,G,bq,(D)]
+    return jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, sp, d), jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, sp)
 
 
-def _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk, scale):
-    """(dq, dk, dv) by recomputing each needed tile; outer loop over key tiles, dq accumulated."""
+def _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk):
+    """(dq, dk, dv) in two passes that recompute each needed tile (FlashAttention-2): one over key
+    tiles accumulating dK / dV (tiles in keys-first layout), one over query tiles accumulating dQ.
+    Each loop carries only its own tile's accumulators, never a whole-sequence buffer."""
     b, kvh, g, sp, d = qh.shape
     tp = kh.shape[2]
-    nk = tp // bk
+    nq, nk = sp // bq, tp // bk
     kinds = tile_kinds(qseg, kseg, qidx, kidx, causal, bq, bk)
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)     # [B,K,G,S]
+    delta = jnp.sum(_f32(dout) * _f32(out), axis=-1)                                  # [B,K,G,S]
+    q_t, qT_t = _blocks(qh, 3, bq), _blocks(qh, 3, bq, transpose=True)
+    do_t, doT_t = _blocks(dout, 3, bq), _blocks(dout, 3, bq, transpose=True)
+    lse_t, delta_t = _blocks(lse, 3, bq), _blocks(delta, 3, bq)
+    k_t, kt_t = _blocks(kh, 2, bk), _blocks(kh, 2, bk, transpose=True)
+    v_t, vt_t = _blocks(vh, 2, bk), _blocks(vh, 2, bk, transpose=True)
+    qseg_t, qidx_t = _blocks(qseg, 1, bq), _blocks(qidx, 1, bq)
+    kseg_t, kidx_t = _blocks(kseg, 1, bk), _blocks(kidx, 1, bk)
 
-    def kv_block(dq, j):
-        kj, vj = _slice(kh, j, bk, 2), _slice(vh, j, bk, 2)
-        kseg_j, kidx_j = _slice(kseg, j, bk, 1), _slice(kidx, j, bk, 1)
-
+    def kv_block(j):
         def q_tile(i, carry):
             def compute(carry, masked):
-                dq, dk, dv = carry
-                qi, doi = _slice(qh, i, bq, 3), _slice(dout, i, bq, 3)
-                mask = _tile_mask(_slice(qseg, i, bq, 1), kseg_j, _slice(qidx, i, bq, 1), kidx_j, causal) \
+                dk, dv = carry
+                mask = _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal, keys_first=True) \
                     if masked else None
-                p = jnp.exp(_logits(qi, kj, mask, scale) - _slice(lse, i, bq, 3)[..., None])
-                dv = dv + jnp.einsum("bkgqt,bkgqd->bktd", p.astype(doi.dtype), doi,
+                s_t = jnp.einsum("bktd,bkdgq->bktgq", k_t[j], qT_t[i], preferred_element_type=jnp.float32)
+                p_t = jnp.exp(_masked(s_t, mask) - lse_t[i][:, :, None])
+                dv = dv + jnp.einsum("bktgq,bkgqd->bktd", p_t.astype(dout.dtype), do_t[i],
                                      preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bkgqd,bktd->bkgqt", doi, vj, preferred_element_type=jnp.float32)
-                ds = (p * (dp - _slice(delta, i, bq, 3)[..., None]) * scale).astype(qh.dtype)
-                dq_i = jnp.einsum("bkgqt,bktd->bkgqd", ds, kj, preferred_element_type=jnp.float32)
-                dq = jax.lax.dynamic_update_slice_in_dim(dq, _slice(dq, i, bq, 3) + dq_i, i * bq, 3)
-                dk = dk + jnp.einsum("bkgqt,bkgqd->bktd", ds, qi, preferred_element_type=jnp.float32)
-                return dq, dk, dv
+                dp_t = jnp.einsum("bktd,bkdgq->bktgq", v_t[j], doT_t[i], preferred_element_type=jnp.float32)
+                ds_t = (p_t * (dp_t - delta_t[i][:, :, None])).astype(qh.dtype)
+                dk = dk + jnp.einsum("bktgq,bkgqd->bktd", ds_t, q_t[i], preferred_element_type=jnp.float32)
+                return dk, dv
             return _visit(kinds[i, j], compute, carry)
-
         zeros = jnp.zeros((b, kvh, bk, d), jnp.float32)
         lo, hi = _span(kinds[:, j] != SKIP)
-        dq, dk, dv = jax.lax.fori_loop(lo, hi, q_tile, (dq, zeros, zeros))
-        return dq, (dk, dv)
+        return jax.lax.fori_loop(lo, hi, q_tile, (zeros, zeros))
 
-    dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(qh.shape, jnp.float32), jnp.arange(nk))
+    def q_block(i):
+        def kv_tile(j, dq):
+            def compute(dq, masked):
+                mask = _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal) if masked else None
+                s = jnp.einsum("bkgqd,bkdt->bkgqt", q_t[i], kt_t[j], preferred_element_type=jnp.float32)
+                p = jnp.exp(_masked(s, mask) - lse_t[i][..., None])
+                dp = jnp.einsum("bkgqd,bkdt->bkgqt", do_t[i], vt_t[j], preferred_element_type=jnp.float32)
+                ds = (p * (dp - delta_t[i][..., None])).astype(kh.dtype)
+                return dq + jnp.einsum("bkgqt,bktd->bkgqd", ds, k_t[j], preferred_element_type=jnp.float32)
+            return _visit(kinds[i, j], compute, dq)
+        lo, hi = _span(kinds[i] != SKIP)
+        return jax.lax.fori_loop(lo, hi, kv_tile, jnp.zeros((b, kvh, g, bq, d), jnp.float32))
+
+    dk, dv = jax.lax.map(kv_block, jnp.arange(nk))                  # [nk, B,K,bk,D]
+    dq = jax.lax.map(q_block, jnp.arange(nq))                       # [nq, B,K,G,bq,D]
     dk = jnp.moveaxis(dk, 0, 2).reshape(b, kvh, tp, d)
     dv = jnp.moveaxis(dv, 0, 2).reshape(b, kvh, tp, d)
+    dq = jnp.moveaxis(dq, 0, 3).reshape(b, kvh, g, sp, d)
     return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _flash(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, scale):
-    return _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk):
+    return _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk)[0]
 
 
-def _flash_fwd(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, scale):
-    out, lse = _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk, scale)
+def _flash_fwd(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk):
+    out, lse = _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk)
     return out, (qh, kh, vh, qseg, kseg, qidx, kidx, out, lse)
 
 
-def _flash_bwd(causal, bq, bk, scale, residuals, dout):
+def _flash_bwd(causal, bq, bk, residuals, dout):
     qh, kh, vh, qseg, kseg, qidx, kidx, out, lse = residuals
-    dq, dk, dv = _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk, scale)
+    dq, dk, dv = _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk)
     return dq, dk, dv, None, None, None, None
 
 

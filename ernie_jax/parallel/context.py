@@ -1,4 +1,6 @@
-"""Context parallelism: the sequence split over the `context` mesh axis.
+"""Attention under a mesh: a `shard_map` over the batch and head axes (Pallas kernels such as
+splash cannot be partitioned automatically), and context parallelism: the sequence split over the
+`context` mesh axis.
 
 Load balance (MaxText's dual-chunk reorder, PaddleFormers' `dualchunk_allgather`): the sequence is
 cut into 2C chunks and shard r holds chunk r and chunk 2C-1-r, so under a causal mask every shard
@@ -55,12 +57,49 @@ def context_mesh():
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
               token_index: jax.Array | None, spec: AttentionSpec) -> jax.Array:
-    """Self-attention q [B,S,N,D], k/v [B,S,K,D]; context-parallel when the mesh has a context axis.
+    """Self-attention q [B,S,N,D], k/v [B,S,K,D] under the mesh set with `jax.set_mesh` (if any):
+    context-parallel when it has a context axis, else each device attends its own rows and heads.
     `token_index` [B,S]: original positions of reordered tokens (None: natural order)."""
     mesh = context_mesh()
-    if mesh is None:
+    if mesh is not None:
+        return context_parallel_attention(q, k, v, segment_ids, token_index, spec, mesh)
+    return sharded_attention(q, k, v, segment_ids, token_index, spec)
+
+
+def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                      token_index: jax.Array | None, spec: AttentionSpec) -> jax.Array:
+    """Self-attention with each device attending its own rows and heads (no sequence split); a
+    plain call without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
         return dot_product_attention(q, k, v, segment_ids, segment_ids, token_index, token_index, spec)
-    return context_parallel_attention(q, k, v, segment_ids, token_index, spec, mesh)
+    return _local_attention(q, k, v, segment_ids, token_index, spec, mesh)
+
+
+def _layout(mesh, q, k):
+    """(batch axes, head axis) a shard_map splits attention over: the batch over the token-batch
+    axes that divide it, heads over `tensor` when it divides both N and K."""
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    return _divisible_axes(mesh, [a for a in _TOKEN_BATCH_AXES if a in mesh.axis_names], q.shape[0]), heads
+
+
+def _local_attention(q, k, v, segment_ids, token_index, spec, mesh):
+    batch, heads = _layout(mesh, q, k)
+    act, tok = P(batch, None, heads, None), P(batch, None)
+    args, specs = [q, k, v], [act, act, act]
+    for extra in (segment_ids, token_index):   # optional [B,S] vectors
+        if extra is not None:
+            args.append(extra)
+            specs.append(tok)
+    has_seg, has_idx = segment_ids is not None, token_index is not None
+
+    def local(q, k, v, *rest):
+        rest = list(rest)
+        seg = rest.pop(0) if has_seg else None
+        idx = rest.pop(0) if has_idx else None
+        return dot_product_attention(q, k, v, seg, seg, idx, idx, spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=act, check_vma=False)(*args)
 
 
 def context_parallel_attention(q, k, v, segment_ids, token_index, spec: AttentionSpec, mesh) -> jax.Array:
@@ -71,9 +110,7 @@ def context_parallel_attention(q, k, v, segment_ids, token_index, spec: Attentio
         segment_ids = jnp.ones((b, s), jnp.int32)
     if token_index is None:
         raise ValueError("context-parallel attention needs the tokens' original indices (token_index)")
-    batch = _divisible_axes(mesh, _TOKEN_BATCH_AXES, b)
-    heads = "tensor" if mesh.shape["tensor"] > 1 and n % mesh.shape["tensor"] == 0 and \
-        k.shape[2] % mesh.shape["tensor"] == 0 else None
+    batch, heads = _layout(mesh, q, k)
     act, tok = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
     backend, spec = resolve(spec, jax.default_backend())
     local = functools.partial(_splash_local if backend == "splash" else _gathered_local, spec=spec, context=c)

@@ -89,7 +89,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     for name, dim in zip(axes, shape[lead:]):
         chosen = []
         for mesh_axis in LOGICAL_RULES.get(name, ()) if name else ():
-            size = mesh.shape[mesh_axis]
+            size = mesh.shape.get(mesh_axis, 1)
             if mesh_axis in used or size == 1:
                 continue
             if dim % (math.prod(mesh.shape[a] for a in chosen) * size) == 0:

@@ -20,11 +20,13 @@ from flax import nnx
 
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
 from ernie_jax.config import Config, to_dict
-from ernie_jax.errors import CheckpointError, ConfigError, DataError
+from ernie_jax.errors import CheckpointError, ConfigError, DataError, is_out_of_memory
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model import build_model
+from ernie_jax.ops.attention import check_backend
 from ernie_jax.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, describe
 from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
+from ernie_jax.trainers.memory import check_fits, out_of_memory
 from ernie_jax.trainers.state import init_opt_state, init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
 
@@ -59,6 +61,16 @@ def check_workdir(workdir: str) -> None:
     except OSError as e:
         raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror}); pass a directory you can write") \
             from None
+
+
+def check_run_settings(cfg: Config, mesh, platform: str) -> None:
+    """Settings that depend on the devices, checked before any compute: the batch splits over the
+    data-parallel axes and pipeline microbatches, and the attention backend exists on `platform`."""
+    if cfg.data.batch_size % data_parallel_size(mesh):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
+                          f"{data_parallel_size(mesh)} (mesh data x fsdp x expert x pipeline)")
+    check_pipeline_batch(cfg, mesh)
+    check_backend(cfg.model.attention, platform, cfg.model.attention_interpret)
 
 
 def _shape_fields(d: dict) -> dict:
@@ -259,10 +271,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         check_same_model(ckpt.saved_config(ckpt.steps()[-1]), cfg, workdir)
 
     mesh = build_mesh(cfg)
-    if cfg.data.batch_size % data_parallel_size(mesh):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
-                          f"{data_parallel_size(mesh)} (mesh data x fsdp x expert x pipeline)")
-    check_pipeline_batch(cfg, mesh)
+    check_run_settings(cfg, mesh, jax.default_backend())
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
     if task.reference == "copy":
@@ -316,50 +325,68 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     def save(step):
         ckpt.save(step, state, task.train_iter.get_state(), config_dict)
 
-    with _StopFlag() as flag:
-        step = start
-        while step < cfg.train.steps and not flag.stop:
-            batch = place_batch(_next_step_batch(task.train_iter, accum), mesh, batch_dim=1)
-            state, metrics = train_step(state, batch)
-            step += 1
-            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            count += 1
-            if t_first is None:
-                jax.block_until_ready(metrics)
-                t_first, t_log, count_at_first = time.perf_counter(), time.perf_counter(), step
-            if step % cfg.log.interval == 0 or step == cfg.train.steps:
-                host = jax.device_get(sums)
-                now = time.perf_counter()
-                row = {k: v / count for k, v in host.items() if k != "tokens"}
-                timed = step - count_at_first
-                if timed > 0 and now > t_log:
-                    steps_since = min(count, timed)
-                    row["tokens_per_s"] = tokens_per_step * steps_since / (now - t_log)
-                    row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * len(devices))
-                row["step_time_s"] = (now - t_log) / max(count, 1)
-                if hasattr(task.stats, "as_metrics"):
-                    row.update(task.stats.as_metrics())
-                eta = (now - t_first) / max(step - count_at_first, 1) * (cfg.train.steps - step)
-                console.progress(step, cfg.train.steps, row, eta)
-                writer.write(step_offset + step, {**row, **tags})
-                last = row
-                sums, count, t_log = None, 0, time.perf_counter()
-            if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-                ev = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
-                writer.write(step_offset + step, {**ev, **tags})
-                extras = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k != "eval_loss")
-                console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}")
-                last = {**last, **ev}
-            if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or flag.stop:
-                save(step)
-        if start >= cfg.train.steps and task.eval_batches is not None:
-            # resumed after the last step (e.g. a stage whose summary was not written): report its eval
-            last = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
-            writer.write(step_offset + start, {**last, **tags})
-            console.say(f"eval @ {start} (resumed at the end): loss {last['eval_loss']:.4f}")
-        if flag.stop:
-            ckpt.wait()
-            console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")
+    compiled: dict = {}
+
+    def run_step(state, batch):
+        # compiled once per batch layout (a stage mixture alternates text and image-text batches);
+        # a step that cannot fit is refused before it runs
+        key = (jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)))
+        if key not in compiled:
+            compiled[key] = train_step.lower(state, batch).compile()
+            need = check_fits(compiled[key], cfg, devices[0])
+            console.say(f"train step compiled: {need / 1e9:.2f} GB per device")
+        return compiled[key](state, batch)
+
+    step = start
+    try:
+        with _StopFlag() as flag:
+            while step < cfg.train.steps and not flag.stop:
+                batch = place_batch(_next_step_batch(task.train_iter, accum), mesh, batch_dim=1)
+                state, metrics = run_step(state, batch)
+                step += 1
+                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+                count += 1
+                if t_first is None:
+                    jax.block_until_ready(metrics)
+                    t_first, t_log, count_at_first = time.perf_counter(), time.perf_counter(), step
+                if step % cfg.log.interval == 0 or step == cfg.train.steps:
+                    host = jax.device_get(sums)
+                    now = time.perf_counter()
+                    row = {k: v / count for k, v in host.items() if k != "tokens"}
+                    timed = step - count_at_first
+                    if timed > 0 and now > t_log:
+                        steps_since = min(count, timed)
+                        row["tokens_per_s"] = tokens_per_step * steps_since / (now - t_log)
+                        row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * len(devices))
+                    row["step_time_s"] = (now - t_log) / max(count, 1)
+                    if hasattr(task.stats, "as_metrics"):
+                        row.update(task.stats.as_metrics())
+                    eta = (now - t_first) / max(step - count_at_first, 1) * (cfg.train.steps - step)
+                    console.progress(step, cfg.train.steps, row, eta)
+                    writer.write(step_offset + step, {**row, **tags})
+                    last = row
+                    sums, count, t_log = None, 0, time.perf_counter()
+                if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+                    ev = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
+                    writer.write(step_offset + step, {**ev, **tags})
+                    extras = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k != "eval_loss")
+                    console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}")
+                    last = {**last, **ev}
+                if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or flag.stop:
+                    save(step)
+            if start >= cfg.train.steps and task.eval_batches is not None:
+                # resumed after the last step (e.g. a stage whose summary was not written): report its eval
+                last = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
+                writer.write(step_offset + start, {**last, **tags})
+                console.say(f"eval @ {start} (resumed at the end): loss {last['eval_loss']:.4f}")
+            if flag.stop:
+                ckpt.wait()
+                console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        ckpt.wait()   # a save in flight still completes: no step is lost
+        raise out_of_memory(e, cfg, step + 1) from None
     ckpt.close()
     writer.close()
     return {**last, "stopped": flag.stop}

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ernie_jax.config import Config, OptimizerConfig
+from ernie_jax.parallel.mesh import state_shardings
 
 TrainState = dict  # {"step", "params", "buffers", "opt_state", "rng"}
 
@@ -92,9 +93,10 @@ def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
 
 
-def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
+def opt_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
     """Moments take the sharding of the param they mirror (ZeRO: optimizer state split like the
-    params, not left to XLA, which replicates zeros); other leaves (counters) are replicated."""
+    params, not left to XLA, which replicates zeros); other leaves (counters) are replicated.
+    `params` may be arrays or ShapeDtypeStructs with shardings."""
     replicated = NamedSharding(mesh, PartitionSpec())
     by_path = {tuple(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(params)
                if isinstance(x.sharding, NamedSharding)}
@@ -105,16 +107,35 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
             if s is not None and len(s.spec) <= leaf.ndim:
                 return s
         return replicated
-    abstract = jax.eval_shape(tx.init, params)
-    shardings = jax.tree_util.tree_map_with_path(sharding_of, abstract)
-    return jax.jit(tx.init, out_shardings=shardings)(params)
+    return jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(tx.init, params))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
+    """The optimizer state of `params`, created directly in its sharded layout."""
+    return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
+
+
+def abstract_train_state(cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+                         mesh: Mesh) -> tuple[Any, TrainState]:
+    """(graphdef, the train state as ShapeDtypeStructs with their shardings): what
+    `init_train_state` would build, without allocating it (ahead-of-time compilation)."""
+    graphdef, params, buffers = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, ...)
+    sds = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    params = sds(nnx.to_pure_dict(params), state_shardings(params, mesh))
+    buffers = sds(nnx.to_pure_dict(buffers), state_shardings(buffers, mesh))
+    opt = jax.eval_shape(tx.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
+    return graphdef, {"step": scalar((), jnp.int32), "params": params, "buffers": buffers,
+                      "opt_state": sds(opt, opt_state_shardings(tx, params, mesh)),
+                      "rng": scalar((2,), jnp.uint32)}
 
 
 def init_train_state(cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
                      mesh: Mesh) -> tuple[Any, TrainState]:
     """Initialise directly into the mesh layout: params/buffers by the logical-axis rules, optimizer
     moments inherit the param shardings, scalars are replicated."""
-    from ernie_jax.parallel.mesh import state_shardings
     graphdef, abstract_params, abstract_buffers = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))),
                                                             nnx.Param, ...)
     shardings = (state_shardings(abstract_params, mesh), state_shardings(abstract_buffers, mesh))

@@ -1,4 +1,5 @@
 """FP8 (emulated on CPU): rounding bounds, scaling recipes, gradients, and a short training run."""
+import dataclasses
 import json
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from ernie_jax.config import load_config
+from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.precision.fp8 import E4M3, E5M2, Fp8, grad_e5m2, qdq_blocks, qdq_rows, qdq_tensor
 from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.pretrain import text_pretraining_task
@@ -120,8 +122,7 @@ def test_delayed_histories_roll_after_each_step_and_live_in_buffers():
     cfg = load_config("configs/tiny_moe.yaml", ["precision.fp8=all_linear", "precision.fp8_recipe=delayed",
                                                 "precision.fp8_amax_history=3", "model.num_layers=2",
                                                 "model.mtp_depth=0", "optimizer.grad_accum_steps=2"])
-    mesh = jax.make_mesh((1, 1, 1, 1, 1), ("data", "fsdp", "tensor", "expert", "pipeline"),
-                         devices=jax.devices()[:1])
+    mesh = build_mesh(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1)), jax.devices()[:1])
     tx = make_optimizer(cfg.optimizer, 10)
     graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
     step = jax.jit(make_train_step(graphdef, cfg, tx, lm_objective, 10))

@@ -1,0 +1,115 @@
+"""The whole training step (forward, backward, AdamW) of ernie_jax vs transformers' PyTorch ERNIE 4.5
+(`Ernie4_5ForCausalLM`, `Ernie4_5_MoeForCausalLM`) with `torch.optim.AdamW`: same shapes, fp32, CPU,
+the two alternated in one run.
+
+    python scripts/bench_vs_torch.py [--seq 256,2048 --tokens 4096 --repeats 5]
+
+The model: 6 layers, hidden 512, 8 query / 2 kv heads of 64, vocab 16384; dense FFN 1536, or 8
+experts (width 512) top-2 with one shared expert, layer 0 dense; ours with capacity dispatch
+(factor 1.5) and the flash backend (`auto` on CPU), transformers with its default (sdpa) attention.
+Batch = tokens / seq. Prints torch step time / ours (> 1: we are faster). Target: >= 1.5x.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+
+from ernie_jax.config import load_config
+from ernie_jax.convert.hf_text import config_to_hf
+from ernie_jax.model import build_model
+from ernie_jax.parallel.mesh import build_mesh
+from ernie_jax.trainers.loop import jit_train_step
+from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.state import init_train_state, make_optimizer
+from ernie_jax.trainers.step import make_train_step
+
+SHAPE = ["model.num_layers=6", "model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=2",
+         "model.head_dim=64", "model.intermediate_size=1536", "model.vocab_size=16384", "model.mtp_depth=0",
+         "model.dtype=float32", "mesh.data=1", "model.max_position_embeddings=8192", "optimizer.warmup_steps=1"]
+MOE = ["moe.num_experts=8", "moe.top_k=2", "moe.intermediate_size=512", "moe.num_shared_experts=1",
+       "moe.layer_start=1", "moe.dispatch=capacity", "moe.capacity_factor=1.5", "moe.orth_loss_weight=0",
+       "moe.aux_loss_weight=1e-3", "moe.z_loss_weight=0"]
+
+
+def ours(kind: str, seq: int, batch: int, sets: list[str]):
+    cfg = load_config("configs/tiny_moe.yaml", SHAPE + (MOE if kind == "moe" else ["moe.num_experts=0"]) +
+                      [f"data.seq_len={seq}", f"data.batch_size={batch}"] + sets)
+    mesh = build_mesh(cfg, jax.devices()[:1])
+    tx = make_optimizer(cfg.optimizer, 1000)
+    graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
+    ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, batch, seq + 1)).astype(np.int32)
+    batch_ = {"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
+              "segment_ids": np.ones((1, batch, seq), np.int32)}
+    step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 1000), state, mesh)
+    box = {"state": state}
+
+    def run():
+        box["state"], metrics = step(box["state"], batch_)
+        jax.block_until_ready(metrics)
+    return cfg, run, ids
+
+
+def theirs(cfg, ids: np.ndarray):
+    import torch
+    import transformers as T
+    hf = config_to_hf(cfg)
+    for key in ("model_type", "architectures", "dtype"):
+        hf.pop(key, None)
+    if cfg.moe.num_experts:
+        model = T.Ernie4_5_MoeForCausalLM(T.Ernie4_5_MoeConfig(**hf))
+    else:
+        model = T.Ernie4_5ForCausalLM(T.Ernie4_5Config(**hf))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    x, y = torch.from_numpy(ids[0, :, :-1].astype(np.int64)), torch.from_numpy(ids[0, :, 1:].astype(np.int64))
+
+    def run():
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def best_alternating(a, b, repeats: int) -> tuple[float, float]:
+    a(), b()                                             # warm-up: compile, allocate
+    ta, tb = float("inf"), float("inf")
+    for _ in range(repeats):
+        for fn, which in ((a, 0), (b, 1)):
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            ta, tb = (min(ta, dt), tb) if which == 0 else (ta, min(tb, dt))
+    return ta, tb
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", default="256,2048")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / seq)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kinds", default="dense,moe")
+    p.add_argument("--set", action="append", default=[], help="extra override for our model (e.g. model.attention=dense)")
+    a = p.parse_args()
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    print(f"train step fwd+bwd+AdamW, fp32, {os.cpu_count()} threads, {a.tokens} tokens per step; "
+          f"ratio = torch time / ours (> 1: faster than transformers)")
+    print(f"{'model':<7}{'S':>6}{'batch':>6} | {'ours ms':>9}{'torch ms':>10}{'ratio':>8}")
+    for kind in a.kinds.split(","):
+        for seq in (int(s) for s in a.seq.split(",")):
+            batch = max(1, a.tokens // seq)
+            cfg, our_step, ids = ours(kind, seq, batch, a.set)
+            t_ours, t_torch = best_alternating(our_step, theirs(cfg, ids), a.repeats)
+            print(f"{kind:<7}{seq:6d}{batch:6d} | {t_ours * 1e3:9.1f}{t_torch * 1e3:10.1f}{t_torch / t_ours:7.2f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
