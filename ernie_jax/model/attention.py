@@ -10,6 +10,7 @@ from flax import nnx
 from ernie_jax.config import ModelConfig
 from ernie_jax.model.layers import DotGeneral, Linear
 from ernie_jax.model.rope import apply_interleaved_rope
+from ernie_jax.ops import matmul
 from ernie_jax.ops.attention import AttentionSpec
 from ernie_jax.parallel.context import attention
 from ernie_jax.precision.remat import checkpoint_name
@@ -26,7 +27,7 @@ class Attention(nnx.Module):
 
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                  std: float, spec: AttentionSpec = AttentionSpec(), dtype=jnp.float32, param_dtype=jnp.float32,
-                 dot_general: DotGeneral = jax.lax.dot_general):
+                 dot_general: DotGeneral = matmul.dot_general):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.spec = spec
         kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general)

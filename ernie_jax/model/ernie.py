@@ -20,6 +20,7 @@ from ernie_jax.model.attention import Attention, attention_spec
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
+from ernie_jax.ops import matmul
 from ernie_jax.ops.cross_entropy import chunked_head_cross_entropy
 from ernie_jax.parallel.context import load_balanced_order
 from ernie_jax.parallel.mesh import constrain_batch
@@ -123,7 +124,7 @@ def linear_dot_general(cfg: Config):
     """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
     fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "linear", cfg.precision.fp8_amax_history)
     if fp8 is None:
-        return jax.lax.dot_general
+        return matmul.dot_general
     return fp8 if fp8.recipe == "delayed" else fp8.dot_general   # Linear keeps the delayed state itself
 
 

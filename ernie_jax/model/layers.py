@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ernie_jax.ops import matmul
+
 DotGeneral = Callable[..., jax.Array]
 
 
@@ -52,7 +54,7 @@ class Linear(nnx.Module):
     `dot_general` is replaceable (FP8, quantised matmuls)."""
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, std: float,
-                 dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general,
+                 dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general,
                  bias: bool = False):
         from ernie_jax.precision.fp8 import DelayedFp8, Fp8Meta
         self.dtype = dtype
@@ -84,14 +86,15 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...h,vh->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        x, e = x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        return matmul.dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())))   # x @ E^T
 
 
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)): the dense FFN, the shared experts and the MTP layer FFN."""
 
     def __init__(self, hidden: int, inter: int, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general):
+                 param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general):
         kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general)
         self.gate_proj = Linear(hidden, inter, axes=("embed", "mlp"), **kw)
         self.up_proj = Linear(hidden, inter, axes=("embed", "mlp"), **kw)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
+from ernie_jax.ops import matmul
 from ernie_jax.precision.remat import checkpoint_name
 
 
@@ -120,11 +121,10 @@ def swiglu_experts(buf: jax.Array, gate, up, down, fp8=None) -> jax.Array:
     """[..., E, C, H] through expert e's SwiGLU for every buffer row of expert e. With `fp8`, the
     inputs arrive quantized; the hidden activation is quantized here and output gradients go e5m2."""
     out = [fp8.out_for(i) if fp8 is not None else (lambda v: v) for i in range(3)]
-    h = jax.nn.silu(out[0](jnp.einsum("...ech,ehi->...eci", buf, gate))) * \
-        out[1](jnp.einsum("...ech,ehi->...eci", buf, up))
+    h = jax.nn.silu(out[0](matmul.expert_matmul(buf, gate))) * out[1](matmul.expert_matmul(buf, up))
     if fp8 is not None:
         h = fp8.act_for(1)(h)
-    return checkpoint_name(out[2](jnp.einsum("...eci,eih->...ech", h, down)), "expert_out")
+    return checkpoint_name(out[2](matmul.expert_matmul(h, down)), "expert_out")
 
 
 def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Array:
@@ -168,7 +168,7 @@ class MoEBlock(nnx.Module):
     """
 
     def __init__(self, hidden: int, moe_cfg, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, dot_general: DotGeneral = jax.lax.dot_general, fp8=None):
+                 param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general, fp8=None):
         self.cfg = moe_cfg
         self.fp8 = fp8  # quantizers for the routed-expert matmuls, or None
         self.gate = Router(hidden, moe_cfg.num_experts, rngs=rngs, std=std)

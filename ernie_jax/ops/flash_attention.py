@@ -56,8 +56,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
     kseg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, tp, _KV_PAD)
     qidx = pad_axis(q_index.astype(jnp.int32), 1, sp, -1)
     kidx = pad_axis(kv_index.astype(jnp.int32), 1, tp, _BIG_INDEX)
-    # the scale is applied to q outside the custom VJP, so autodiff carries it into dq
-    out = _flash(qh * jnp.asarray(scale, qh.dtype), kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk)
+    # the scale is applied to q outside the custom VJP, so autodiff carries it into dq; rows go
+    # one at a time, so a tile is one row's [K,G,bq,bk] and stays in cache whatever the batch
+    def row(args):
+        return _flash(*(a[None] for a in args), causal, bq, bk)[0]
+    out = jax.lax.map(row, (qh * jnp.asarray(scale, qh.dtype), kh, vh, qseg, kseg, qidx, kidx))
     return out[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
 
