@@ -30,15 +30,16 @@ def test_load_balanced_order():
 
 def _batch(cfg, three_d=False):
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
-    seg = np.ones((BATCH, SEQ), np.int32)
+    seq = cfg.data.seq_len
+    ids = rng.integers(3, cfg.model.vocab_size, (BATCH, seq + 1)).astype(np.int32)
+    seg = np.ones((BATCH, seq), np.int32)
     seg[1, 10:] = 2    # packed rows
     seg[3, 5:20] = 2
     seg[3, 20:] = 3
     seg[2, 25:] = 0    # padding
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "segment_ids": seg, "loss_mask": (seg > 0).astype(np.float32)}
     if three_d:        # (t, h, w): a few "image" stretches where h and w differ from t
-        pos = np.repeat(np.arange(SEQ)[None, :, None], 3, axis=2).repeat(BATCH, axis=0)
+        pos = np.repeat(np.arange(seq)[None, :, None], 3, axis=2).repeat(BATCH, axis=0)
         pos[:, 8:12, 1] += np.array([0, 0, 1, 1])
         pos[:, 8:12, 2] += np.array([0, 1, 0, 1])
         batch["positions"] = pos.astype(np.int32)
@@ -98,3 +99,14 @@ def test_context_with_pipeline_and_tensor():
     pipe = ["mesh.pipeline=2", "model.num_layers=5"]
     _compare(["mesh.context=2", "mesh.data=2", *pipe], reference_mesh=["mesh.data=4", *pipe])
     _compare(["mesh.context=2", "mesh.tensor=2", "mesh.data=2"])
+
+
+@pytest.mark.slow
+def test_splash_kernel_per_shard_equals_flash():
+    """The TPU path of context parallelism (keys back in natural order, one causal splash kernel
+    per shard picked by lax.switch), run in Pallas interpret mode on 4 CPU devices."""
+    splash = ["model.attention=splash", "model.attention_interpret=true", "model.attention_block_q=128",
+              "model.attention_block_kv=128", "data.seq_len=512", "model.num_layers=2"]
+    cfg = load_config("configs/tiny_moe.yaml", BASE + splash + ["mesh.context=2", "mesh.data=4"])
+    ref = _loss_and_grads(load_config("configs/tiny_moe.yaml", BASE + ["data.seq_len=512", "model.num_layers=2"]), None)
+    _assert_same(_loss_and_grads(cfg, build_mesh(cfg)), ref, rtol=2e-5)

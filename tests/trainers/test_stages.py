@@ -26,7 +26,7 @@ def _write_cfg(tmp_path) -> str:
         stages = yaml.safe_load(f)["stages"]
     for st in stages:
         st["steps"] = STEPS[st["name"]]
-        st["set"] = [x for x in st["set"] if "batch_size" not in x]
+        st["set"] = [x if "seq_len=8192" not in x else "data.seq_len=512" for x in st["set"] if "batch_size" not in x]
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"base": base, **SMALL, "stages": stages}))
     return str(path)

@@ -93,12 +93,30 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
     (["data.source=/nonexistent/corpus.txt"], "data.source: /nonexistent/corpus.txt matches no file"),
     (["model.vocab_size=1000"], "tokenizer has 4096 tokens but model.vocab_size=1000"),
     (["data.tokenizer=/nonexistent"], "no tokenizer.model or tokenizer.json"),
+    (["model.attention=flashy"], "model.attention='flashy' is not allowed"),
+    (["model.attention=splash"], "model.attention=splash needs a TPU but this run is on cpu"),
+    (["model.attention=cudnn"], "model.attention=cudnn needs a GPU but this run is on cpu"),
+    (["mesh.context=3"], "data.seq_len=32 is not divisible by 2 x mesh.context = 6"),
 ])
 def test_bad_input_one_line_before_compute(tmp_path, sets, fragment):
     r = _cli(tmp_path / "w", "train.steps=2", *sets)
     assert r.returncode == 2
     assert fragment in r.stderr and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_out_of_memory_is_one_line_before_the_first_step(tmp_path):
+    """A step XLA says cannot fit (dense attention's S x S logits at 64K tokens) is refused after
+    compiling, before it runs, with the settings that would fix it."""
+    r = _cli(tmp_path / "w", "train.steps=2", "model.attention=dense", "data.seq_len=65536", "data.batch_size=1",
+             "model.max_position_embeddings=65536", "model.num_layers=1", "model.mtp_depth=0")
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr
+    assert "out of memory: the compiled train step needs" in errors[0]
+    for fix in ("data.seq_len=65536", "model.attention=flash", "model.remat=full", "mesh.context"):
+        assert fix in errors[0]
+    assert not os.path.isdir(tmp_path / "w" / "checkpoints") or not os.listdir(tmp_path / "w" / "checkpoints")
 
 
 def test_empty_corpus_and_unwritable_workdir(tmp_path):
