@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 
 # the local backend stays the CPU; the TPU exists only as a compile target
@@ -27,7 +28,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "YAML config file (configs/*.yaml)")
 flags.DEFINE_string("topology", "v5p:4x4x8", "TPU topology, e.g. v5e:2x2, v5p:4x4x8, v6e:16x16")
 flags.DEFINE_multi_string("set", [], "config override, repeatable: --set data.seq_len=32768")
-flags.DEFINE_bool("json", False, "print one JSON object instead of the report")
+flags.DEFINE_bool("json", False, "print one JSON object per compiled config instead of the report")
+flags.DEFINE_string("stage", "", "for a config with stages: compile only this stage (default: every stage)")
 
 # HBM per chip in bytes (vendor figures)
 HBM_BYTES = {"TPU v4": 32 << 30, "TPU v5 lite": 16 << 30, "TPU v5e": 16 << 30, "TPU v5p": 95 << 30,
@@ -78,6 +80,7 @@ def abstract_batch(cfg, mesh) -> dict:
 def compile_report(cfg, topology: str) -> dict:
     """Compile cfg's train step for `topology`; per-chip memory, FLOPs and whether it fits."""
     import jax
+    from ernie_jax.errors import is_out_of_memory
     from ernie_jax.metrics import PEAK_FLOPS, train_flops_per_token
     from ernie_jax.model import build_model
     from ernie_jax.ops.attention import resolve_backend
@@ -94,12 +97,23 @@ def compile_report(cfg, topology: str) -> dict:
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
     graphdef, state = abstract_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
     step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, cfg.train.steps), state, mesh)
-    compiled = step.lower(state, abstract_batch(cfg, mesh)).compile()
+    kind = devices[0].device_kind
+    hbm = _lookup(HBM_BYTES, kind)
+    try:
+        compiled = step.lower(state, abstract_batch(cfg, mesh)).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        # the TPU compiler refuses programs that exceed HBM: report it as "does not fit"
+        need = re.search(r"temporaries \(([\d.]+)G\)", str(e))
+        return {"topology": topology, "chips": len(devices), "device_kind": kind, "mesh": describe(mesh),
+                "attention": backend, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
+                "fits": False, "hbm_gb": hbm / 1e9 if hbm else None,
+                "temp_gb": float(need.group(1)) * 2**30 / 1e9 if need else None,
+                "compile_error": str(e).strip().splitlines()[0][:300]}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    kind = devices[0].device_kind
-    hbm = _lookup(HBM_BYTES, kind)
     per_chip = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     peak = _lookup(PEAK_FLOPS, kind)
@@ -119,6 +133,13 @@ def compile_report(cfg, topology: str) -> dict:
 
 
 def _print(r: dict, config: str) -> None:
+    if "compile_error" in r:
+        need = f"{r['temp_gb']:.0f} GB of temporaries" if r["temp_gb"] else "more than the chip has"
+        print(f"{config} on {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}, attention "
+              f"{r['attention']}\n  DOES NOT FIT: the TPU compiler needs {need} per chip, the chip has "
+              f"{r['hbm_gb']:.1f} GB; use more chips, mesh.context / mesh.fsdp, model.remat=full or a smaller "
+              f"data.batch_size")
+        return
     fits = "fits" if r["fits"] else "DOES NOT FIT"
     hbm = f"{r['hbm_gb']:.1f}" if r["hbm_gb"] else "?"
     print(f"{config} on {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}, attention {r['attention']}")
@@ -142,17 +163,24 @@ def main(argv) -> int:
         return 2
     from absl import logging
     logging.set_verbosity(logging.ERROR)
-    from ernie_jax.config import load_config
-    from ernie_jax.errors import ErnieJaxError
+    from ernie_jax.config import load_config, stage_config
+    from ernie_jax.errors import ConfigError, ErnieJaxError
     try:
-        report = compile_report(load_config(FLAGS.config, FLAGS.set), FLAGS.topology)
+        cfg = load_config(FLAGS.config, FLAGS.set)
+        names = [st.name for st in cfg.stages]
+        if FLAGS.stage and FLAGS.stage not in names:
+            raise ConfigError(f"--stage {FLAGS.stage}: the config has no such stage; its stages are {names or 'none'}")
+        todo = [(f"{FLAGS.config} [{st.name}]", stage_config(cfg, st)) for st in cfg.stages
+                if FLAGS.stage in ("", st.name)] or [(FLAGS.config, cfg)]
+        for label, run_cfg in todo:
+            report = compile_report(run_cfg, FLAGS.topology)
+            if FLAGS.json:
+                print(json.dumps({"config": label, **report}))
+            else:
+                _print(report, label)
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if FLAGS.json:
-        print(json.dumps(report))
-    else:
-        _print(report, FLAGS.config)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Expert-parallel transports inside `jax.shard_map` (CPU-safe collectives only).
 
-Tokens are split over the batch axes (data x fsdp x expert), experts over `expert`. Routing is done
-outside (globally, so router losses see every token); here each device moves token copies to the
-devices that own the chosen experts and brings the results back:
+Tokens are split over the batch axes (data x fsdp x expert) and the context shards, experts over
+`expert`. Routing is done outside (globally, so router losses see every token); here each device
+moves token copies to the devices that own the chosen experts and brings the results back:
 
 - all_to_all: local buffers [E, C, H] (C from the local token count), exchanged so each device gets
   [ep, E_local, C, H] for its experts, computed, exchanged back, combined.
@@ -21,14 +21,15 @@ from jax.sharding import PartitionSpec as P
 from ernie_jax.model.moe import assignment_slots, combine, dispatch, expert_capacity, swiglu_experts
 from ernie_jax.precision.fp8 import BoundExperts, ShardedBoundExperts
 
-BATCH_AXES = ("data", "fsdp", "expert")
+# the flattened tokens [B*S] split over the batch axes and, minor, the sequence shards (context)
+BATCH_AXES = ("data", "fsdp", "expert", "context")
 
 
 def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh, fp8=None):
     """x [T,H], idx/weights [T,K], mask [T], kernels ([E,H,I],[E,H,I],[E,I,H]) -> (y [T,H], kept [T,K]).
     `fp8`: current/blockwise quantizers, or a delayed-scaling group bound to its amax history, which
     then enters the shard_map as a replicated input (its cotangent carries the amaxes out)."""
-    batch = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     tok2, tok1, exp = P(batch, None), P(batch), P("expert", None, None)
     local = _all_to_all_local if cfg.transport == "all_to_all" else _allgather_local
     fn = functools.partial(local, num_experts=cfg.num_experts, top_k=cfg.top_k, factor=cfg.capacity_factor,

@@ -109,7 +109,7 @@ def test_out_of_memory_is_one_line_before_the_first_step(tmp_path):
     """A step XLA says cannot fit (dense attention's S x S logits at 64K tokens) is refused after
     compiling, before it runs, with the settings that would fix it."""
     r = _cli(tmp_path / "w", "train.steps=2", "model.attention=dense", "data.seq_len=65536", "data.batch_size=1",
-             "model.max_position_embeddings=65536", "model.num_layers=1", "model.mtp_depth=0")
+             "model.max_position_embeddings=65536", "model.mtp_depth=0")
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr
