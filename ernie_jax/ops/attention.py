@@ -7,7 +7,8 @@
 - `splash`: the TPU Pallas splash-attention kernel with `SegmentIds` and a causal mask.
 - `cudnn`: on GPUs, cuDNN's fused attention through `jax.nn.dot_product_attention` for unpacked
   rows, and the Pallas GPU flash kernel (which takes segment ids) for packed rows.
-- `auto`: splash on TPU, cudnn on GPU, flash elsewhere.
+- `auto`: splash on TPU, cudnn on GPU; elsewhere dense up to `AUTO_DENSE_MAX` keys (it is faster
+  there and compiles faster: scripts/bench_attention.py), flash beyond.
 
 The mask is always described by vectors: segment ids (a query sees only its own segment; padding
 is its own segment, so no row is empty) and, for causal attention, token indices. Indices are
@@ -34,6 +35,9 @@ _PLATFORM_OF = {"splash": "tpu", "cudnn": "gpu"}
 # (block_q, block_kv) when the config leaves them 0: flash's tiles are sized for CPU caches
 # (scripts/bench_attention.py), splash's are MaxText's defaults
 DEFAULT_BLOCKS = {"flash": (256, 256), "splash": (512, 512)}
+# `auto` off TPU / GPU: at <= 512 keys dense attention is faster than flash on the CPU (2-core
+# machine: 21.7 vs 25.1 ms fwd+bwd at S=512, D=64) and its S x T logits are small
+AUTO_DENSE_MAX = 512
 
 
 @dataclass(frozen=True)
@@ -52,12 +56,14 @@ def platform_name(platform: str) -> str:
     return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
 
 
-def resolve_backend(name: str, platform: str) -> str:
-    """The backend `name` means on `platform` ('auto' -> splash / cudnn / flash)."""
+def resolve_backend(name: str, platform: str, kv_length: int | None = None) -> str:
+    """The backend `name` means on `platform` for `kv_length` keys ('auto' -> splash / cudnn, else
+    dense for short sequences and flash for long or unknown ones)."""
     if name not in BACKENDS:
         raise ConfigError(f"model.attention={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
     if name == "auto":
-        return {"tpu": "splash", "gpu": "cudnn"}.get(platform_name(platform), "flash")
+        short = kv_length is not None and kv_length <= AUTO_DENSE_MAX
+        return {"tpu": "splash", "gpu": "cudnn"}.get(platform_name(platform), "dense" if short else "flash")
     return name
 
 
@@ -71,10 +77,10 @@ def check_backend(name: str, platform: str, interpret: bool = False) -> str:
     return backend
 
 
-def resolve(spec: AttentionSpec, platform: str) -> tuple[str, AttentionSpec]:
+def resolve(spec: AttentionSpec, platform: str, kv_length: int | None = None) -> tuple[str, AttentionSpec]:
     """(backend, spec with its tile sizes filled in) for `platform`. Traced code calls this: an
     explicit backend is taken as given (the ahead-of-time compile traces TPU code on a CPU host)."""
-    backend = resolve_backend(spec.backend, platform)
+    backend = resolve_backend(spec.backend, platform, kv_length)
     bq, bk = DEFAULT_BLOCKS.get(backend, (512, 512))
     return backend, dataclasses.replace(spec, backend=backend, block_q=spec.block_q or bq,
                                         block_kv=spec.block_kv or bk)
@@ -85,7 +91,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_id
                           kv_index: jax.Array | None = None, spec: AttentionSpec = AttentionSpec()) -> jax.Array:
     """q [B,S,N,D], k/v [B,T,K,D]; segment ids [B,S] / [B,T] (None: one segment); token indices
     [B,S] / [B,T] (None: natural order) -> [B,S,N,D]. Softmax statistics are fp32."""
-    backend, resolved = resolve(spec, jax.default_backend())
+    backend, resolved = resolve(spec, jax.default_backend(), k.shape[1])
     ordered = q_index is None and kv_index is None
     if backend in ("splash", "cudnn") and not ordered:
         _log_once(f"attention: {backend} takes tokens in natural order only; reordered tokens (context "

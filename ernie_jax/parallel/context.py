@@ -112,7 +112,7 @@ def context_parallel_attention(q, k, v, segment_ids, token_index, spec: Attentio
         raise ValueError("context-parallel attention needs the tokens' original indices (token_index)")
     batch, heads = _layout(mesh, q, k)
     act, tok = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
-    backend, spec = resolve(spec, jax.default_backend())
+    backend, spec = resolve(spec, jax.default_backend(), s)
     local = functools.partial(_splash_local if backend == "splash" else _gathered_local, spec=spec, context=c)
     return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, tok, tok), out_specs=act,
                          check_vma=False)(q, k, v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32))

@@ -15,6 +15,8 @@ def test_auto_picks_the_platform_kernel():
     assert resolve_backend("auto", "tpu") == "splash"
     assert resolve_backend("auto", "cuda") == "cudnn"
     assert resolve_backend("auto", "cpu") == "flash"
+    assert resolve_backend("auto", "cpu", 512) == "dense" and resolve_backend("auto", "cpu", 513) == "flash"
+    assert resolve_backend("auto", "tpu", 128) == "splash"
 
 
 @pytest.mark.parametrize("name,platform,words", [("splash", "cpu", "needs a TPU"), ("cudnn", "cpu", "needs a GPU"),

@@ -16,7 +16,7 @@ from tests.parallel.sharded import model_state, place_batch, run
 
 BATCH, SEQ = 8, 32
 BASE = ["model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0", f"data.batch_size={BATCH}",
-        f"data.seq_len={SEQ}", "model.num_layers=3", "model.attention=flash", "model.attention_block_q=8",
+        f"data.seq_len={SEQ}", "model.num_layers=2", "model.attention=flash", "model.attention_block_q=8",
         "model.attention_block_kv=8", "model.logits_chunk=4"]
 
 
@@ -78,13 +78,14 @@ def test_context4_data2_equals_single_device():
     _compare(["mesh.context=4", "mesh.data=2"])
 
 
+@pytest.mark.slow
 def test_context_order_without_a_mesh_equals_natural_order():
     """mesh.context reorders the tokens even when no mesh is set: the model undoes it exactly."""
     ref = _loss_and_grads(load_config("configs/tiny_moe.yaml", BASE), None)
     _assert_same(_loss_and_grads(load_config("configs/tiny_moe.yaml", BASE + ["mesh.context=2"]), None), ref)
 
 
-@pytest.mark.parametrize("transport", ["auto", "all_to_all"])
+@pytest.mark.parametrize("transport", [pytest.param("auto", marks=pytest.mark.slow), "all_to_all"])
 def test_context2_expert2_data2_equals_single_device(transport):
     _compare(["mesh.context=2", "mesh.expert=2", "mesh.data=2"], base=[f"moe.transport={transport}"])
 
