@@ -41,8 +41,8 @@ class ModelConfig:
     remat: Literal["none", "full", "dots_saveable", "save_attention_out", "save_qkv_recompute_mlp", "named"] = "none"
     remat_names: tuple[str, ...] = ()  # with remat: named, e.g. [qkv, attn_out, expert_out]
     remat_offload: bool = False  # named activations go to host memory instead of being kept
-    # attention backend (ernie_jax/ops/attention.py): auto = splash on TPU, cudnn on GPU, flash elsewhere;
-    # dense materialises S x S logits (the reference)
+    # attention backend (ernie_jax/ops/attention.py): auto = splash on TPU, cudnn on GPU, elsewhere
+    # dense up to 512 keys and flash beyond; dense materialises S x S logits (the reference)
     attention: Literal["auto", "dense", "flash", "cudnn", "splash"] = "auto"
     attention_block_q: int = 0      # query tile of flash / splash; 0: the backend's default
     attention_block_kv: int = 0     # key/value tile; 0: the backend's default
