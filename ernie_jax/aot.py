@@ -86,6 +86,7 @@ def compile_report(cfg, topology: str) -> dict:
     from ernie_jax.ops.attention import resolve_backend
     from ernie_jax.parallel.mesh import build_mesh, data_parallel_size, describe
     from ernie_jax.trainers.loop import check_run_settings, jit_train_step
+    from ernie_jax.trainers.memory import step_bytes
     from ernie_jax.trainers.pretrain import lm_objective
     from ernie_jax.trainers.state import abstract_train_state, make_optimizer
     from ernie_jax.trainers.step import make_train_step
@@ -99,6 +100,9 @@ def compile_report(cfg, topology: str) -> dict:
     step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, cfg.train.steps), state, mesh)
     kind = devices[0].device_kind
     hbm = _lookup(HBM_BYTES, kind)
+    head = {"topology": topology, "chips": len(devices), "device_kind": kind, "mesh": describe(mesh),
+            "attention": backend, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
+            "hbm_gb": hbm / 1e9 if hbm else None}
     try:
         compiled = step.lower(state, abstract_batch(cfg, mesh)).compile()
     except jax.errors.JaxRuntimeError as e:
@@ -106,26 +110,21 @@ def compile_report(cfg, topology: str) -> dict:
             raise
         # the TPU compiler refuses programs that exceed HBM: report it as "does not fit"
         need = re.search(r"temporaries \(([\d.]+)G\)", str(e))
-        return {"topology": topology, "chips": len(devices), "device_kind": kind, "mesh": describe(mesh),
-                "attention": backend, "seq_len": cfg.data.seq_len, "batch_size": cfg.data.batch_size,
-                "fits": False, "hbm_gb": hbm / 1e9 if hbm else None,
-                "temp_gb": float(need.group(1)) * 2**30 / 1e9 if need else None,
+        return {**head, "fits": False, "temp_gb": float(need.group(1)) * 2**30 / 1e9 if need else None,
                 "compile_error": str(e).strip().splitlines()[0][:300]}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    per_chip = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    per_chip = step_bytes(compiled)
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     peak = _lookup(PEAK_FLOPS, kind)
     tokens = cfg.optimizer.grad_accum_steps * cfg.data.batch_size * cfg.data.seq_len
     model_flops = train_flops_per_token(cfg, cfg.data.seq_len) * tokens / len(devices)
     return {
-        "topology": topology, "chips": len(devices), "device_kind": kind, "mesh": describe(mesh),
-        "data_parallel": data_parallel_size(mesh), "attention": backend, "seq_len": cfg.data.seq_len,
-        "batch_size": cfg.data.batch_size, "tokens_per_step": tokens,
+        **head, "data_parallel": data_parallel_size(mesh), "tokens_per_step": tokens,
         "argument_gb": mem.argument_size_in_bytes / 1e9, "temp_gb": mem.temp_size_in_bytes / 1e9,
         "output_gb": (mem.output_size_in_bytes - mem.alias_size_in_bytes) / 1e9, "per_chip_gb": per_chip / 1e9,
-        "hbm_gb": hbm / 1e9 if hbm else None, "fits": bool(hbm and per_chip <= hbm),
+        "fits": bool(hbm and per_chip <= hbm),
         "compiled_tflops_per_chip": flops / 1e12, "model_tflops_per_chip": model_flops / 1e12,
         "step_s_at_peak": model_flops / peak if peak else None,
         "step_s_at_ernie_mfu": model_flops / (peak * ERNIE_MFU) if peak else None,

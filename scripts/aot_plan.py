@@ -13,28 +13,24 @@ import json
 import subprocess
 import sys
 
-# (label, config, topology, overrides): meshes chosen so each sequence fits; long rows split the
-# sequence over mesh.context and recompute each layer in the backward pass
 EP = ["moe.dispatch=capacity", "moe.capacity_factor=1.25", "moe.transport=all_to_all"]
+
+
+def row(label: str, model: str, topology: str, seq: int, batch: int, fsdp: int, context: int = 1):
+    """(label, config, topology, overrides): expert=8 throughout; long rows split the sequence over
+    mesh.context; every layer is recomputed in the backward pass."""
+    return (label, f"configs/ernie45_{model}.yaml", topology,
+            [f"data.seq_len={seq}", f"data.batch_size={batch}", "mesh.data=1", f"mesh.fsdp={fsdp}", "mesh.expert=8",
+             f"mesh.context={context}", "model.remat=full", *EP])
+
+
 PLAN = [
-    ("21B-A3B 4K", "configs/ernie45_21b_a3b.yaml", "v5p:4x4x8",
-     ["data.seq_len=4096", "data.batch_size=128", "mesh.data=1", "mesh.fsdp=16", "mesh.expert=8", "model.remat=full",
-      *EP]),
-    ("21B-A3B 32K", "configs/ernie45_21b_a3b.yaml", "v5p:4x4x8",
-     ["data.seq_len=32768", "data.batch_size=16", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=8", "mesh.context=8",
-      "model.remat=full", *EP]),
-    ("21B-A3B 128K", "configs/ernie45_21b_a3b.yaml", "v5p:4x4x8",
-     ["data.seq_len=131072", "data.batch_size=8", "mesh.data=1", "mesh.fsdp=1", "mesh.expert=8", "mesh.context=16",
-      "model.remat=full", *EP]),
-    ("300B-A47B 4K", "configs/ernie45_300b_a47b.yaml", "v5p:8x8x16",
-     ["data.seq_len=4096", "data.batch_size=1024", "mesh.data=1", "mesh.fsdp=128", "mesh.expert=8", "model.remat=full",
-      *EP]),
-    ("300B-A47B 32K", "configs/ernie45_300b_a47b.yaml", "v5p:8x8x16",
-     ["data.seq_len=32768", "data.batch_size=128", "mesh.data=1", "mesh.fsdp=16", "mesh.expert=8", "mesh.context=8",
-      "model.remat=full", *EP]),
-    ("300B-A47B 128K", "configs/ernie45_300b_a47b.yaml", "v5p:8x8x16",
-     ["data.seq_len=131072", "data.batch_size=32", "mesh.data=1", "mesh.fsdp=4", "mesh.expert=8", "mesh.context=32",
-      "model.remat=full", *EP]),
+    row("21B-A3B 4K", "21b_a3b", "v5p:4x4x8", 4096, 128, fsdp=16),
+    row("21B-A3B 32K", "21b_a3b", "v5p:4x4x8", 32768, 16, fsdp=2, context=8),
+    row("21B-A3B 128K", "21b_a3b", "v5p:4x4x8", 131072, 8, fsdp=1, context=16),
+    row("300B-A47B 4K", "300b_a47b", "v5p:8x8x16", 4096, 1024, fsdp=128),
+    row("300B-A47B 32K", "300b_a47b", "v5p:8x8x16", 32768, 128, fsdp=16, context=8),
+    row("300B-A47B 128K", "300b_a47b", "v5p:8x8x16", 131072, 32, fsdp=4, context=32),
 ]
 
 
