@@ -196,6 +196,8 @@ class TrainConfig:
     modality_detach: bool = False
     # multimodal token-balanced LM loss: sum of text-token losses / all tokens in the batch
     token_balanced_loss: bool = False
+    # a step with a non-finite loss / gradient is skipped (no update); this many in a row stop the run
+    max_skipped_steps: int = 10
 
 
 @dataclass(frozen=True)

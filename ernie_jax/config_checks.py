@@ -1,6 +1,8 @@
 """Cross-field config checks: each failure is one line that names the key and how to fix it."""
 from __future__ import annotations
 
+import re
+
 from ernie_jax.config import FREEZE_GROUPS, Config, is_moe_layer, stage_config
 from ernie_jax.errors import ConfigError
 
@@ -87,7 +89,13 @@ def check_config(cfg: Config) -> None:
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
+    _require(cfg.train.max_skipped_steps >= 1, f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 1 "
+                                                f"(non-finite steps in a row that stop the run)")
     names = [st.name for st in cfg.stages]
+    for name in names:   # a stage's name is a directory under the workdir: no separators, no '..'
+        _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None and ".." not in name,
+                 f"stages: name {name!r} must be a plain identifier (letters, digits, '_', '-', '.'; no '/' "
+                 f"or '..'), e.g. long_text")
     _require(len(set(names)) == len(names), f"stages: names must be unique, got {names}")
     for st in cfg.stages:
         _require(st.steps >= 1, f"stages[{st.name}].steps={st.steps} must be >= 1")

@@ -17,6 +17,10 @@ class CheckpointError(ErnieJaxError, ValueError):
     """A checkpoint (orbax or Hugging Face) is missing, corrupt or of another model."""
 
 
+class TrainingError(ErnieJaxError, RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the checkpoints written so far are kept."""
+
+
 class ResourceError(ErnieJaxError, RuntimeError):
     """The run does not fit the device memory (found at compile time or when a step allocates)."""
 

@@ -118,7 +118,8 @@ class Console:
         width = 20
         done = int(width * step / max(total, 1))
         bar = "#" * done + "." * (width - done)
-        parts = [f"[{bar}] {step}/{total}", f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"]
+        parts = [f"[{bar}] {step}/{total}"]
+        parts += [f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"] if "loss" in m else ["every step skipped"]
         if "tokens_per_s" in m:
             parts.append(f"{m['tokens_per_s']:.0f} tok/s")
         if "mfu" in m:

@@ -143,6 +143,32 @@ def activation_batch_axes(mesh, in_stage: bool = False) -> tuple[str, ...]:
     return tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1 and not (in_stage and a == "pipeline"))
 
 
+def token_groups(batch: int, seq_len: int,
+                 skip: tuple[str, ...] = ("pipeline",)) -> tuple[int, int, tuple[str, ...]]:
+    """(row shards, sequence shards, their mesh axes) that activations [B, S, ...] of this shape
+    are split into under the mesh set with `jax.set_mesh` ((1, 1, ()) without one): the batch
+    axes that divide B, but those in `skip` (`pipeline`: MoE layers run inside pipeline stages),
+    then the context axis. Per-token work that is not independent across tokens (expert dispatch) runs once
+    per group, group g = row shard x seqs + sequence shard."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1, 1, ()
+    rows, axes = 1, []
+    for a in LOGICAL_RULES["batch"]:
+        n = mesh.shape.get(a, 1) if a not in skip else 1
+        if n > 1 and batch % (rows * n) == 0:
+            rows *= n
+            axes.append(a)
+    context = mesh.shape.get("context", 1)
+    seqs = context if context > 1 and seq_len % context == 0 else 1
+    return rows, seqs, tuple(axes) + (("context",) if seqs > 1 else ())
+
+
+def constrain_groups(x, axes: tuple[str, ...]):
+    """Pin dim 0 (the token groups of `token_groups`) to `axes`, other dims left to XLA."""
+    return jax.lax.with_sharding_constraint(x, P(axes, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+
 def describe(mesh: Mesh) -> str:
     return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
 from ernie_jax.config import Config, to_dict
-from ernie_jax.errors import CheckpointError, ConfigError, DataError, is_out_of_memory
+from ernie_jax.errors import CheckpointError, ConfigError, DataError, TrainingError, is_out_of_memory
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model import build_model
 from ernie_jax.ops.attention import check_backend
@@ -322,8 +322,24 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     sums, count = None, 0
     t_log, t_first, steps_timed = time.perf_counter(), None, 0
 
+    skips = SkipCounter(cfg.train.max_skipped_steps)
+
     def save(step):
+        if not bool(_all_finite(state["params"])):   # one pass over the params, at save time only
+            console.say(f"warning: params are not finite at step {step}; checkpoint not written "
+                        f"(the newest one is kept)")
+            return
         ckpt.save(step, state, task.train_iter.get_state(), config_dict)
+
+    def check_skips(step):
+        """Counts the skipped steps since the last check (one host read); stops on a run of them."""
+        try:
+            skips.update(step)
+        except TrainingError:
+            ckpt.wait()
+            saved = ckpt.steps()
+            raise TrainingError(f"{skips.message}; the newest checkpoint is "
+                                f"{f'step {saved[-1]}' if saved else 'none'} in {ckpt.directory}") from None
 
     compiled: dict = {}
 
@@ -346,13 +362,21 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                 step += 1
                 sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
                 count += 1
+                skips.flags.append(metrics["skipped"])
                 if t_first is None:
                     jax.block_until_ready(metrics)
                     t_first, t_log, count_at_first = time.perf_counter(), time.perf_counter(), step
                 if step % cfg.log.interval == 0 or step == cfg.train.steps:
                     host = jax.device_get(sums)
                     now = time.perf_counter()
-                    row = {k: v / count for k, v in host.items() if k != "tokens"}
+                    skipped = int(host.pop("skipped"))
+                    # averages over the steps that updated; none when every step was skipped
+                    row = {k: v / (count - skipped) for k, v in host.items() if k != "tokens"} \
+                        if count > skipped else {}
+                    row["skipped_steps"] = skipped
+                    if skipped:
+                        console.say(f"warning: {skipped} of the last {count} steps skipped (non-finite loss or "
+                                    f"gradients; {skips.total} in this run): params left unchanged")
                     timed = step - count_at_first
                     if timed > 0 and now > t_log:
                         steps_since = min(count, timed)
@@ -366,6 +390,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                     writer.write(step_offset + step, {**row, **tags})
                     last = row
                     sums, count, t_log = None, 0, time.perf_counter()
+                    check_skips(step)
                 if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                     ev = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
                     writer.write(step_offset + step, {**ev, **tags})
@@ -373,6 +398,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                     console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}")
                     last = {**last, **ev}
                 if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or flag.stop:
+                    check_skips(step)
                     save(step)
             if start >= cfg.train.steps and task.eval_batches is not None:
                 # resumed after the last step (e.g. a stage whose summary was not written): report its eval
@@ -390,6 +416,39 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
     ckpt.close()
     writer.close()
     return {**last, "stopped": flag.stop}
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.inexact)]))
+
+
+class SkipCounter:
+    """Steps the train step skipped (non-finite loss / gradients / updates): their per-step flags
+    stay on the device until a log line or a save reads them; `max_in_a_row` in a row stop the run."""
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row, self.flags = max_in_a_row, []
+        self.in_a_row = self.total = 0
+        self.first = None
+        self.message = ""
+
+    def update(self, step: int) -> None:
+        flags, self.flags = jax.device_get(self.flags), []
+        for k, skipped in enumerate(flags):
+            if skipped > 0:
+                self.in_a_row += 1
+                self.total += 1
+                self.first = step - len(flags) + k + 1 if self.in_a_row == 1 else self.first
+            else:
+                self.in_a_row = 0
+            if self.in_a_row >= self.max_in_a_row:
+                self.message = (f"loss or gradients not finite for {self.in_a_row} steps in a row (steps "
+                                f"{self.first}-{self.first + self.in_a_row - 1}, updates skipped; "
+                                f"train.max_skipped_steps={self.max_in_a_row}): lower optimizer.learning_rate, "
+                                f"raise optimizer.warmup_steps or check the data")
+                raise TrainingError(self.message)
 
 
 def evaluate_task(eval_step, state, task: Task, mesh, steps: int) -> dict:

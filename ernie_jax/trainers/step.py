@@ -3,6 +3,10 @@
 A batch holds `grad_accum_steps` micro-batches on a leading axis [A, B, S]; they go through a
 scan, gradients are averaged, one optimizer update follows, then the non-optimizer rules run:
 the aux-loss-free correction-bias update and the decoupled orthogonal router step.
+
+A step whose loss, gradients or updates are not finite changes nothing (params, optimizer state,
+routing biases and FP8 histories stay as they were; the step counter and the data move on): its
+metrics read 0 with `skipped` 1, and the loop counts and stops on a run of them.
 """
 from __future__ import annotations
 
@@ -81,6 +85,11 @@ def _replace(tree: dict, path: tuple, value) -> dict:
     return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
 
 
+def _where(keep_new: jax.Array, new, old):
+    """`new` where `keep_new`, else `old`, leaf by leaf (a skipped step leaves the state as it was)."""
+    return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
+
+
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, objective: Objective,
                     total_steps: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     schedule = lr_schedule(cfg.optimizer, total_steps)
@@ -111,35 +120,41 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
 
         def micro_step(acc, micro):
             micro = with_reference(state, buffers, micro)
-            (_, (metrics, load)), grads = grad_fn(params, buffers, micro)
+            (loss, (metrics, load)), grads = grad_fn(params, buffers, micro)
             grads, amax = grads if fp8_state else (grads, None)
             if cfg.train.modality_detach:
                 grads = _detach_language_model(grads, micro, cfg)
-            acc_grads, acc_metrics, acc_load, acc_amax = acc
-            summed = jax.tree.map(jnp.add, (acc_grads, acc_metrics, acc_load), (grads, metrics, load))
+            acc_loss, acc_grads, acc_metrics, acc_load, acc_amax = acc
+            summed = jax.tree.map(jnp.add, (acc_loss, acc_grads, acc_metrics, acc_load), (loss, grads, metrics, load))
             amax = None if amax is None else jax.tree.map(jnp.maximum, acc_amax, amax)
             return (*summed, amax), None
 
         first = with_reference(state, buffers, jax.tree.map(lambda x: x[0], batch))
-        (_, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(grad_fn, params, buffers, first)
+        (loss_shape, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(grad_fn, params, buffers, first)
         grads_shape, amax_shape = grads_shape if fp8_state else (grads_shape, None)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape, load_shape, amax_shape))
-        (grads, metrics, load, amax), _ = jax.lax.scan(micro_step, zeros, batch)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             (loss_shape, grads_shape, metrics_shape, load_shape, amax_shape))
+        (loss, grads, metrics, load, amax), _ = jax.lax.scan(micro_step, zeros, batch)
         n = batch["input_ids"].shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: (v if k == "tokens" else v / n) for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        params, buffers = _post_step_rules(cfg, params, buffers, load)
+        new_params = optax.apply_updates(params, updates)
+        new_params, new_buffers = _post_step_rules(cfg, new_params, buffers, load)
         if fp8_state:
             from ernie_jax.precision.fp8 import update_histories
-            buffers = update_histories(buffers, amax)
+            new_buffers = update_histories(new_buffers, amax)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
         if "gate" in load:
             metrics.update(load_statistics(load["gate"]))
         if "vision_gate" in load:
             metrics.update({"vision_" + k: v for k, v in load_statistics(load["vision_gate"]).items()})
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(optax.tree.norm(updates))
+        params, buffers, opt_state = _where(finite, (new_params, new_buffers, opt_state),
+                                            (params, buffers, state["opt_state"]))
+        metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         new_state = {**state, "step": state["step"] + 1, "params": params, "buffers": buffers,
                      "opt_state": opt_state}
         return new_state, metrics

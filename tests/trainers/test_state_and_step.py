@@ -101,3 +101,25 @@ def test_objective_pieces_against_numpy():
     ce = lse - np.take_along_axis(logits, shifted[..., None], -1)[..., 0]
     valid = mask * np.pad(mask[:, 1:], ((0, 0), (0, 1)))
     np.testing.assert_allclose(got, (ce * valid).sum() / valid.sum(), rtol=1e-5)
+
+
+def test_non_finite_step_changes_nothing():
+    """A step whose loss is NaN (its labels' mask is NaN) leaves params, optimizer state and the
+    routing biases bitwise as they were, reports skipped=1 and zeroed metrics; the next finite
+    step updates as usual."""
+    cfg = _cfg("moe.bias_update_rate=0.01", "optimizer.warmup_steps=0")
+    step, state = _step(cfg)
+    before = jax.tree.map(np.asarray, state)
+    bad = _batch(cfg, 1)
+    bad["loss_mask"] = bad["loss_mask"] * np.nan
+    after, metrics = step(jax.tree.map(jnp.asarray, state), bad)
+    assert int(after["step"]) == int(before["step"]) + 1 and float(metrics["skipped"]) == 1.0
+    for key in ("params", "buffers", "opt_state"):
+        for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key])):
+            np.testing.assert_array_equal(a, b)
+    assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
+    good, metrics = step(after, _batch(cfg, 1))
+    assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["params"]),
+                                                      jax.tree.leaves(jax.tree.map(np.asarray, good["params"])))]
+    assert any(moved)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -137,3 +138,23 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     r = _cli(w, "train.steps=4", "model.hidden_size=96")
     assert r.returncode == 2 and "model.hidden_size=64, but the config says 96" in r.stderr
     assert sorted(os.listdir(w / "checkpoints")) == before
+
+
+def test_diverging_run_skips_steps_and_stops_with_one_line(tmp_path):
+    """learning rate 1e9: the loss goes non-finite; those updates are skipped and counted, no
+    checkpoint holds non-finite params, and a run of max_skipped_steps stops with one line."""
+    r = _cli(tmp_path / "w", "train.steps=30", "optimizer.learning_rate=1e9", "optimizer.warmup_steps=0",
+             "train.max_skipped_steps=4", "checkpoint.interval=2", "train.eval_interval=100", "model.mtp_depth=0")
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "not finite for 4 steps in a row" in errors[0] and "Traceback" not in r.stderr
+    rows = [row for row in _metrics(tmp_path / "w") if "skipped_steps" in row]
+    assert sum(row["skipped_steps"] for row in rows) >= 4
+    assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
+    from ernie_jax.checkpoint.manager import Checkpointer
+    ckpt = Checkpointer(str(tmp_path / "w" / "checkpoints"), keep=10, async_save=False)
+    assert ckpt.steps() and max(ckpt.steps()) < 30
+    import orbax.checkpoint as ocp
+    for step in ckpt.steps():
+        params = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
