@@ -58,15 +58,42 @@ def device_peak_flops(dtype=jnp.bfloat16) -> tuple[float, str]:
     return measure_cpu_peak(dtype), f"{kind or dev.platform} measured matmul"
 
 
+def _drop_rows_after(path: str, step: int, superseded: str) -> None:
+    """Keep the rows of `path` up to `step`; the later ones are appended to `superseded`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep, later = [], []
+    for line in lines:
+        try:
+            (keep if json.loads(line).get("step", 0) <= step else later).append(line)
+        except ValueError:   # a line cut by a crash mid-write
+            later.append(line if line.endswith("\n") else line + "\n")
+    if not later:
+        return
+    with open(superseded, "a") as f:
+        f.writelines(later)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 class MetricsWriter:
     """metrics.jsonl (one object per logged step) and TensorBoard events under tb/; only process 0 writes."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: the logged step this run continues from; rows past it (written after the
+        checkpoint it resumes from) move to metrics.superseded.jsonl, so each step appears once."""
         self.enabled = jax.process_index() == 0
         self._tb = None
         if not self.enabled:
             return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            _drop_rows_after(path, resume_step, os.path.join(workdir, "metrics.superseded.jsonl"))
+        self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))

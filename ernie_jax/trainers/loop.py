@@ -316,7 +316,7 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
 
     train_step = jit_train_step(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), state, mesh)
     eval_step = MeshJit(jax.jit(make_eval_step(graphdef, cfg, task.objective)), mesh)
-    writer = MetricsWriter(log_dir or workdir, cfg.log.tensorboard)
+    writer = MetricsWriter(log_dir or workdir, cfg.log.tensorboard, resume_step=step_offset + start)
     config_dict = to_dict(cfg)
     last: dict = {}
     sums, count = None, 0

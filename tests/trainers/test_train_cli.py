@@ -88,6 +88,9 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
     names = os.listdir(ckpts)
     assert any(n.startswith("4.damaged-") for n in names)  # kept for inspection, not deleted
     assert "6" in names
+    steps = [row["step"] for row in _metrics(w) if "loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]   # steps 3-4 of the first run, past the restored step, once
+    assert [json.loads(ln)["step"] for ln in open(w / "metrics.superseded.jsonl")] == [3, 4, 4]   # train and eval rows
 
 
 @pytest.mark.parametrize("sets, fragment", [
@@ -98,6 +101,8 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
     (["model.attention=splash"], "model.attention=splash needs a TPU but this run is on cpu"),
     (["model.attention=cudnn"], "model.attention=cudnn needs a GPU but this run is on cpu"),
     (["mesh.context=3"], "data.seq_len=32 is not divisible by 2 x mesh.context = 6"),
+    (["stages=[{name: a/../../x, steps: 1}]"], "name 'a/../../x' must be a plain identifier"),
+    (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be >= 1"),
 ])
 def test_bad_input_one_line_before_compute(tmp_path, sets, fragment):
     r = _cli(tmp_path / "w", "train.steps=2", *sets)
