@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from flax import nnx
 
+from ernie_jax.checkpoint.lock import WorkdirLock
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
 from ernie_jax.config import Config, to_dict
 from ernie_jax.errors import CheckpointError, ConfigError, DataError, TrainingError, is_out_of_memory
@@ -258,10 +259,14 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         keep_optimizer_from: str | None = None) -> dict:
     """Train `cfg` in `workdir`; returns the last logged metrics (+ "stopped" when a signal ended it).
     Stages use `log_dir` (one metrics.jsonl for the whole recipe), `tags` (e.g. the stage name) and
-    `step_offset` (logged steps continue across stages)."""
-    tags = tags or {}
-    console = Console(quiet)
+    `step_offset` (logged steps continue across stages). One run at a time holds a workdir."""
     check_workdir(workdir)
+    with WorkdirLock(workdir):
+        return _run(cfg, workdir, task_factory, quiet, log_dir, tags or {}, step_offset, keep_optimizer_from)
+
+
+def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_optimizer_from) -> dict:
+    console = Console(quiet)
     task = task_factory(cfg)
     if task.vocab_size > cfg.model.vocab_size:
         raise DataError(f"tokenizer has {task.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "

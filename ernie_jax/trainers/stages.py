@@ -22,7 +22,8 @@ import os
 import numpy as np
 
 from ernie_jax.config import Config, StageConfig, stage_config
-from ernie_jax.trainers.loop import Checkpointer, Task, run
+from ernie_jax.checkpoint.lock import WorkdirLock
+from ernie_jax.trainers.loop import Checkpointer, Task, check_workdir, run
 
 SUMMARY = "stages.json"
 
@@ -90,9 +91,15 @@ def _read_summary(path: str) -> list:
 
 
 def run_stages(cfg: Config, workdir: str, quiet: bool = False) -> list[dict]:
-    """Run every stage in order; returns one result row per stage (also written to stages.json)."""
+    """Run every stage in order; returns one result row per stage (also written to stages.json).
+    The recipe holds its workdir (one metrics.jsonl for all stages), each stage its own."""
+    check_workdir(workdir)
+    with WorkdirLock(workdir):
+        return _run_stages(cfg, workdir, quiet)
+
+
+def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
     from ernie_jax.trainers.pretrain import pretraining_task
-    os.makedirs(workdir, exist_ok=True)
     summary_path = os.path.join(workdir, SUMMARY)
     results = _read_summary(summary_path)
     done = {r["stage"]: r for r in results}

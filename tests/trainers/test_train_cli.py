@@ -163,3 +163,23 @@ def test_diverging_run_skips_steps_and_stops_with_one_line(tmp_path):
     for step in ckpt.steps():
         params = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
+
+
+def test_second_run_into_a_busy_workdir_refuses_and_a_dead_holder_does_not_block(tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ernie_jax.checkpoint.lock import "
+                               "WorkdirLock\nwith WorkdirLock(sys.argv[1]):\n print('held', flush=True); time.sleep(600)",
+                               str(w)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = _cli(w, "train.steps=1")
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and f"in use by another run (process {holder.pid} on" in err[0], r.stderr[-1000:]
+        assert not (w / "metrics.jsonl").exists() and not (w / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    r = _cli(w, "train.steps=1", "train.eval_interval=100")   # the killed holder's lock is gone with it
+    assert r.returncode == 0, r.stderr[-2000:]
