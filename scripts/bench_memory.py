@@ -49,15 +49,7 @@ def main() -> None:
                 f"model.num_layers={a.layers}", "mesh.data=1"]
         if names:
             sets.append(f"model.remat_names=[{', '.join(names)}]")
-        cfg = load_config(a.config, sets)
-        mesh = build_mesh(cfg, jax.devices()[:1])
-        tx = make_optimizer(cfg.optimizer, 100)
-        graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
-        ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, a.batch, a.seq_len + 1)).astype(np.int32)
-        batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-                 "loss_mask": np.ones((1, a.batch, a.seq_len), np.float32)}
-        compiled = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh) \
-            .lower(state, batch).compile()
+        compiled, state, batch = compile_step(a.config, sets, 1, a.batch, a.seq_len)
         temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
         state, m = compiled(state, batch)
         jax.block_until_ready(m)
@@ -71,8 +63,8 @@ def main() -> None:
         print(f"{label:<34}{temp:10.1f}{base / temp:8.2f}x{ms:10.1f}")
 
 
-def compiled_temp_mb(config: str, sets: list[str], devices: int, batch_size: int, seq_len: int) -> float:
-    """XLA's temp bytes (MB) of the compiled train step on `devices` devices."""
+def compile_step(config: str, sets: list[str], devices: int, batch_size: int, seq_len: int):
+    """(compiled train step on `devices` devices, its state, a random batch)."""
     cfg = load_config(config, sets)
     mesh = build_mesh(cfg, jax.devices()[:devices])
     tx = make_optimizer(cfg.optimizer, 100)
@@ -82,7 +74,7 @@ def compiled_temp_mb(config: str, sets: list[str], devices: int, batch_size: int
              "loss_mask": np.ones((1, batch_size, seq_len), np.float32)}
     compiled = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh) \
         .lower(state, batch).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    return compiled, state, batch
 
 
 def shard_table(a) -> None:
@@ -104,7 +96,8 @@ def shard_table(a) -> None:
             sets.append(f"mesh.{axis}={n}")
         elif axis == "data":
             sets[-1] = f"mesh.data={n}"
-        temp = compiled_temp_mb(a.config, sets, n if axis else 1, batch, seq)
+        compiled, _, _ = compile_step(a.config, sets, n if axis else 1, batch, seq)
+        temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
         base = base or temp
         print(f"{name:<14}{f'{batch} x {seq}':>14}{temp:16.1f}{temp / base:12.2f}x", flush=True)
 
