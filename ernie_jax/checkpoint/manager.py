@@ -42,6 +42,19 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable config; "
                                   f"it is damaged") from None
 
+    def newest_config(self, set_aside: bool = True) -> tuple[int, dict] | None:
+        """(step, saved config) of the newest step whose config reads; a damaged one is set aside
+        (or, with set_aside=False, e.g. in another run's workdir, only skipped). None: no such step."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.saved_config(step)
+            except CheckpointError as e:
+                if set_aside:
+                    logging.warning("%s; moved to %s, trying an older one", e, self._set_aside(step))
+                else:
+                    logging.warning("%s; skipped, trying an older one", e)
+        return None
+
     def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
         """(step, state, data_state) of the newest loadable step, or None when there is none."""
         for step in reversed(self.steps()):

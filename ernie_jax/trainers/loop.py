@@ -127,10 +127,12 @@ def _state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "bu
     Leaves the checkpoint lacks (e.g. the vision parts when a text stage feeds a VL stage) keep their
     fresh initialisation; returns (updated parts, number of leaves restored)."""
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, False)
-    steps = ckpt.steps()
-    if not steps:
-        raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without checkpoints")
-    check_same_model(ckpt.saved_config(steps[-1]), cfg, path, "fix checkpoint.init_from")
+    newest = ckpt.newest_config(set_aside=False) if ckpt.steps() else None
+    if newest is None:
+        raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without "
+                              f"{'readable ' if ckpt.steps() else ''}checkpoints")
+    check_same_model(newest[1], cfg, path, "fix checkpoint.init_from")
+    steps = [newest[0]]
     target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
               for k in keys}
     step_dir = os.path.join(path, "checkpoints", str(steps[-1]), "state")
@@ -272,8 +274,10 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
         raise DataError(f"tokenizer has {task.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
                         f"set model.vocab_size>={task.vocab_size} or use a matching tokenizer")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    if ckpt.steps():
-        check_same_model(ckpt.saved_config(ckpt.steps()[-1]), cfg, workdir)
+    had_steps = bool(ckpt.steps())
+    newest = ckpt.newest_config() if had_steps else None
+    if newest is not None:
+        check_same_model(newest[1], cfg, workdir)
 
     mesh = build_mesh(cfg)
     check_run_settings(cfg, mesh, jax.default_backend())
@@ -282,6 +286,9 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
     if task.reference == "copy":
         state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
+    if had_steps and restored is None:
+        console.say(f"warning: every checkpoint in {ckpt.directory} is damaged (set aside as <step>.damaged-*); "
+                    f"starting from scratch")
     if restored is not None:
         step0, state, data_state = restored
         console.say(f"resumed from {ckpt.directory} at step {step0}")

@@ -183,3 +183,20 @@ def test_second_run_into_a_busy_workdir_refuses_and_a_dead_holder_does_not_block
         holder.wait()
     r = _cli(w, "train.steps=1", "train.eval_interval=100")   # the killed holder's lock is gone with it
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_garbage_saved_config_is_set_aside_and_all_damaged_is_one_warning(tmp_path):
+    w = tmp_path / "w"
+    sets = ["checkpoint.interval=2", "train.eval_interval=100"]
+    assert _cli(w, "train.steps=4", *sets).returncode == 0
+    ckpts = w / "checkpoints"
+    (ckpts / "4" / "config" / "metadata").write_bytes(os.urandom(300))
+    r = _cli(w, "train.steps=6", *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "at step 2" in r.stdout and any(n.startswith("4.damaged-") for n in os.listdir(ckpts))
+    for step in ("2", "4", "6"):
+        (ckpts / step / "config" / "metadata").write_text("{not json")
+    r = _cli(w, "train.steps=2", *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("is damaged") == 1 and "starting from scratch" in r.stdout
+    assert sorted(n for n in os.listdir(ckpts) if "damaged" not in n) == ["2"]
