@@ -81,11 +81,16 @@ def _shape_fields(d: dict) -> dict:
     return out
 
 
-def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir") -> None:
-    """A checkpoint whose parameter shapes differ from the config is refused before any compute."""
+def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir",
+                     droppable: tuple = ()) -> None:
+    """A checkpoint whose parameter shapes differ from the config is refused before any compute.
+    `droppable`: (section, field) pairs the target may set to 0 (a part it does not have, e.g. the
+    MTP layers when SFT starts from a pretraining run)."""
     old_fields, new_fields = _shape_fields(saved), _shape_fields(to_dict(cfg))
     for (section, f), old in old_fields.items():
         new = new_fields[(section, f)]
+        if (section, f) in droppable and new == 0:
+            continue
         if old is not None and old != new:
             raise CheckpointError(f"{where} holds a checkpoint with {section}.{f}={old}, but the config says {new}; "
                                   f"{fix} or set {section}.{f}={old}")
@@ -94,7 +99,8 @@ def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use anoth
 def _restore_subset(step_dir: str, target: dict) -> dict:
     """Partially restore `target` ({"params": ..., "buffers": ..., ...} of ShapeDtypeStructs with
     shardings) from a train-state checkpoint, keeping only the leaves the checkpoint has; returns the
-    restored leaves as a dict of the same nesting (missing leaves absent)."""
+    restored leaves as a dict of the same nesting (missing leaves absent) and the number of the
+    checkpoint's leaves under those keys that the target has no place for (left out)."""
     import orbax.checkpoint as ocp
     with ocp.PyTreeCheckpointer() as c:
         meta = c.metadata(step_dir)
@@ -103,8 +109,10 @@ def _restore_subset(step_dir: str, target: dict) -> dict:
     have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(meta)}
     flat = {jax.tree_util.keystr(p): (p, v) for p, v in jax.tree_util.tree_leaves_with_path(target)}
     keep = {k: pv for k, pv in flat.items() if k in have}
+    parts = tuple(f"[{k!r}]" for k in target)
+    left_out = sum(1 for k in have if k.startswith(parts) and k not in flat)
     if not keep:
-        return {}
+        return {}, left_out
     subset: dict = {}
     for path, v in keep.values():
         node = subset
@@ -114,7 +122,8 @@ def _restore_subset(step_dir: str, target: dict) -> dict:
     args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
                         subset)
     with ocp.PyTreeCheckpointer() as c:
-        return c.restore(step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True))
+        got = c.restore(step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True))
+    return got, left_out
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -131,18 +140,18 @@ def _state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "bu
     if newest is None:
         raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without "
                               f"{'readable ' if ckpt.steps() else ''}checkpoints")
-    check_same_model(newest[1], cfg, path, "fix checkpoint.init_from")
+    check_same_model(newest[1], cfg, path, "fix checkpoint.init_from", droppable=(("model", "mtp_depth"),))
     steps = [newest[0]]
     target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
               for k in keys}
     step_dir = os.path.join(path, "checkpoints", str(steps[-1]), "state")
     try:
-        got = _restore_subset(step_dir, target)
+        got, left_out = _restore_subset(step_dir, target)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         raise CheckpointError(f"checkpoint.init_from={path}: step {steps[-1]} does not fit this model "
                               f"({str(e).splitlines()[0]})") from None
     n = len(jax.tree.leaves(got))
-    return {k: _merge(state[k], got.get(k, {})) for k in keys}, n
+    return {k: _merge(state[k], got.get(k, {})) for k in keys}, n, left_out
 
 
 def _kept_optimizer_state(workdir: str, opt_state):
@@ -172,9 +181,12 @@ def _kept_optimizer_state(workdir: str, opt_state):
 def _init_from(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
     """(params, buffers, note) from a training workdir, a converted orbax dir or a HF directory."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        parts, n = _state_from_workdir(path, cfg, state)
+        parts, n, left_out = _state_from_workdir(path, cfg, state)
         total = len(jax.tree.leaves(state["params"])) + len(jax.tree.leaves(state["buffers"]))
-        note = "" if n == total else f" ({total - n} new tensors keep their initialisation)"
+        notes = [f"{total - n} new tensors keep their initialisation"] if n != total else []
+        notes += [f"{left_out} tensors of the source this model does not have left out (e.g. MTP layers)"] \
+            if left_out else []
+        note = f" ({'; '.join(notes)})" if notes else ""
         return parts["params"], parts["buffers"], note
     params, buffers = _init_params_from(path, cfg, state["params"], state["buffers"])
     return params, buffers, ""

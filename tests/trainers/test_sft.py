@@ -111,12 +111,17 @@ def test_sft_from_converted_hf_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sft_starts_from_a_pretraining_workdir(tmp_path):
-    """pretrain -> SFT chain: init_from a training workdir takes its newest checkpoint's params."""
+    """pretrain -> SFT chain (the README's): init_from a training workdir takes its newest
+    checkpoint's params; the MTP layers tiny_moe trains and SFT switches off are left out."""
     small = ["model.num_layers=2", "data.seq_len=64", "train.eval_interval=100"]
-    r = _cli("configs/tiny_moe.yaml", tmp_path / "pre", *small, "train.steps=2", "model.mtp_depth=0")
+    r = _cli("configs/tiny_moe.yaml", tmp_path / "pre", *small, "train.steps=2")
     assert r.returncode == 0, r.stderr[-2000:]
     r = _cli("configs/sft_tiny.yaml", tmp_path / "sft", *small, "train.steps=2", f"checkpoint.init_from={tmp_path / 'pre'}")
     assert r.returncode == 0 and "initialised params from" in r.stdout, r.stderr[-2000:]
+    assert "tensors of the source this model does not have left out" in r.stdout
+    r = _cli("configs/sft_tiny.yaml", tmp_path / "mtp2", *small, "model.mtp_depth=2", "train.steps=2",
+             f"checkpoint.init_from={tmp_path / 'pre'}")
+    assert r.returncode == 2 and "model.mtp_depth=1, but the config says 2" in r.stderr
     r = _cli("configs/sft_tiny.yaml", tmp_path / "bad", *small, "model.hidden_size=64", "train.steps=2",
              f"checkpoint.init_from={tmp_path / 'pre'}")
     assert r.returncode == 2 and "model.hidden_size=128, but the config says 64" in r.stderr
