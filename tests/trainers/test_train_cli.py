@@ -200,3 +200,23 @@ def test_garbage_saved_config_is_set_aside_and_all_damaged_is_one_warning(tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("is damaged") == 1 and "starting from scratch" in r.stdout
     assert sorted(n for n in os.listdir(ckpts) if "damaged" not in n) == ["2"]
+
+
+def test_bytes_damaged_in_place_are_caught_by_checksums(tmp_path):
+    """4 KiB of random bytes inside the newest step's largest state file (size unchanged): the
+    step is set aside and the run resumes from the one before."""
+    w = tmp_path / "w"
+    assert _cli(w, "train.steps=4", "checkpoint.interval=2", "train.eval_interval=100").returncode == 0
+    ckpts = w / "checkpoints"
+    assert (ckpts / "2" / "checksums.json").exists() and (ckpts / "4" / "checksums.json").exists()
+    files = [p for p in (ckpts / "4" / "state").rglob("*") if p.is_file()]
+    target = max(files, key=lambda p: p.stat().st_size)
+    size = target.stat().st_size
+    with open(target, "r+b") as f:
+        f.seek(size // 2)
+        f.write(os.urandom(min(4096, size // 2)))
+    assert target.stat().st_size == size
+    r = _cli(w, "train.steps=6", "checkpoint.interval=2", "train.eval_interval=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "at step 2" in r.stdout and any(n.startswith("4.damaged-") for n in os.listdir(ckpts))
+    assert all(np.isfinite(v) for v in _losses(w).values())
