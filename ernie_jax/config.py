@@ -149,7 +149,7 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    clip_norm: float = 1.0
+    clip_norm: float = 1.0            # global-norm clipping; 0 turns it off
     router_lr_ratio: float = 0.01
     grad_accum_steps: int = 1
 
@@ -295,6 +295,9 @@ def _read_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections (model:, moe:, ...), got {type(raw).__name__}")
+    if not raw:   # it would silently train the 360M-parameter defaults
+        raise ConfigError(f"config {path} is empty; give it sections (model:, data:, ...) or `base: tiny_moe.yaml` "
+                          f"to start from a shipped config")
     base = raw.pop("base", None)
     if base is None:
         return raw

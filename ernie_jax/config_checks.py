@@ -68,10 +68,15 @@ def check_config(cfg: Config) -> None:
         _require(cfg.precision.fp8_amax_history >= 1, "precision.fp8_amax_history must be >= 1")
     for name in cfg.train.freeze:
         _require(name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}")
+        _require(name not in ("vit", "adapter") or cfg.vision.enabled,
+                 f"train.freeze: {name!r} matches nothing in a text model (vision.enabled=false); remove it")
+        _require(name != "vision_experts" or e.vision_num_experts > 0,
+                 "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it")
     o = cfg.optimizer
     _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
     _require(o.learning_rate >= 0, "optimizer.learning_rate must be >= 0")
+    _require(o.clip_norm >= 0, f"optimizer.clip_norm={o.clip_norm} must be >= 0 (0 turns clipping off)")
     d = cfg.data
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")

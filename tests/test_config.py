@@ -35,6 +35,9 @@ def test_frozen():
     ("train.steps", "must look like section.key=value"),
     ("model.remat=named", "model.remat=named needs model.remat_names"),
     ("model.remat_names=[qkv, nope]", "'nope' is not a checkpoint name"),
+    ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must be >= 0 (0 turns clipping off)"),
+    ("train.freeze=[vit]", "'vit' matches nothing in a text model"),
+    ("train.freeze=[vision_experts]", "'vision_experts' matches nothing (moe.vision_num_experts=0)"),
 ])
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -50,6 +53,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(empty)
     loop = tmp_path / "loop.yaml"
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
