@@ -90,6 +90,7 @@ def test_context2_expert2_data2_equals_single_device(transport):
     _compare(["mesh.context=2", "mesh.expert=2", "mesh.data=2"], base=[f"moe.transport={transport}"])
 
 
+@pytest.mark.slow
 def test_3d_positions_under_context_parallelism():
     _compare(["mesh.context=2", "mesh.data=4"], three_d=True, base=["vision.rope_t_frequencies=4"])
 

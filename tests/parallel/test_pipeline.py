@@ -94,7 +94,8 @@ slow = pytest.mark.slow
 
 @pytest.mark.parametrize("layers, pipe", [
     pytest.param(5, ["mesh.pipeline=2", "pipeline.microbatches=4"], marks=slow),
-    (5, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2", "pipeline.microbatches=4"]),
+    pytest.param(5, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=2",
+                     "pipeline.microbatches=4"], marks=slow),
     pytest.param(7, ["mesh.pipeline=2", "pipeline.schedule=circular", "pipeline.repeats=3",
                      "pipeline.microbatches=2"], marks=slow),
     # uneven stages: 3 MoE units on 2 stages (like 27 units of 21B-A3B on 4), padded with a pass-through
@@ -120,9 +121,11 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devic
                      "pipeline.microbatches=2"]),
     ("tiny_dense", 4, ["mesh.pipeline=2", "mesh.expert=1", "mesh.data=2", "pipeline.microbatches=2"]),
     # 8 devices (with tensor: MTP's concatenated input once met an XLA partitioner bug here)
-    ("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.tensor=2", "pipeline.microbatches=2"]),
+    pytest.param("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.tensor=2", "pipeline.microbatches=2"],
+                 marks=slow),
     # uneven: 3 units over 2 stages; the stack is stored FSDP-split over `pipeline` and regrouped
-    ("tiny_moe", 4, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"]),
+    pytest.param("tiny_moe", 4, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"],
+                 marks=slow),
     pytest.param("tiny_moe", 5, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"],
                  marks=slow),
     pytest.param("tiny_moe", 9, ["mesh.pipeline=2", "mesh.data=1", "mesh.expert=4", "pipeline.schedule=circular",

@@ -21,7 +21,7 @@ MATCHING = ["model.vocab_size=4096", "model.hidden_size=32", "model.num_layers=3
             "data.seq_len=32", "data.batch_size=8", "train.eval_interval=100", "checkpoint.async_save=false"]
 
 
-@pytest.mark.parametrize("via", ["orbax", "hf"])
+@pytest.mark.parametrize("via", [pytest.param("orbax", marks=pytest.mark.slow), "hf"])
 def test_init_from_converted_weights(tmp_path, via):
     _, src = make_hf_model(tmp_path, vocab=4096)
     init = src

@@ -3,6 +3,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from ernie_jax.config import load_config
 from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.pretrain import text_pretraining_task
@@ -36,6 +38,7 @@ def _losses(workdir):
         return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, f) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_stop_between_microbatches_resumes_bitwise(tmp_path):
     cfg = load_config("configs/tiny_moe.yaml", SETS)
     run(cfg, str(tmp_path / "ref"), text_pretraining_task, quiet=True)

@@ -97,6 +97,7 @@ def test_multimodal_sft_cli(tmp_path):
     assert "vision_aux_loss" in _rows(tmp_path / "w")[0]
 
 
+@pytest.mark.slow
 def test_sft_from_converted_hf_checkpoint(tmp_path):
     pytest.importorskip("transformers")
     from tests.hf_reference import make_hf_model

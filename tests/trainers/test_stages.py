@@ -51,6 +51,7 @@ def _lm(params):
                                                                "vision_experts"))}
 
 
+@pytest.mark.slow
 def test_three_stages_end_to_end(tmp_path):
     cfg = _write_cfg(tmp_path)
     w = str(tmp_path / "run")

@@ -73,6 +73,7 @@ def test_post_step_rules_bias_and_orthogonal_update():
     assert int(new["step"]) == 1 and "expert_load_cv" in metrics
 
 
+@pytest.mark.slow
 def test_accumulating_identical_microbatches_equals_one():
     cfg1 = _cfg("moe.bias_update_rate=0", "optimizer.grad_accum_steps=1")
     cfg2 = _cfg("moe.bias_update_rate=0", "optimizer.grad_accum_steps=2")

@@ -181,10 +181,12 @@ def test_second_run_into_a_busy_workdir_refuses_and_a_dead_holder_does_not_block
     finally:
         holder.kill()
         holder.wait()
-    r = _cli(w, "train.steps=1", "train.eval_interval=100")   # the killed holder's lock is gone with it
-    assert r.returncode == 0, r.stderr[-2000:]
+    from ernie_jax.checkpoint.lock import WorkdirLock
+    with WorkdirLock(str(w)):   # the killed holder's lock went with it
+        pass
 
 
+@pytest.mark.slow
 def test_garbage_saved_config_is_set_aside_and_all_damaged_is_one_warning(tmp_path):
     w = tmp_path / "w"
     sets = ["checkpoint.interval=2", "train.eval_interval=100"]
