@@ -404,6 +404,37 @@ def _coerce(typ: Any, value: Any, key: str) -> Any:
 FREEZE_GROUPS = ("vit", "adapter", "language_model", "vision_experts")
 
 
+# Fields whose change alters parameter shapes: a checkpoint of another value is another model.
+SHAPE_FIELDS = {"model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                          "intermediate_size", "tie_word_embeddings", "mtp_depth"),
+                "moe": ("num_experts", "intermediate_size", "num_shared_experts", "layer_start", "layer_end",
+                        "layer_interval")}
+
+
+# parts a run started from another run may leave out (SFT switches MTP off, as ERNIE does)
+DROPPABLE = (("model", "mtp_depth"),)
+
+
+def _shape_fields(d: dict) -> dict:
+    out = {(s, f): d.get(s, {}).get(f) for s, fields in SHAPE_FIELDS.items() for f in fields}
+    if out[("moe", "layer_end")] == -1 and out[("model", "num_layers")] is not None:
+        out[("moe", "layer_end")] = out[("model", "num_layers")] - 1
+    return out
+
+
+def shape_difference(old: dict, new: dict, droppable: tuple = ()) -> tuple[str, object, object] | None:
+    """The first parameter-shape field (key, old value, new value) that differs between two config
+    dicts, ignoring `droppable` fields set to 0 in `new`; None when params carry over."""
+    old_fields, new_fields = _shape_fields(old), _shape_fields(new)
+    for (section, f), was in old_fields.items():
+        now = new_fields[(section, f)]
+        if (section, f) in droppable and now == 0:
+            continue
+        if was is not None and was != now:
+            return f"{section}.{f}", was, now
+    return None
+
+
 def is_moe_layer(i: int, num_layers: int, moe: MoEConfig) -> bool:
     """ERNIE placement rule: layer i is MoE iff (i+1) % interval == 0 and start <= i <= end."""
     if moe.num_experts == 0:

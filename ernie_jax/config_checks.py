@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from ernie_jax.config import FREEZE_GROUPS, Config, is_moe_layer, stage_config
+from ernie_jax.config import DROPPABLE, FREEZE_GROUPS, Config, is_moe_layer, shape_difference, stage_config, to_dict
 from ernie_jax.errors import ConfigError
 
 
@@ -64,6 +64,11 @@ def check_config(cfg: Config) -> None:
                  f"vision.rope_t_frequencies={v.rope_t_frequencies} must leave an even number of the "
                  f"{m.head_dim // 2} RoPE frequencies for h/w")
         _require(e.vision_num_experts > 0, "vision.enabled needs vision experts: set moe.vision_num_experts")
+        for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
+                     "video_start_token_id", "video_end_token_id"):
+            _require(0 <= getattr(v, name) < m.vocab_size,
+                     f"vision.{name}={getattr(v, name)} is outside the vocabulary (model.vocab_size={m.vocab_size}); "
+                     f"set it to an id below {m.vocab_size} or raise model.vocab_size")
     if cfg.precision.fp8 != "off" and cfg.precision.fp8_recipe == "delayed":
         _require(cfg.precision.fp8_amax_history >= 1, "precision.fp8_amax_history must be >= 1")
     for name in cfg.train.freeze:
@@ -80,6 +85,11 @@ def check_config(cfg: Config) -> None:
     d = cfg.data
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _require(0 <= d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (the share of "
+                                       f"samples held out for eval; 0 turns eval off)")
+    _require(cfg.train.eval_interval >= 1, f"train.eval_interval={cfg.train.eval_interval} must be >= 1")
+    _require(cfg.train.eval_steps >= 1, f"train.eval_steps={cfg.train.eval_steps} must be >= 1 "
+                                        f"(set data.eval_fraction=0 to turn eval off)")
     _require(d.seq_len <= m.max_position_embeddings,
              f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     _require(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be > 0")
@@ -102,11 +112,21 @@ def check_config(cfg: Config) -> None:
                  f"stages: name {name!r} must be a plain identifier (letters, digits, '_', '-', '.'; no '/' "
                  f"or '..'), e.g. long_text")
     _require(len(set(names)) == len(names), f"stages: names must be unique, got {names}")
+    resolved = []
     for st in cfg.stages:
         _require(st.steps >= 1, f"stages[{st.name}].steps={st.steps} must be >= 1")
         for src in st.mixture:
             _require(src.weight > 0, f"stages[{st.name}].mixture: weights must be > 0")
-        stage_config(cfg, st)   # each stage's resolved config must be valid on its own
+        resolved.append(to_dict(stage_config(cfg, st)))   # each stage's config must be valid on its own
+    for k in range(1, len(resolved)):
+        # a stage starts from the previous stage's params: their shapes must carry over (new parts such
+        # as the vision tower may be switched on); found here, not after the previous stage trained
+        diff = shape_difference(resolved[k - 1], resolved[k], DROPPABLE)
+        if diff is not None:
+            key, old, new = diff
+            prev, st = cfg.stages[k - 1].name, cfg.stages[k].name
+            raise ConfigError(f"stages[{st}] has {key}={new} but stage {prev} before it has {key}={old}: a stage "
+                              f"starts from the previous stage's params, so keep {key}={old} in both")
     for axis in ("data", "fsdp", "context", "tensor", "expert", "pipeline"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")

@@ -38,6 +38,11 @@ def test_frozen():
     ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must be >= 0 (0 turns clipping off)"),
     ("train.freeze=[vit]", "'vit' matches nothing in a text model"),
     ("train.freeze=[vision_experts]", "'vision_experts' matches nothing (moe.vision_num_experts=0)"),
+    ("data.eval_fraction=1", "data.eval_fraction=1.0 must be in [0, 1)"),
+    ("data.eval_fraction=-0.5", "data.eval_fraction=-0.5 must be in [0, 1)"),
+    ("train.eval_steps=0", "train.eval_steps=0 must be >= 1"),
+    ("stages=[{name: a, steps: 1}, {name: b, steps: 1, set: [model.hidden_size=64]}]",
+     "stages[b] has model.hidden_size=64 but stage a before it has model.hidden_size=128"),
 ])
 def test_bad_values_fail_with_one_line(override, fragment):
     with pytest.raises(ConfigError) as e:
@@ -69,3 +74,9 @@ def test_moe_placement_rule():
     assert moe == list(range(3, 54))
     cfg = load_config("configs/tiny_moe.yaml", ["moe.layer_interval=2", "moe.layer_start=0"])
     assert [i for i in range(4) if is_moe_layer(i, 4, cfg.moe)] == [1, 3]
+
+
+def test_vision_token_ids_inside_the_vocabulary():
+    with pytest.raises(ConfigError, match=r"vision.video_end_token_id=5000 is outside the vocabulary "
+                                          r"\(model.vocab_size=4104\)"):
+        load_config("configs/tiny_vl.yaml", ["vision.video_end_token_id=5000"])

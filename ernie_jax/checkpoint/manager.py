@@ -11,7 +11,9 @@ them first. A step saved just before a crash may have none yet; it is loaded unc
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
+import sys
 import time
 import zlib
 
@@ -72,9 +74,10 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
                 return step, restored["state"], restored["data"]
             except Exception as e:  # noqa: BLE001 - any damage means: fall back to an older step
+                _drop_closed_loop_reports()
                 aside = self._set_aside(step)
                 logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
-                                step, self.directory, str(e).splitlines()[0] if str(e) else type(e).__name__, aside)
+                                step, self.directory, _short(e), aside)
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -119,6 +122,33 @@ class Checkpointer:
         bad = sorted(k for k, v in recorded.items() if now.get(k) != v)
         if bad:
             raise CheckpointError(f"step {step}: {len(bad)} file(s) differ from their checksums ({bad[0]})")
+
+
+def _short(error: Exception) -> str:
+    """The gist of a restore error: tensorstore appends kilobytes of JSON spec to its messages."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = text.split(" [tensorstore_spec")[0]
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _drop_closed_loop_reports() -> None:
+    """After a failed restore orbax closes its asyncio loop while tensorstore still finishes its
+    other reads: each late one reports "Event loop is closed" as an unraisable exception, or its
+    error as "Future exception was never retrieved" (a hundred tracebacks for one damaged step).
+    They are harmless, the step is set aside: drop exactly those, pass every other report on.
+    Installed once, on the first failed restore."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ernie_jax_filter", False):
+        return
+
+    def hook(report):
+        if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
+            return
+        previous(report)
+    hook._ernie_jax_filter = True
+    sys.unraisablehook = hook
+    logging_std.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in str(record.msg))
 
 
 def _checksums(step_dir: str) -> dict[str, int]:

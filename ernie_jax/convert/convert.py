@@ -200,16 +200,16 @@ class _atomic_dir:
         self.path = os.path.abspath(path)
 
     def __enter__(self) -> str:
-        if os.path.exists(self.path) and (not os.path.isdir(self.path) or os.listdir(self.path)):
-            raise CheckpointError(f"destination {self.path} already exists and is not empty; choose a new directory")
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".partial-", dir=parent)
+        check_destination(self.path)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".partial-", dir=os.path.dirname(self.path))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError):   # disk full, quota, a read-only mount appearing mid-write
+                raise CheckpointError(f"cannot write {self.path} ({exc.strerror or exc}); nothing was written "
+                                      f"there: free space or choose another destination") from None
             return False
         if os.path.isdir(self.path):
             os.rmdir(self.path)
@@ -217,14 +217,38 @@ class _atomic_dir:
         return False
 
 
+def check_destination(path: str) -> None:
+    """A conversion destination must be new (or an empty directory) inside a writable directory:
+    checked before any tensor is read, so a long conversion cannot fail at its end."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CheckpointError(f"destination {path} already exists and is not empty; choose a new directory")
+    parent = os.path.dirname(path)
+    if os.path.isfile(parent):
+        raise CheckpointError(f"destination {path}: {parent} is a file, not a directory; choose another destination")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()   # os.access is not enough: root on a read-only mount
+    except OSError as e:
+        raise CheckpointError(f"destination {path}: cannot write in {parent} ({e.strerror or e}); choose a "
+                              f"writable directory") from None
+
+
 # ----------------------------------------------------------------------------- orbax side
 
 def _read_our_config(path: str, dtype: str | None = None) -> Config:
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        raw = json.load(f)
-    if dtype:
-        raw.setdefault("model", {})["dtype"] = dtype
-    return from_dict(raw)
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        if dtype:
+            raw.setdefault("model", {})["dtype"] = dtype
+        return from_dict(raw)
+    except (OSError, ValueError) as e:   # ConfigError is a ValueError: it names the bad key
+        raise CheckpointError(f"{file} is unreadable or invalid ({e}); it was written by hf-to-ernie or the "
+                              f"trainer: convert again") from None
 
 
 def _leaf_dir(path: str, param_path) -> str:
@@ -271,6 +295,7 @@ def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False)
     """HF directory -> orbax params checkpoint + ernie_config.json, streaming through disk-backed arrays."""
     ckpt = HFCheckpoint(src)
     cfg = _hf_config(ckpt, dtype)
+    check_destination(dst)
     _log(f"converting {src} -> {dst} ({len(ckpt.weight_map)} tensors)", quiet)
     scratch = tempfile.mkdtemp(prefix=".ernie-convert-", dir=os.path.dirname(os.path.abspath(dst)) or ".")
     try:
@@ -286,6 +311,7 @@ def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = Fa
     if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
         raise CheckpointError(f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer")
     cfg = _read_our_config(src)
+    check_destination(dst)
     _log(f"exporting {src} -> {dst}", quiet)
     write_hf(cfg, lambda path: restore_param(src, path), dst, shard_bytes=shard_bytes, quiet=quiet)
     return cfg

@@ -13,9 +13,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ernie_jax.config import Config, ModelConfig, MoEConfig, validate
+from ernie_jax.config import Config, ModelConfig, MoEConfig, from_dict, to_dict, validate
 from ernie_jax.convert.safetensors_io import SafetensorsFile
-from ernie_jax.errors import CheckpointError
+from ernie_jax.errors import CheckpointError, ConfigError
 from ernie_jax.model.ernie import layer_plan
 
 TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
@@ -35,11 +35,31 @@ class Entry:
 # ----------------------------------------------------------------------------- configs
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.json") -> Config:
-    """Build our Config (model + moe) from a text ERNIE 4.5 config.json."""
-    mt = hf.get("model_type")
+    """Build our Config (model + moe[, vision]) from an ERNIE 4.5 config.json; a missing key or a
+    value of the wrong type is one CheckpointError naming it."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source} must hold a JSON object; re-download it")
     from ernie_jax.convert.hf_vl import VL_MODEL_TYPES, config_from_hf_vl
-    if mt in VL_MODEL_TYPES:
-        return config_from_hf_vl(hf, dtype=dtype, source=source)
+    build = config_from_hf_vl if hf.get("model_type") in VL_MODEL_TYPES else _text_config_from_hf
+    try:
+        cfg = build(hf, dtype=dtype, source=source)
+        # the builders take values as found; the typed round trip names any of the wrong type
+        cfg = from_dict(to_dict(cfg))
+        validate(cfg)
+        return cfg
+    except CheckpointError:
+        raise
+    except ConfigError as e:   # from the round trip or the cross-field checks: names our key
+        raise CheckpointError(f"{source} describes an invalid model ({e}); fix config.json") from None
+    except KeyError as e:
+        raise CheckpointError(f"{source} has no {e.args[0]!r}, which an ERNIE 4.5 config.json needs; "
+                              f"re-download it or add the key") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source} holds a value of the wrong type ({e}); fix config.json") from None
+
+
+def _text_config_from_hf(hf: dict, *, dtype: str, source: str) -> Config:
+    mt = hf.get("model_type")
     if mt not in TEXT_MODEL_TYPES:
         raise CheckpointError(f"{source}: model_type {mt!r} is not an ERNIE 4.5 text model "
                               f"(expected one of {', '.join(TEXT_MODEL_TYPES)})")
@@ -65,9 +85,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.js
             layer_start=_first(hf.get("moe_layer_start_index"), 1, min),
             layer_end=_first(hf.get("moe_layer_end_index"), -1, max),
             layer_interval=hf.get("moe_layer_interval", 1), norm_min=hf.get("moe_norm_min", 1e-12))
-    cfg = Config(model=model, moe=moe)
-    validate(cfg)
-    return cfg
+    return Config(model=model, moe=moe)
 
 
 def _first(v, default, pick=None):

@@ -8,7 +8,7 @@ text_config / vision_config) and Baidu's original flat one (list-valued moe_* ke
 """
 from __future__ import annotations
 
-from ernie_jax.config import Config, ModelConfig, MoEConfig, VisionConfig, validate
+from ernie_jax.config import Config, ModelConfig, MoEConfig, VisionConfig
 from ernie_jax.convert.hf_text import Entry, _first
 from ernie_jax.errors import CheckpointError
 
@@ -103,7 +103,6 @@ def config_from_hf_vl(hf: dict, *, dtype: str = "float32", source: str = "config
     tokens = {k: hf[k] for k in _TOKEN_KEYS if hf.get(k) is not None}
     cfg = Config(model=model, moe=moe, vision=VisionConfig(enabled=True, rope_t_frequencies=t_freqs, **vision,
                                                            **tokens))
-    validate(cfg)
     return cfg
 
 

@@ -93,9 +93,10 @@ def render_answer(message, mode: str, end: int) -> list[dict]:
 
 def render_chat(messages: list, mode: str, begin: int, end: int, images=()) -> list[dict]:
     """A whole conversation: every assistant turn trained, everything else not."""
-    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
-                                                 for m in messages):
-        raise ChatError("bad_role")
+    if not isinstance(messages, list):
+        raise ChatError("bad_json")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        raise ChatError("no_reply")   # nothing to train on
     segs, pending = [], []
     for m in messages:
         if isinstance(m, dict) and m.get("role") == "assistant":

@@ -44,10 +44,12 @@ class MultimodalStats:
     bad_image: int = 0
     missing_file: int = 0
     too_long: int = 0
-    bad_role: int = 0           # chat: unknown role or a conversation without an assistant reply
+    bad_role: int = 0           # chat: unknown role, or a system message after the first
+    no_reply: int = 0           # chat: a conversation without an assistant reply
     empty_response: int = 0
     same_pair: int = 0          # preference: chosen == rejected
     vision_in_text_model: int = 0
+    missing_at_start: int = 0   # samples naming an image file that did not exist when the data was read
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -65,22 +67,25 @@ class MultimodalStats:
                 setattr(self, k, v)
 
     def summary(self) -> str:
+        """What is known when the data is read; images are decoded (and skipped) as batches are built."""
         extra = "".join(f", {getattr(self, k)} {k.replace('_', ' ')}" for k in
-                        ("bad_role", "empty_response", "same_pair", "vision_in_text_model") if getattr(self, k))
-        return (f"{self.samples} samples ({self.bad_json} bad JSON, {self.bad_image} unusable images, "
-                f"{self.missing_file} missing files, {self.too_long} too long skipped{extra})")
+                        ("bad_image", "missing_file", "too_long", "bad_role", "no_reply", "empty_response",
+                         "same_pair", "vision_in_text_model") if getattr(self, k))
+        missing = f", {self.missing_at_start} naming missing image files" if self.missing_at_start else ""
+        return (f"{self.samples} samples ({self.bad_json} bad JSON skipped{missing}{extra}; samples with unusable "
+                f"images or too long for a row are skipped when read, counted in the data_skipped_* metrics)")
 
     def as_metrics(self) -> dict:
         return {f"data_skipped_{k}": getattr(self, k) for k in
-                ("bad_json", "bad_image", "missing_file", "too_long", "bad_role", "empty_response", "same_pair",
-                 "vision_in_text_model")}
+                ("bad_json", "bad_image", "missing_file", "too_long", "bad_role", "no_reply", "empty_response",
+                 "same_pair", "vision_in_text_model")}
 
 
 def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats]:
     """`parse(base_dir, obj)` for every line of the JSONL files in `source` ('embedded' = `embedded`);
     lines that are not JSON, or that `parse` rejects with ValueError/KeyError/TypeError, are counted."""
     paths = [embedded] if source == "embedded" else [p.strip() for p in source.split(",") if p.strip()]
-    stats, out = MultimodalStats(), []
+    stats, out, missing = MultimodalStats(), [], []
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"data.source: {path} is not a file; pass JSONL files (or 'embedded')")
@@ -90,13 +95,39 @@ def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats
                 if not line.strip():
                     continue
                 try:
-                    out.append(parse(base, json.loads(line)))
+                    obj = json.loads(line)
+                    out.append(parse(base, obj))
                 except (ValueError, KeyError, TypeError, AttributeError):
                     stats.bad_json += 1
+                    continue
+                gone = [f for f in _named_files(obj) if not os.path.isfile(os.path.join(base, f))]
+                if gone:   # kept (sample indices stay stable), skipped and counted when encoded
+                    stats.missing_at_start += 1
+                    missing.append(os.path.join(base, gone[0]))
+    if missing:
+        logging.warning("%d samples name image files that do not exist (e.g. %s); they are skipped",
+                        len(missing), ", ".join(missing[:3]))
     if not out:
         raise DataError(f"data.source={source} holds no usable sample ({stats.summary()})")
     stats.samples = len(out)
     return out, stats
+
+
+def _named_files(obj) -> list[str]:
+    """Image paths a raw JSONL sample names: "image" strings, "images" / "video" lists, at any depth."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "image" and isinstance(v, str):
+                out.append(v)
+            elif k in ("images", "video") and isinstance(v, list):
+                out += [x for x in v if isinstance(x, str)]
+            else:
+                out += _named_files(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += _named_files(v)
+    return out
 
 
 def read_samples(source: str) -> tuple[list[tuple[str, dict]], MultimodalStats]:
@@ -122,6 +153,15 @@ class SampleEncoder:
         self.merge, self.patch = v.spatial_merge, v.patch_size
         self.resize = dict(patch=v.patch_size, merge=v.spatial_merge, min_pixels=d.image_min_pixels,
                            max_pixels=d.image_max_pixels)
+        self._warned, self._warn_lock = set(), threading.Lock()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """One warning per bad file, not one per epoch that meets it (the counts go on counting)."""
+        with self._warn_lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logging.warning("%s", message)
 
     def __call__(self, item):
         base, content, *rest = item
@@ -157,19 +197,18 @@ class SampleEncoder:
             for name in files:
                 path = os.path.join(base, str(name))
                 if not os.path.isfile(path):
-                    logging.warning("skipping sample: image file %s does not exist", path)
-                    self.stats.add("missing_file")
+                    self.stats.add("missing_file")   # warned about once, when the data was read
                     return None
                 try:
                     frames.append(load_rgb(path, min_side=self.cfg.data.image_min_side))
                 except ImageError as e:
-                    logging.warning("skipping sample: image %s is unusable: %s", path, e)
+                    self._warn_once(path, f"skipping samples with image {path}: it is unusable: {e}")
                     self.stats.add("bad_image")
                     return None
             try:
                 pix, (t, gh, gw) = preprocess_frames(frames, **self.resize)
             except ImageError as e:
-                logging.warning("skipping sample: image %s is unusable: %s", files[0], e)
+                self._warn_once(files[0], f"skipping samples with image {files[0]}: it is unusable: {e}")
                 self.stats.add("bad_image")
                 return None
             n = (t // v.temporal_merge if kind == VIDEO else 1) * (gh // self.merge) * (gw // self.merge)
@@ -260,7 +299,7 @@ def load_multimodal(cfg, reader=None) -> MultimodalData:
 def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, cfg, stats: MultimodalStats, *,
                               seed: int, process_index: int = 0, process_count: int = 1,
                               repeat: bool = True, encoder=None, row_inputs=None,
-                              extra_lengths: dict | None = None) -> grain.IterDataset:
+                              extra_lengths: dict | None = None, split: str = "train") -> grain.IterDataset:
     """Packed batches with input_ids/labels/loss_mask/segment_ids [b, S], positions [b, S, 3] and the
     vision arrays (VISION_KEYS). Each process keeps its contiguous rows and builds their vision arrays."""
     d = cfg.data
@@ -276,7 +315,7 @@ def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, c
     if not cfg.vision.enabled:
         per_row = merge2   # text-only model: no sample has patches; a minimal slot keeps the packer happy
     encoder = encoder or SampleEncoder(cfg, tokenizer, stats, per_row)
-    _require_usable(samples, encoder, stats, d.source)
+    _require_usable(samples, encoder, stats, d.source, split)
     ds = samples.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
@@ -295,7 +334,8 @@ def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, c
     return it.map(CollateVision(cfg.vision.spatial_merge, per_row * rows))
 
 
-def _require_usable(samples, encoder, stats: MultimodalStats, source: str, probe: int = 64) -> None:
+def _require_usable(samples, encoder, stats: MultimodalStats, source: str, split: str = "train",
+                    probe: int = 64) -> None:
     """A source whose samples all get skipped would spin forever in a repeating pipeline: encode the
     first few up front and stop with one line when none is usable (the counts stay untouched)."""
     if not len(samples):
@@ -306,8 +346,25 @@ def _require_usable(samples, encoder, stats: MultimodalStats, source: str, probe
     stats.restore(before)
     if not ok:
         reasons = ", ".join(f"{v - before[k]} {k.replace('_', ' ')}" for k, v in after.items() if v > before[k])
-        raise DataError(f"data.source={source}: none of the first {min(probe, len(samples))} samples is usable "
-                        f"({reasons}); fix the data or raise data.seq_len / data.max_patches")
+        which = "" if split == "train" else f" {split}"
+        fix = "" if split == "train" else " or set data.eval_fraction=0 (no eval)"
+        raise DataError(f"data.source={source}: none of the first {min(probe, len(samples))}{which} samples is "
+                        f"usable ({reasons}); fix the data or raise data.seq_len / data.max_patches{fix}")
+
+
+def check_eval_batches(batches: grain.IterDataset, samples: int, cfg, stats: MultimodalStats) -> None:
+    """At start-up, not at the first eval: the eval split must fill one batch with target tokens
+    (the skip counts stay those of the training stream)."""
+    before = stats.counts()
+    first = next(iter(batches), None)
+    stats.restore(before)
+    fix = "raise data.eval_fraction or set it to 0 (no eval)"
+    if first is None:
+        raise DataError(f"data.eval_fraction={cfg.data.eval_fraction}: the {samples} eval samples fill no batch of "
+                        f"data.batch_size={cfg.data.batch_size} rows; {fix}")
+    if not np.any(first["loss_mask"]):
+        raise DataError(f"data.source={cfg.data.source}: the first eval batch has no target tokens (nothing the "
+                        f"loss scores, e.g. no assistant reply); fix the eval data or {fix}")
 
 
 def _text_only(batch: dict) -> dict:

@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import re
+import zlib
 from typing import Iterator, Sequence
 
 import grain
@@ -55,8 +56,12 @@ def resolve_paths(source: str) -> list[str]:
 
 def _open_bytes(path: str) -> bytes:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return f.read()
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError, zlib.error) as e:   # BadGzipFile is an OSError; a cut-off stream is EOFError
+        what = "is not a complete gzip file" if path.endswith(".gz") else "cannot be read"
+        raise DataError(f"data.source: {path} {what} ({e}); re-create or re-download it, or leave it out") from None
 
 
 def _text_records(path: str) -> Iterator[bytes | None]:
@@ -150,6 +155,9 @@ def _split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray,
     is_eval = np.random.default_rng(seed + 7919).random(n) < eval_fraction
     if eval_fraction > 0 and not is_eval.any() and n > 1:
         is_eval[-1] = True
+    if is_eval.all():
+        raise DataError(f"data.eval_fraction={eval_fraction} holds out all {n} samples of the data, leaving none "
+                        f"to train on; lower it or add data")
     return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 

@@ -36,7 +36,11 @@ class Tokenizer:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
                 raise DataError(f"{json_path} needs the `tokenizers` package: pip install tokenizers") from None
-            tok = HFTokenizer.from_file(json_path)
+            try:
+                tok = HFTokenizer.from_file(json_path)
+            except Exception as e:  # noqa: BLE001 - the Rust loader raises a bare Exception on bad JSON
+                raise DataError(f"{json_path} is not a tokenizers JSON file ({e}); point data.tokenizer at a "
+                                f"directory with a valid tokenizer.json or tokenizer.model") from None
             self.vocab_size = tok.get_vocab_size()
             special = _special_ids(directory, tok)
             self.bos_id, self.eos_id, self.pad_id = special
@@ -61,8 +65,13 @@ def _special_ids(directory: str, tok) -> tuple[int, int, int]:
     names = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
     cfg_path = os.path.join(directory, "tokenizer_config.json")
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{cfg_path} is not valid JSON ({e}); fix or remove it") from None
+        if not isinstance(cfg, dict):
+            raise DataError(f"{cfg_path} must hold a JSON object (bos_token, eos_token, ...); fix or remove it")
         for k in names:
             v = cfg.get(f"{k}_token")
             if isinstance(v, dict):

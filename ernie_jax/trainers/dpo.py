@@ -23,8 +23,8 @@ import numpy as np
 
 from ernie_jax.config import Config
 from ernie_jax.data.chat import EMBEDDED_PREFERENCE, ChatError, markers, render_answer, render_prompt
-from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inputs, load_multimodal,
-                                       packed_multimodal_batches, read_jsonl)
+from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inputs, check_eval_batches,
+                                       load_multimodal, packed_multimodal_batches, read_jsonl)
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model.ernie import router_loss_total
 from ernie_jax.trainers.pretrain import token_nll
@@ -171,6 +171,8 @@ class DPOTask:
         self.per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else \
             cfg.vision.spatial_merge ** 2
         self.cache = None
+        if len(self.data.eval):
+            check_eval_batches(self.batches(self.data.eval, 1, False), len(self.data.eval), cfg, self.data.stats)
 
     def batches(self, samples, seed: int, repeat: bool, cache=None):
         enc = PairEncoder(self.cfg, self.data.tokenizer, self.data.stats, self.per_row, cache)
@@ -178,6 +180,7 @@ class DPOTask:
                                          repeat=repeat, process_index=jax.process_index(),
                                          process_count=jax.process_count(), encoder=enc,
                                          row_inputs=pair_row_inputs,
+                                         split="train" if repeat else "eval",
                                          extra_lengths={"part": self.cfg.data.seq_len + 1,
                                                         "example": self.cfg.data.seq_len + 1,
                                                         "ref": self.cfg.data.seq_len + 1})
@@ -189,15 +192,31 @@ class DPOTask:
             if fresh:
                 self.cache = compute_reference_cache(self, graphdef, state, mesh)
                 if jax.process_index() == 0:
-                    np.savez(path, ref=self.cache)
-            elif os.path.isfile(path):
-                self.cache = np.load(path)["ref"]
+                    with open(path + ".tmp", "wb") as f:   # a kill mid-write leaves the old file or none
+                        np.savez(f, ref=self.cache)
+                    os.replace(path + ".tmp", path)
             else:
-                raise CheckpointError(f"{path} is missing: a resumed cached-reference DPO run needs the reference "
-                                      f"log-probs computed at its start; restore the file or use a new --workdir")
+                self.cache = read_reference_cache(path, self.data.stats.samples)
         task.train_iter = iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))
         if len(self.data.eval):
             task.eval_batches = lambda: iter(self.batches(self.data.eval, 1, False, self.cache))
+
+
+def read_reference_cache(path: str, samples: int) -> np.ndarray:
+    """The cached reference log-prob sums of a resumed run: [samples, 2], finite, or one clear error."""
+    fix = ("a resumed cached-reference DPO run needs the reference log-probs computed at its start; restore the "
+           "file from a backup or start again in a new --workdir")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: {fix}")
+    try:
+        with np.load(path) as f:
+            cache = np.asarray(f["ref"])
+    except Exception as e:  # noqa: BLE001 - zip, pickle and key errors all mean a damaged file
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}): {fix}") from None
+    if cache.shape != (samples, 2) or not np.all(np.isfinite(cache)):
+        raise CheckpointError(f"{path} holds {cache.shape} values (finite: {bool(np.all(np.isfinite(cache)))}) but "
+                              f"the data has {samples} pairs: it belongs to other data or is damaged; {fix}")
+    return cache
 
 
 def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:

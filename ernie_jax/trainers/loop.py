@@ -12,6 +12,7 @@ import signal
 import time
 from typing import Any, Callable, Iterator
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -20,7 +21,7 @@ from flax import nnx
 
 from ernie_jax.checkpoint.lock import WorkdirLock
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
-from ernie_jax.config import Config, to_dict
+from ernie_jax.config import DROPPABLE, Config, shape_difference, to_dict
 from ernie_jax.errors import CheckpointError, ConfigError, DataError, TrainingError, is_out_of_memory
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model import build_model
@@ -30,13 +31,6 @@ from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
 from ernie_jax.trainers.memory import check_fits, out_of_memory
 from ernie_jax.trainers.state import init_opt_state, init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
-
-# Fields whose change alters parameter shapes: a checkpoint of another value is another model.
-SHAPE_FIELDS = {"model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                          "intermediate_size", "tie_word_embeddings", "mtp_depth"),
-                "moe": ("num_experts", "intermediate_size", "num_shared_experts", "layer_start", "layer_end",
-                        "layer_interval")}
-
 
 @dataclasses.dataclass
 class Task:
@@ -74,26 +68,16 @@ def check_run_settings(cfg: Config, mesh, platform: str) -> None:
     check_backend(cfg.model.attention, platform, cfg.model.attention_interpret)
 
 
-def _shape_fields(d: dict) -> dict:
-    out = {(s, f): d.get(s, {}).get(f) for s, fields in SHAPE_FIELDS.items() for f in fields}
-    if out[("moe", "layer_end")] == -1 and out[("model", "num_layers")] is not None:
-        out[("moe", "layer_end")] = out[("model", "num_layers")] - 1
-    return out
-
-
 def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir",
                      droppable: tuple = ()) -> None:
     """A checkpoint whose parameter shapes differ from the config is refused before any compute.
     `droppable`: (section, field) pairs the target may set to 0 (a part it does not have, e.g. the
     MTP layers when SFT starts from a pretraining run)."""
-    old_fields, new_fields = _shape_fields(saved), _shape_fields(to_dict(cfg))
-    for (section, f), old in old_fields.items():
-        new = new_fields[(section, f)]
-        if (section, f) in droppable and new == 0:
-            continue
-        if old is not None and old != new:
-            raise CheckpointError(f"{where} holds a checkpoint with {section}.{f}={old}, but the config says {new}; "
-                                  f"{fix} or set {section}.{f}={old}")
+    diff = shape_difference(saved, to_dict(cfg), droppable)
+    if diff is not None:
+        key, old, new = diff
+        raise CheckpointError(f"{where} holds a checkpoint with {key}={old}, but the config says {new}; "
+                              f"{fix} or set {key}={old}")
 
 
 def _restore_subset(step_dir: str, target: dict) -> dict:
@@ -140,7 +124,7 @@ def _state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "bu
     if newest is None:
         raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without "
                               f"{'readable ' if ckpt.steps() else ''}checkpoints")
-    check_same_model(newest[1], cfg, path, "fix checkpoint.init_from", droppable=(("model", "mtp_depth"),))
+    check_same_model(newest[1], cfg, path, "fix checkpoint.init_from", droppable=DROPPABLE)
     steps = [newest[0]]
     target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
               for k in keys}
@@ -418,8 +402,7 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
                 if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                     ev = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
                     writer.write(step_offset + step, {**ev, **tags})
-                    extras = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k != "eval_loss")
-                    console.say(f"eval @ {step}: loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}")
+                    console.say(f"eval @ {step}: {describe_eval(ev)}")
                     last = {**last, **ev}
                 if step % cfg.checkpoint.interval == 0 or step == cfg.train.steps or flag.stop:
                     check_skips(step)
@@ -428,15 +411,18 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
                 # resumed after the last step (e.g. a stage whose summary was not written): report its eval
                 last = evaluate_task(eval_step, state, task, mesh, cfg.train.eval_steps)
                 writer.write(step_offset + start, {**last, **tags})
-                console.say(f"eval @ {start} (resumed at the end): loss {last['eval_loss']:.4f}")
+                console.say(f"eval @ {start} (resumed at the end): {describe_eval(last)}")
             if flag.stop:
                 ckpt.wait()
                 console.say(f"stopped by signal after step {step}; checkpoint saved in {ckpt.directory}")
     except jax.errors.JaxRuntimeError as e:
+        _finish_saves(ckpt)   # a save in flight still completes: no step is lost
         if not is_out_of_memory(e):
             raise
-        ckpt.wait()   # a save in flight still completes: no step is lost
         raise out_of_memory(e, cfg, step + 1) from None
+    except Exception:
+        _finish_saves(ckpt)   # e.g. eval data that fails mid-run: the steps saved so far stay
+        raise
     ckpt.close()
     writer.close()
     return {**last, "stopped": flag.stop}
@@ -475,13 +461,33 @@ class SkipCounter:
                 raise TrainingError(self.message)
 
 
+def _finish_saves(ckpt: Checkpointer) -> None:
+    """Let a save in flight finish before an error propagates; its own failure is only logged."""
+    try:
+        ckpt.wait()
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+        logging.warning("a checkpoint save in flight failed while stopping: %s", e)
+
+
+def describe_eval(ev: dict) -> str:
+    """The console text of one eval: loss and perplexity, extra evals, or why there is none."""
+    if "eval_loss" not in ev:
+        return ("no target tokens in the eval batches (every eval sample is masked out), nothing to score; "
+                "check the eval data or set data.eval_fraction=0")
+    extras = "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k != "eval_loss")
+    return f"loss {ev['eval_loss']:.4f}  ppl {ev['eval_ppl']:.2f}{extras}"
+
+
 def evaluate_task(eval_step, state, task: Task, mesh, steps: int) -> dict:
-    """The task's eval split (eval_loss, eval_ppl) plus each extra eval as `<name>_loss`."""
+    """The task's eval split (eval_loss, eval_ppl, eval_tokens) plus each extra eval as `<name>_loss`;
+    a split without target tokens reports only its eval_tokens = 0 (a loss of 0 would be a lie)."""
     def placed(batches):
         return lambda: (place_batch(b, mesh, 0) for b in batches())
     ev = evaluate(eval_step, state, placed(task.eval_batches), steps)
     for name, batches in task.extra_evals.items():
-        ev[f"{name}_loss"] = evaluate(eval_step, state, placed(batches), steps)["eval_loss"]
+        extra = evaluate(eval_step, state, placed(batches), steps)
+        if "eval_loss" in extra:
+            ev[f"{name}_loss"] = extra["eval_loss"]
     return ev
 
 
@@ -496,5 +502,7 @@ def evaluate(eval_step, state, eval_batches: Callable[[], Iterator], steps: int)
         m = jax.device_get(eval_step(state, batch))
         total += float(m["lm_loss"]) * float(m["tokens"])
         tokens += float(m["tokens"])
-    loss = total / max(tokens, 1.0)
+    if tokens == 0:
+        return {"eval_tokens": 0.0}
+    loss = total / tokens
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}

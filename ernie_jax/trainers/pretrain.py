@@ -88,15 +88,17 @@ def text_pretraining_task(cfg: Config):
 def multimodal_task(cfg: Config, data, encoder=None, description: str = ""):
     """A task over packed multimodal-pipeline batches of `data` (image-text samples, or chats with a
     chat `encoder`) with the LM objective; text targets only."""
-    from ernie_jax.data.multimodal import packed_multimodal_batches
+    from ernie_jax.data.multimodal import check_eval_batches, packed_multimodal_batches
     from ernie_jax.trainers.loop import Task
     kw = dict(process_index=jax.process_index(), process_count=jax.process_count(), encoder=encoder)
     train_iter = iter(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats,
                                                 seed=cfg.data.shuffle_seed, **kw))
     eval_batches = None
     if len(data.eval):
-        eval_batches = lambda: iter(packed_multimodal_batches(  # noqa: E731
-            data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False, **kw))
+        eval_data = packed_multimodal_batches(data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False,
+                                              split="eval", **kw)
+        check_eval_batches(eval_data, len(data.eval), cfg, data.stats)
+        eval_batches = lambda: iter(eval_data)  # noqa: E731
     return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
                 vocab_size=data.tokenizer.vocab_size, stats=data.stats,
                 description=description or f"data: {data.stats.summary()}, {len(data.train)} train / "

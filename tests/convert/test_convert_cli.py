@@ -69,9 +69,14 @@ def _corrupt(tmp_path, how):
             tensors[key] = tensors[key][:, :-1]
         del f
         save_file(tensors, st)
-    elif how == "model_type":
+    elif how in ("model_type", "no_key", "wrong_type"):
         cfg = json.load(open(os.path.join(src, "config.json")))
-        cfg["model_type"] = "llama"
+        if how == "model_type":
+            cfg["model_type"] = "llama"
+        elif how == "no_key":
+            del cfg["hidden_size"]
+        else:
+            cfg["num_hidden_layers"] = "three"
         json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
     return src
 
@@ -82,6 +87,8 @@ def _corrupt(tmp_path, how):
     ("missing", "model.layers.1.mlp.experts.3.up_proj.weight is missing"),
     ("shape", "model.layers.1.mlp.experts.3.up_proj.weight has shape (24, 31), expected (24, 32)"),
     ("model_type", "model_type 'llama' is not an ERNIE 4.5 text model"),
+    ("no_key", "config.json has no 'hidden_size', which an ERNIE 4.5 config.json needs"),
+    ("wrong_type", "model.num_layers='three' must be an integer"),
 ])
 def test_bad_checkpoints(tmp_path, how, fragment):
     src = _corrupt(tmp_path, how)
@@ -93,6 +100,22 @@ def test_bad_checkpoints(tmp_path, how, fragment):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out.partial") or p.startswith(".ernie-convert")]
     r = _run("hf-to-ernie", src, str(dst))
     assert r.returncode == 2 and fragment in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_destination_is_found_before_any_tensor_is_read(tmp_path, monkeypatch):
+    from ernie_jax.convert import convert
+    _, src = make_hf_model(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(convert, "read_hf_params", lambda *a, **k: pytest.fail("tensors read before the check"))
+    with pytest.raises(CheckpointError, match="a_file is a file, not a directory"):
+        hf_to_ernie(src, str(tmp_path / "a_file" / "out"), quiet=True)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    if not os.access(ro, os.W_OK):   # root writes anywhere: the check is then the probe file's
+        with pytest.raises(CheckpointError, match="cannot write in"):
+            hf_to_ernie(src, str(ro / "out"), quiet=True)
+    assert not os.listdir(ro)
 
 
 def test_load_pretrained_api(tmp_path):

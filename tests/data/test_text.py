@@ -88,3 +88,20 @@ def test_array_record_source(tmp_path):
     assert len(data.train) == 21
     b = next(iter(packed_batches(data.train, data.tokenizer, seq_len=32, batch_size=2, seed=0)))
     assert "record number" in data.tokenizer.decode(b["input_ids"][0][b["segment_ids"][0] > 0])
+
+
+def test_damaged_gzip_is_one_line(tmp_path):
+    fake = tmp_path / "fake.txt.gz"
+    fake.write_bytes(b"plain text\n\nnamed .gz")
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(gzip.compress(np.random.default_rng(0).bytes(20000).hex().encode())[:3000])
+    for path in (fake, cut):
+        with pytest.raises(DataError, match="is not a complete gzip file") as e:
+            read_documents(str(path), max_doc_chars=10_000)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_eval_split_may_not_take_every_sample(tmp_path):
+    (tmp_path / "one.txt").write_text("a single short document")
+    with pytest.raises(DataError, match="leaving none to train on"):
+        load_corpus(_data_cfg(source=str(tmp_path / "one.txt"), eval_fraction=0.999), 0)

@@ -24,6 +24,10 @@ def test_tokenizer_json_directory(tmp_path):
     tok = Tokenizer(str(tmp_path))
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
     assert tok.decode(tok.encode("the word")).replace(" ", "") == "theword"
+    for text, fragment in (("{", "is not valid JSON"), ("[1]", "must hold a JSON object")):
+        (tmp_path / "tokenizer_config.json").write_text(text)
+        with pytest.raises(DataError, match=fragment):
+            Tokenizer(str(tmp_path))
 
 
 def test_missing_or_broken_tokenizer(tmp_path):
@@ -31,4 +35,10 @@ def test_missing_or_broken_tokenizer(tmp_path):
         Tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="is not a SentencePiece model"):
+        Tokenizer(str(tmp_path))
+
+
+def test_garbage_tokenizer_json_and_config(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{garbage")
+    with pytest.raises(DataError, match="is not a tokenizers JSON file"):
         Tokenizer(str(tmp_path))

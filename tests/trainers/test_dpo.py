@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ernie_jax.config import load_config
+from ernie_jax.errors import CheckpointError
 from ernie_jax.model.ernie import ModelOutput
 from ernie_jax.trainers.dpo import dpo_objective, pair_sums
 
@@ -142,3 +143,20 @@ def test_bad_pairs_counted_and_unusable_file_refused(tmp_path):
     src.write_text("\n".join(json.dumps(x) for x in lines[:4]) + "\n")
     r = _cli(tmp_path / "w", f"data.source={src}", "train.steps=1")
     assert r.returncode == 2 and "samples is usable (" in r.stderr and "same pair" in r.stderr, r.stderr[-500:]
+
+
+def test_damaged_reference_cache_is_one_line(tmp_path):
+    from ernie_jax.trainers.dpo import read_reference_cache
+    path = tmp_path / "reference_logps.npz"
+    np.savez(path, ref=np.ones((3, 2), np.float32))
+    np.testing.assert_array_equal(read_reference_cache(str(path), 3), np.ones((3, 2)))
+    for content, fragment in ((None, "is missing"), (b"PK\x03\x04 not a zip", "is damaged"),
+                              (np.ones((4, 2)), "belongs to other data"), (np.full((3, 2), np.nan), "finite: False")):
+        path.unlink(missing_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            np.savez(path, ref=content)
+        with pytest.raises(CheckpointError, match=fragment) as e:
+            read_reference_cache(str(path), 3)
+        assert "\n" not in str(e.value)

@@ -41,7 +41,7 @@ def test_render_plain_thinking_no_thinking():
 
 @pytest.mark.parametrize("messages,reason", [
     ([{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}], "bad_role"),
-    ([{"role": "user", "content": "x"}], "bad_role"),
+    ([{"role": "user", "content": "x"}], "no_reply"),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "  "}], "empty_response"),
 ])
 def test_bad_conversations(messages, reason):
@@ -59,7 +59,7 @@ def test_loss_mask_covers_assistant_tokens_only():
     assert tok.decode(trained[trained > 2]).split() == ["Hello.", "Hello", "again."]
     assert list(trained).count(tok.eos_id) == 2
     assert ChatEncoder(cfg, tok, stats, 4)(("/", [{"role": "user", "content": "x"}], [])) is None
-    assert stats.bad_role == 1
+    assert stats.no_reply == 1
 
 
 def _cli(config, workdir, *sets):
