@@ -53,6 +53,15 @@ class MultimodalStats:
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self._warned: set = set()
+
+    def warn_once(self, key: str, message: str) -> None:
+        """One warning per bad file, not one per epoch or pipeline that meets it (counts go on)."""
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned.add(key)
+        logging.warning("%s", message)
 
     def add(self, field: str) -> None:
         with self._lock:
@@ -153,15 +162,6 @@ class SampleEncoder:
         self.merge, self.patch = v.spatial_merge, v.patch_size
         self.resize = dict(patch=v.patch_size, merge=v.spatial_merge, min_pixels=d.image_min_pixels,
                            max_pixels=d.image_max_pixels)
-        self._warned, self._warn_lock = set(), threading.Lock()
-
-    def _warn_once(self, key: str, message: str) -> None:
-        """One warning per bad file, not one per epoch that meets it (the counts go on counting)."""
-        with self._warn_lock:
-            if key in self._warned:
-                return
-            self._warned.add(key)
-        logging.warning("%s", message)
 
     def __call__(self, item):
         base, content, *rest = item
@@ -202,13 +202,13 @@ class SampleEncoder:
                 try:
                     frames.append(load_rgb(path, min_side=self.cfg.data.image_min_side))
                 except ImageError as e:
-                    self._warn_once(path, f"skipping samples with image {path}: it is unusable: {e}")
+                    self.stats.warn_once(path, f"skipping samples with image {path}: it is unusable: {e}")
                     self.stats.add("bad_image")
                     return None
             try:
                 pix, (t, gh, gw) = preprocess_frames(frames, **self.resize)
             except ImageError as e:
-                self._warn_once(files[0], f"skipping samples with image {files[0]}: it is unusable: {e}")
+                self.stats.warn_once(files[0], f"skipping samples with image {files[0]}: it is unusable: {e}")
                 self.stats.add("bad_image")
                 return None
             n = (t // v.temporal_merge if kind == VIDEO else 1) * (gh // self.merge) * (gw // self.merge)

@@ -118,3 +118,17 @@ def test_embedded_set_reads():
     samples, stats = read_samples("embedded")
     assert stats.samples == 1250 and stats.bad_json == 0
     assert os.path.isfile(os.path.join(samples[0][0], "00000.png"))
+
+
+def test_start_up_counts_missing_files_and_bad_images_warn_once(tmp_path, caplog):
+    cfg = _cfg(_write_set(tmp_path), **{"data.batch_size": 1, "data.max_patches": 128})
+    data = load_multimodal(cfg)
+    summary = data.stats.summary()
+    assert data.stats.missing_at_start == 1 and "1 naming missing image files" in summary, summary
+    assert "0 unusable images" not in summary and "counted in the data_skipped_* metrics" in summary
+    assert any("missing.png" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    for _ in range(3):   # three epochs over the set: one warning per bad file, counts go on
+        list(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats, seed=0, repeat=False))
+    corrupt = [r for r in caplog.records if "corrupt.png" in r.getMessage()]
+    assert len(corrupt) == 1 and data.stats.bad_image >= 9

@@ -126,3 +126,36 @@ def test_sft_starts_from_a_pretraining_workdir(tmp_path):
     r = _cli("configs/sft_tiny.yaml", tmp_path / "bad", *small, "model.hidden_size=64", "train.steps=2",
              f"checkpoint.init_from={tmp_path / 'pre'}")
     assert r.returncode == 2 and "model.hidden_size=128, but the config says 64" in r.stderr
+
+
+def _chat_set(tmp_path, n, bad_eval, eval_fraction):
+    """n chats; the ones the split holds out for eval have no assistant reply when `bad_eval`."""
+    from ernie_jax.data.text import _split_indices
+    _, eval_idx = _split_indices(n, eval_fraction, load_config("configs/sft_tiny.yaml").train.seed)
+    lines = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"question {i}"}]
+        if not (bad_eval and i in set(eval_idx)):
+            msgs.append({"role": "assistant", "content": f"answer {i}"})
+        lines.append(json.dumps({"messages": msgs}))
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), len(eval_idx)
+
+
+@pytest.mark.parametrize("bad_eval, batch_size, fragment", [
+    (True, 2, r"eval samples is usable \("),
+    (False, 64, "fill no batch of data.batch_size=64 rows"),
+])
+def test_unusable_eval_split_is_refused_at_start_up(tmp_path, bad_eval, batch_size, fragment):
+    from ernie_jax.errors import DataError
+    from ernie_jax.trainers.sft import sft_task
+    src, n_eval = _chat_set(tmp_path, 24, bad_eval, 0.2)
+    assert 0 < n_eval < 24
+    cfg = load_config("configs/sft_tiny.yaml", [f"data.source={src}", "data.eval_fraction=0.2",
+                                                 f"data.batch_size={batch_size}"])
+    with pytest.raises(DataError, match=fragment) as e:
+        sft_task(cfg)
+    assert "data.eval_fraction=0" in str(e.value) and "\n" not in str(e.value)
+    if bad_eval:
+        assert "no reply" in str(e.value)

@@ -124,3 +124,14 @@ def test_non_finite_step_changes_nothing():
     moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["params"]),
                                                       jax.tree.leaves(jax.tree.map(np.asarray, good["params"])))]
     assert any(moved)
+
+
+def test_eval_without_target_tokens_reports_no_loss():
+    from ernie_jax.trainers.loop import describe_eval, evaluate
+    empty = evaluate(lambda state, batch: {"lm_loss": 0.0, "tokens": 0.0}, None, lambda: iter([{}, {}]), 4)
+    assert empty == {"eval_tokens": 0.0}
+    assert "no target tokens" in describe_eval(empty) and "loss" not in describe_eval(empty).split("(")[0]
+    some = evaluate(lambda state, batch: {"lm_loss": batch["l"], "tokens": batch["n"]}, None,
+                    lambda: iter([{"l": 2.0, "n": 3.0}, {"l": 4.0, "n": 1.0}]), 4)
+    assert some["eval_loss"] == pytest.approx(2.5) and some["eval_tokens"] == 4.0
+    assert describe_eval(some).startswith("loss 2.5000  ppl 12.18")
