@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ernie_jax.config import Config
+from ernie_jax.summary import count_params
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -24,7 +25,6 @@ PEAK_FLOPS = {
 def train_flops_per_token(cfg: Config, seq_len: int) -> float:
     """6 x active matmul params (routed experts at top_k/E, embedding lookup excluded, LM head
     included) + causal attention 6 * L * S * N * D (QK^T and PV, fwd+bwd, halved for causality)."""
-    from ernie_jax.summary import count_params
     counts = count_params(cfg)
     matmul = counts["active"] - counts["embedding"] - counts["norms"]
     if cfg.model.tie_word_embeddings:

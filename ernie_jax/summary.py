@@ -16,6 +16,8 @@ from absl import app, flags
 from flax import nnx
 
 from ernie_jax.config import Config, load_config
+from ernie_jax.errors import ErnieJaxError
+from ernie_jax.model import build_model
 
 COMPONENTS = ("embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
               "norms", "vision_experts", "vision_router", "vit", "adapter", "mtp")
@@ -50,7 +52,6 @@ def _component(path: tuple[str, ...]) -> str:
 
 def count_params(cfg: Config) -> dict[str, float]:
     """{component: params, 'total', 'active', 'active_non_embedding', 'buffers'} from shapes only."""
-    from ernie_jax.model import build_model
     abstract = nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))
     counts: dict[str, float] = defaultdict(float)
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
@@ -116,7 +117,6 @@ def main(argv):
     if not FLAGS.config:
         print("error: --config is required (e.g. --config configs/ernie45_21b_a3b.yaml)", file=sys.stderr)
         return 2
-    from ernie_jax.errors import ErnieJaxError
     try:
         cfg = load_config(FLAGS.config, FLAGS.set)
     except ErnieJaxError as e:

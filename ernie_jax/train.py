@@ -4,7 +4,14 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
+
+from ernie_jax.config import load_config
+from ernie_jax.errors import ErnieJaxError
+from ernie_jax.parallel.distributed import initialize
+from ernie_jax.trainers.loop import run
+from ernie_jax.trainers.stages import run_stages
+from ernie_jax.trainers.tasks import task_for
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "YAML config file (configs/*.yaml)")
@@ -23,23 +30,16 @@ def main(argv) -> int:
     if not FLAGS.config:
         print("error: --config is required, e.g. --config configs/tiny_moe.yaml", file=sys.stderr)
         return 2
-    from absl import logging
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax/absl INFO chatter hides the progress lines
-    from ernie_jax.config import load_config
-    from ernie_jax.errors import ErnieJaxError
     try:
         cfg = load_config(FLAGS.config, FLAGS.set)
-        from ernie_jax.parallel.distributed import initialize
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         workdir = FLAGS.workdir or os.path.join("runs", os.path.splitext(os.path.basename(FLAGS.config))[0])
         if cfg.stages:
-            from ernie_jax.trainers.stages import run_stages
             run_stages(cfg, workdir, quiet=FLAGS.quiet)
         else:
-            from ernie_jax.trainers.loop import run
-            from ernie_jax.trainers.pretrain import pretraining_task
-            run(cfg, workdir, pretraining_task, quiet=FLAGS.quiet)
+            run(cfg, workdir, task_for, quiet=FLAGS.quiet)
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from ernie_jax.config import load_config
 from ernie_jax.data.multimodal import load_multimodal, packed_multimodal_batches
 from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import build_mesh
-from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step
 

@@ -1,6 +1,7 @@
 import pytest
 
-from ernie_jax.config import Config, ConfigError, is_moe_layer, load_config, to_json
+from ernie_jax.config import Config, is_moe_layer, load_config, to_json
+from ernie_jax.errors import ConfigError
 
 
 def test_base_inheritance_and_overrides():

@@ -6,30 +6,19 @@ that table, so the two directions cannot disagree. Keys follow ERNIE45_SPEC.md s
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Iterator
 
 import numpy as np
 
-from ernie_jax.config import Config, ModelConfig, MoEConfig, from_dict, to_dict, validate
+from ernie_jax.config import Config, ModelConfig, MoEConfig, from_dict, layer_plan, to_dict, validate
+from ernie_jax.convert.hf_vl import VL_MODEL_TYPES, config_from_hf_vl, config_to_hf_vl, vision_entries
+from ernie_jax.convert.keys import Entry, first_of
 from ernie_jax.convert.safetensors_io import SafetensorsFile
 from ernie_jax.errors import CheckpointError, ConfigError
-from ernie_jax.model.ernie import layer_plan
 
 TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """HF tensor `key` <-> param at `path`[index]; layout: 'copy' | 'T' (transpose) | 'row' ([1,E] <-> [E]).
-    `part` >= 0: the param is row `part` of the HF tensor (the VL bias [2, E] feeds two routers)."""
-    key: str
-    path: tuple[str, ...]
-    index: tuple[int, ...]
-    layout: str
-    part: int = -1
 
 
 # ----------------------------------------------------------------------------- configs
@@ -39,7 +28,6 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.js
     value of the wrong type is one CheckpointError naming it."""
     if not isinstance(hf, dict):
         raise CheckpointError(f"{source} must hold a JSON object; re-download it")
-    from ernie_jax.convert.hf_vl import VL_MODEL_TYPES, config_from_hf_vl
     build = config_from_hf_vl if hf.get("model_type") in VL_MODEL_TYPES else _text_config_from_hf
     try:
         cfg = build(hf, dtype=dtype, source=source)
@@ -75,32 +63,23 @@ def _text_config_from_hf(hf: dict, *, dtype: str, source: str) -> Config:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), dtype=dtype,
         mtp_depth=int(hf.get("num_nextn_predict_layers", 0) or 0),
         pad_token_id=hf.get("pad_token_id") or 0, bos_token_id=hf.get("bos_token_id") or 1,
-        eos_token_id=_first(hf.get("eos_token_id"), 2), init_std=hf.get("initializer_range", 0.02))
+        eos_token_id=first_of(hf.get("eos_token_id"), 2), init_std=hf.get("initializer_range", 0.02))
     moe = MoEConfig()
     if mt == "ernie4_5_moe":
-        experts = _first(hf.get("moe_num_experts"), 0)
+        experts = first_of(hf.get("moe_num_experts"), 0)
         moe = MoEConfig(
-            num_experts=experts, top_k=hf.get("moe_k", 2), intermediate_size=_first(hf.get("moe_intermediate_size"), 0),
+            num_experts=experts, top_k=hf.get("moe_k", 2), intermediate_size=first_of(hf.get("moe_intermediate_size"), 0),
             num_shared_experts=hf.get("moe_num_shared_experts", 0) or 0,
-            layer_start=_first(hf.get("moe_layer_start_index"), 1, min),
-            layer_end=_first(hf.get("moe_layer_end_index"), -1, max),
+            layer_start=first_of(hf.get("moe_layer_start_index"), 1, min),
+            layer_end=first_of(hf.get("moe_layer_end_index"), -1, max),
             layer_interval=hf.get("moe_layer_interval", 1), norm_min=hf.get("moe_norm_min", 1e-12))
     return Config(model=model, moe=moe)
-
-
-def _first(v, default, pick=None):
-    if v is None:
-        return default
-    if isinstance(v, (list, tuple)):
-        return (pick or (lambda x: x[0]))(v)
-    return v
 
 
 def config_to_hf(cfg: Config) -> dict:
     """config.json for transformers' Ernie4_5ForCausalLM / Ernie4_5_MoeForCausalLM (or the VL model)."""
     m, e = cfg.model, cfg.moe
     if cfg.vision.enabled:
-        from ernie_jax.convert.hf_vl import config_to_hf_vl
         return config_to_hf_vl(cfg)
     hf = {
         "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
@@ -180,7 +159,6 @@ def key_table(cfg: Config) -> list[Entry]:
     if not cfg.model.tie_word_embeddings:
         out.append(Entry("lm_head.weight", ("lm_head", "kernel"), (), "T"))
     if cfg.vision.enabled:
-        from ernie_jax.convert.hf_vl import vision_entries
         out += vision_entries(cfg)
     for d in range(cfg.model.mtp_depth):
         out.append(Entry(f"model.mtp_emb_norm.{d}.weight", ("mtp", "emb_norm", "weight"), (d,), "copy"))

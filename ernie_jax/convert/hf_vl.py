@@ -9,7 +9,7 @@ text_config / vision_config) and Baidu's original flat one (list-valued moe_* ke
 from __future__ import annotations
 
 from ernie_jax.config import Config, ModelConfig, MoEConfig, VisionConfig
-from ernie_jax.convert.hf_text import Entry, _first
+from ernie_jax.convert.keys import Entry, first_of
 from ernie_jax.errors import CheckpointError
 
 VL_MODEL_TYPES = ("ernie4_5_vl_moe", "ernie4_5_moe_vl")
@@ -73,8 +73,8 @@ def config_from_hf_vl(hf: dict, *, dtype: str = "float32", source: str = "config
     else:                     # Baidu original, flat
         t, vis = hf, hf.get("vision_config") or {}
         layers = t["num_hidden_layers"]
-        start = _first(t.get("moe_layer_start_index"), 1, min)
-        end = _first(t.get("moe_layer_end_index"), layers - 1, max)
+        start = first_of(t.get("moe_layer_start_index"), 1, min)
+        end = first_of(t.get("moe_layer_end_index"), layers - 1, max)
         end = min(end if end >= 0 else layers - 1, layers - 1)
         theta, t_freqs = float(t.get("rope_theta", 500000.0)), t.get("freq_allocation", 20)
         inter = t.get("moe_intermediate_size") or [1536, 512]
@@ -95,8 +95,8 @@ def config_from_hf_vl(hf: dict, *, dtype: str = "float32", source: str = "config
         max_position_embeddings=t.get("max_position_embeddings", 131072),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", t.get("tie_word_embeddings", True))), dtype=dtype,
         pad_token_id=t.get("pad_token_id") or 0, bos_token_id=t.get("bos_token_id") or 1,
-        eos_token_id=_first(t.get("eos_token_id"), 2) or 2, init_std=t.get("initializer_range", 0.02))
-    moe = MoEConfig(num_experts=experts[0], top_k=_first(t.get("moe_k"), 6), intermediate_size=inter[0],
+        eos_token_id=first_of(t.get("eos_token_id"), 2) or 2, init_std=t.get("initializer_range", 0.02))
+    moe = MoEConfig(num_experts=experts[0], top_k=first_of(t.get("moe_k"), 6), intermediate_size=inter[0],
                     num_shared_experts=t.get("moe_num_shared_experts", 0) or 0, layer_start=start, layer_end=end,
                     layer_interval=1, norm_min=t.get("moe_norm_min", 1e-12),
                     vision_num_experts=experts[1], vision_intermediate_size=inter[1])

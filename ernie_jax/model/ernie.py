@@ -3,11 +3,10 @@
 Layer layout. ERNIE places MoE at layer i iff (i+1) % interval == 0 and start <= i <= end, so the
 decoder is: a `prefix` stack of dense layers, a stack of `units` (interval-1 dense layers then one
 MoE layer, repeated), and a `suffix` stack of dense layers. Each stack is one scan, so compile time
-does not grow with depth. `layer_plan` maps global layer indices onto this layout (conversion).
+does not grow with depth. `config.layer_plan` maps global layer indices onto this layout.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ernie_jax.config import Config, is_moe_layer
+from ernie_jax.config import Config, LayerPlan, layer_plan  # noqa: F401 - layer_plan re-exported
 from ernie_jax.model.attention import Attention, attention_spec
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
@@ -27,39 +26,6 @@ from ernie_jax.parallel.mesh import constrain_batch
 from ernie_jax.parallel.pipeline import pipeline_apply, schedule_for
 from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Counts of the three stacks; `locate(i)` -> (stack, unit, slot) for global layer i."""
-    num_prefix: int
-    num_units: int
-    dense_per_unit: int
-    num_suffix: int
-
-    @property
-    def num_moe(self) -> int:
-        return self.num_units
-
-    def locate(self, i: int) -> tuple[str, int, int]:
-        """('prefix', j, -1) | ('units', u, slot) with slot == dense_per_unit for MoE | ('suffix', j, -1)."""
-        if i < self.num_prefix:
-            return ("prefix", i, -1)
-        i -= self.num_prefix
-        per = self.dense_per_unit + 1
-        if i < self.num_units * per:
-            return ("units", i // per, i % per)
-        return ("suffix", i - self.num_units * per, -1)
-
-
-def layer_plan(cfg: Config) -> LayerPlan:
-    n = cfg.model.num_layers
-    moe_ids = [i for i in range(n) if is_moe_layer(i, n, cfg.moe)]
-    if not moe_ids:
-        return LayerPlan(n, 0, 0, 0)
-    interval = cfg.moe.layer_interval
-    first = moe_ids[0] - (interval - 1)
-    return LayerPlan(first, len(moe_ids), interval - 1, n - 1 - moe_ids[-1])
-
 
 def _dtype(name: str):
     return jnp.dtype(name)

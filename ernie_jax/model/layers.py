@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.ops import matmul
+from ernie_jax.precision.fp8 import DelayedFp8, Fp8Meta
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -56,7 +57,6 @@ class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, std: float,
                  dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general,
                  bias: bool = False):
-        from ernie_jax.precision.fp8 import DelayedFp8, Fp8Meta
         self.dtype = dtype
         self.dot_general = dot_general
         self.kernel = nnx.Param(normal_init(std)(rngs.params(), (d_in, d_out), param_dtype), axes=axes)

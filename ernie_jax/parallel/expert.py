@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ernie_jax.model.moe import assignment_slots, combine, dispatch, expert_capacity, swiglu_experts
+from ernie_jax.ops.moe_dispatch import assignment_slots, combine, dispatch, expert_capacity, swiglu_experts
 from ernie_jax.precision.fp8 import BoundExperts, ShardedBoundExperts
 
 # the flattened tokens [B*S] split over the batch axes and, minor, the sequence shards (context)

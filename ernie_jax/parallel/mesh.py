@@ -190,3 +190,9 @@ def constrain_batch(x, in_stage: bool = False):
     if x.ndim > 1:
         rest[0] = seq if seq is not None else P.UNCONSTRAINED
     return jax.lax.with_sharding_constraint(x, P(batch if batch is not None else P.UNCONSTRAINED, *rest))
+
+
+def place_batch(batch: dict, mesh: Mesh, batch_dim: int) -> dict:
+    """Process-local numpy batch -> global arrays split over the data-parallel mesh axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_dim), v)
+            for k, v in batch.items()}

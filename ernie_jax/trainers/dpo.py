@@ -20,6 +20,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ernie_jax.config import Config
 from ernie_jax.data.chat import EMBEDDED_PREFERENCE, ChatError, markers, render_answer, render_prompt
@@ -27,7 +28,9 @@ from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inpu
                                        load_multimodal, packed_multimodal_batches, read_jsonl)
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model.ernie import router_loss_total
-from ernie_jax.trainers.pretrain import token_nll
+from ernie_jax.parallel.mesh import place_batch
+from ernie_jax.trainers.lm import token_nll
+from ernie_jax.trainers.task import Task
 
 CACHE_FILE = "reference_logps.npz"
 
@@ -171,6 +174,7 @@ class DPOTask:
         self.per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else \
             cfg.vision.spatial_merge ** 2
         self.cache = None
+        self.batches(self.data.train, cfg.data.shuffle_seed, True)   # both splits checked before any compute
         if len(self.data.eval):
             check_eval_batches(self.batches(self.data.eval, 1, False), len(self.data.eval), cfg, self.data.stats)
 
@@ -185,8 +189,9 @@ class DPOTask:
                                                         "example": self.cfg.data.seq_len + 1,
                                                         "ref": self.cfg.data.seq_len + 1})
 
-    def prepare(self, task, graphdef, state, mesh, workdir: str, fresh: bool):
-        """cached reference: compute (fresh run) or load the per-pair reference log-prob sums."""
+    def prepare(self, graphdef, state, mesh, workdir: str, fresh: bool) -> dict:
+        """The Task's iterators; with a cached reference, first compute (fresh run) or load the
+        per-pair reference log-prob sums they carry."""
         if self.cfg.dpo.reference == "cached":
             path = os.path.join(workdir, CACHE_FILE)
             if fresh:
@@ -197,9 +202,23 @@ class DPOTask:
                     os.replace(path + ".tmp", path)
             else:
                 self.cache = read_reference_cache(path, self.data.stats.samples)
-        task.train_iter = iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))
+        fields = {"train_iter": iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))}
         if len(self.data.eval):
-            task.eval_batches = lambda: iter(self.batches(self.data.eval, 1, False, self.cache))
+            fields["eval_batches"] = lambda: iter(self.batches(self.data.eval, 1, False, self.cache))
+        return fields
+
+
+def frozen_reference(state: dict) -> dict:
+    """`dpo.reference: copy`: the train state keeps a frozen copy of the starting params."""
+    return {"ref_params": jax.tree.map(jnp.copy, state["params"])}
+
+
+def reference_inputs(forward, state: dict, micro: dict) -> dict:
+    """With the frozen copy, its per-token log-probs join each micro-batch inside the step (a cached
+    reference's sums already come with the batch)."""
+    if "ref_params" not in state:
+        return micro
+    return {**micro, "ref_logp": reference_logps(forward(state["ref_params"], micro), micro)}
 
 
 def read_reference_cache(path: str, samples: int) -> np.ndarray:
@@ -222,8 +241,6 @@ def read_reference_cache(path: str, samples: int) -> np.ndarray:
 def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
     """One pass over train + eval pairs with the starting params: cache[example, 0 | 1] = summed
     reference log-probs of the chosen | rejected response."""
-    from flax import nnx
-    from ernie_jax.trainers.loop import place_batch
 
     @jax.jit
     def logps(params, buffers, batch):
@@ -245,13 +262,12 @@ def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
     return cache
 
 
-def dpo_task(cfg: Config):
-    from ernie_jax.trainers.loop import Task
+def dpo_task(cfg: Config) -> Task:
     dpo = DPOTask(cfg)
-    task = Task(objective=dpo_objective, train_iter=None, eval_batches=None, vocab_size=dpo.data.tokenizer.vocab_size,
-                stats=dpo.data.stats, reference=cfg.dpo.reference,
+    copy = cfg.dpo.reference == "copy"
+    return Task(objective=dpo_objective, train_iter=None, eval_batches=None, vocab_size=dpo.data.tokenizer.vocab_size,
+                stats=dpo.data.stats, init_state=frozen_reference if copy else None,
+                batch_inputs=reference_inputs if copy else None, prepare=dpo.prepare,
                 description=f"preference data: {dpo.data.stats.summary()}, {len(dpo.data.train)} train / "
                             f"{len(dpo.data.eval)} eval pairs, {cfg.dpo.loss_type} loss, beta {cfg.dpo.beta}, "
                             f"reference {cfg.dpo.reference}")
-    task.prepare = lambda *a, **k: dpo.prepare(task, *a, **k)
-    return task

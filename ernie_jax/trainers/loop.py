@@ -1,7 +1,8 @@
 """The one training loop: setup checks, init or resume, jitted steps, eval, logging, checkpoints, signals.
 
 Reads top to bottom: workdir -> data -> model -> checkpoint (resume / init_from) -> loop -> final save.
-Trainers plug in through `Task` (objective + batches); the loop itself knows nothing of the loss.
+Trainers plug in through `Task` (trainers/task.py: data, objective, hooks); the loop itself knows
+nothing of the loss or of any trainer's extra state.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 import jax
@@ -21,29 +22,19 @@ from flax import nnx
 
 from ernie_jax.checkpoint.lock import WorkdirLock
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
-from ernie_jax.config import DROPPABLE, Config, shape_difference, to_dict
+from ernie_jax.config import DROPPABLE, Config, layer_plan, shape_difference, to_dict
+from ernie_jax.convert import convert
 from ernie_jax.errors import CheckpointError, ConfigError, DataError, TrainingError, is_out_of_memory
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model import build_model
 from ernie_jax.ops.attention import check_backend
-from ernie_jax.parallel.mesh import batch_sharding, build_mesh, data_parallel_size, describe
+from ernie_jax.parallel.mesh import build_mesh, data_parallel_size, describe, place_batch
 from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
+from ernie_jax.summary import count_params
 from ernie_jax.trainers.memory import check_fits, out_of_memory
 from ernie_jax.trainers.state import init_opt_state, init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
-
-@dataclasses.dataclass
-class Task:
-    """What a trainer supplies: the objective, a resumable train iterator and an eval batch factory."""
-    objective: Callable
-    train_iter: Any                      # grain iterator with get_state/set_state, yields micro-batches
-    eval_batches: Callable[[], Iterator] | None
-    vocab_size: int
-    description: str
-    stats: Any = None                    # data-side counters (skipped samples), logged with metrics
-    reference: str | None = None         # "copy": keep a frozen copy of the starting params (DPO)
-    prepare: Callable | None = None      # (graphdef, state, mesh, workdir, fresh) once the model exists
-    extra_evals: dict = dataclasses.field(default_factory=dict)   # name -> eval batch factory, logged name_loss
+from ernie_jax.trainers.task import Task
 
 
 def check_workdir(workdir: str) -> None:
@@ -178,7 +169,6 @@ def _init_from(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
 
 def _init_params_from(path: str, cfg: Config, params: dict, buffers: dict | None = None):
     """Params (and buffers: the routing bias) from a converted orbax dir (hf-to-ernie) or a HF directory."""
-    from ernie_jax.convert import convert
     if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
         check_same_model(to_dict(convert._read_our_config(path)), cfg, path, "fix checkpoint.init_from")
         loaded = convert.restore_params(path, cfg)
@@ -241,12 +231,6 @@ class MeshJit:
             return self.jitted.lower(*args)
 
 
-def place_batch(batch: dict, mesh, batch_dim: int) -> dict:
-    """Process-local numpy batch -> global arrays split over the data-parallel mesh axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_dim), v)
-            for k, v in batch.items()}
-
-
 def _next_step_batch(it, accum: int) -> dict:
     micro = [next(it) for _ in range(accum)]
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
@@ -279,8 +263,8 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
     check_run_settings(cfg, mesh, jax.default_backend())
     tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
-    if task.reference == "copy":
-        state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
+    if task.init_state is not None:   # before the restore: its entries are part of the checkpoint
+        state.update(task.init_state(state))
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
     if had_steps and restored is None:
         console.say(f"warning: every checkpoint in {ckpt.directory} is damaged (set aside as <step>.damaged-*); "
@@ -294,16 +278,15 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
         if keep_optimizer_from:
             state["opt_state"] = _kept_optimizer_state(keep_optimizer_from, state["opt_state"])
             note += "; optimizer moments kept, schedule restarted"
-        if task.reference == "copy":
-            state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
+        if task.init_state is not None:   # e.g. DPO's reference: the params just loaded
+            state.update(task.init_state(state))
         console.say(f"initialised params from {cfg.checkpoint.init_from}{note}")
     if task.prepare is not None:
-        task.prepare(graphdef, state, mesh, workdir, fresh=restored is None)
+        task = dataclasses.replace(task, **task.prepare(graphdef, state, mesh, workdir, fresh=restored is None))
     if restored is not None:
         task.train_iter.set_state(data_state)
     start = int(state["step"])
 
-    from ernie_jax.summary import count_params
     counts = count_params(cfg)
     accum, seq = cfg.optimizer.grad_accum_steps, cfg.data.seq_len
     tokens_per_step = accum * cfg.data.batch_size * seq
@@ -313,7 +296,6 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
     console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
                 f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
     if schedule_for(cfg) is not None:
-        from ernie_jax.model.ernie import layer_plan
         plan = layer_plan(cfg)
         console.say(schedule_for(cfg).describe(plan.num_units or plan.num_prefix))
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
@@ -322,13 +304,14 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
     console.say(f"writing to {os.path.abspath(workdir)} (checkpoints/{logs or ', metrics.jsonl, tb/'}); "
                 f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
 
-    train_step = jit_train_step(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps), state, mesh)
-    eval_step = MeshJit(jax.jit(make_eval_step(graphdef, cfg, task.objective)), mesh)
+    train_step = jit_train_step(make_train_step(graphdef, cfg, tx, task.objective, cfg.train.steps,
+                                                task.batch_inputs), state, mesh)
+    eval_step = MeshJit(jax.jit(make_eval_step(graphdef, cfg, task.objective, task.batch_inputs)), mesh)
     writer = MetricsWriter(log_dir or workdir, cfg.log.tensorboard, resume_step=step_offset + start)
     config_dict = to_dict(cfg)
     last: dict = {}
     sums, count = None, 0
-    t_log, t_first, steps_timed = time.perf_counter(), None, 0
+    t_log, t_first = time.perf_counter(), None
 
     skips = SkipCounter(cfg.train.max_skipped_steps)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from ernie_jax.config import Config
 from ernie_jax.data.chat import EMBEDDED_CHAT, ChatError, markers, render_chat
 from ernie_jax.data.multimodal import MultimodalStats, SampleEncoder, load_multimodal, read_jsonl
+from ernie_jax.trainers.lm import multimodal_lm_task
+from ernie_jax.trainers.task import Task
 
 
 def read_conversations(source: str):
@@ -35,10 +37,9 @@ class ChatEncoder:
         return self.encode((base, segs, False))
 
 
-def sft_task(cfg: Config):
-    from ernie_jax.trainers.pretrain import multimodal_task
+def sft_task(cfg: Config) -> Task:
     data = load_multimodal(cfg, reader=read_conversations)
     per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else cfg.vision.spatial_merge ** 2
-    return multimodal_task(cfg, data, encoder=ChatEncoder(cfg, data.tokenizer, data.stats, per_row),
+    return multimodal_lm_task(cfg, data, encoder=ChatEncoder(cfg, data.tokenizer, data.stats, per_row),
                            description=f"chat data: {data.stats.summary()}, {len(data.train)} train / "
                                        f"{len(data.eval)} eval conversations, mode {cfg.data.chat_mode}")

@@ -23,7 +23,9 @@ import numpy as np
 
 from ernie_jax.config import Config, StageConfig, stage_config
 from ernie_jax.checkpoint.lock import WorkdirLock
-from ernie_jax.trainers.loop import Checkpointer, Task, check_workdir, run
+from ernie_jax.trainers.loop import Checkpointer, check_workdir, run
+from ernie_jax.trainers.task import Task
+from ernie_jax.trainers.tasks import task_for
 
 SUMMARY = "stages.json"
 
@@ -55,11 +57,10 @@ class MixtureIterator:
 
 
 def mixture_task(cfg: Config, mixture) -> Task:
-    from ernie_jax.trainers.pretrain import pretraining_task
     tasks = []
     for src in mixture:
         sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind=src.kind, source=src.source))
-        tasks.append(pretraining_task(sub))
+        tasks.append(task_for(sub))
     it = MixtureIterator([t.train_iter for t in tasks], [s.weight for s in mixture], cfg.data.shuffle_seed,
                          cfg.optimizer.grad_accum_steps)
     text = [t for t, s in zip(tasks, mixture) if s.kind == "text" and t.eval_batches is not None]
@@ -99,7 +100,6 @@ def run_stages(cfg: Config, workdir: str, quiet: bool = False) -> list[dict]:
 
 
 def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
-    from ernie_jax.trainers.pretrain import pretraining_task
     summary_path = os.path.join(workdir, SUMMARY)
     results = _read_summary(summary_path)
     done = {r["stage"]: r for r in results}
@@ -114,7 +114,7 @@ def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
         else:
             if not quiet:
                 print(f"== stage {k + 1}/{len(cfg.stages)}: {stage.name} ({stage.steps} steps) ==", flush=True)
-            factory = (lambda c, m=stage.mixture: mixture_task(c, m)) if stage.mixture else pretraining_task
+            factory = (lambda c, m=stage.mixture: mixture_task(c, m)) if stage.mixture else task_for
             keep = prev if stage.optimizer_state == "keep" and prev is not None else None
             last = run(scfg, sdir, factory, quiet=quiet, log_dir=workdir, tags={"stage": stage.name},
                        step_offset=offset, keep_optimizer_from=keep)

@@ -19,9 +19,12 @@ from flax import nnx
 
 from ernie_jax.config import Config
 from ernie_jax.model import router_losses
-from ernie_jax.trainers.state import TrainState, lr_schedule
+from ernie_jax.model.ernie_vl import vision_token_ids
+from ernie_jax.precision.fp8 import update_histories
+from ernie_jax.trainers.state import TrainState, lr_schedule, model_part
 
 Objective = Callable[[Any, dict, Config], tuple[jax.Array, dict]]
+BatchInputs = Callable[[Callable, TrainState, dict], dict]
 
 
 def _forward(graphdef, params, buffers, batch):
@@ -72,8 +75,6 @@ def _get(tree: dict, path: tuple):
 
 def _detach_language_model(grads: dict, batch: dict, cfg: Config) -> dict:
     """modality_detach: a micro-batch holding vision tokens trains only ViT, adapter and vision experts."""
-    from ernie_jax.model.ernie_vl import vision_token_ids
-    from ernie_jax.trainers.state import model_part
     has_vision = jnp.any(jnp.isin(batch["input_ids"], jnp.asarray(vision_token_ids(cfg))))
     return jax.tree_util.tree_map_with_path(
         lambda p, g: jnp.where(has_vision, jnp.zeros_like(g), g) if model_part(p) == "language_model" else g, grads)
@@ -91,7 +92,9 @@ def _where(keep_new: jax.Array, new, old):
 
 
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, objective: Objective,
-                    total_steps: int) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    total_steps: int, batch_inputs: BatchInputs | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`batch_inputs(forward, state, micro)`: the task's extra inputs from the state (trainers/task.py)."""
     schedule = lr_schedule(cfg.optimizer, total_steps)
 
     def loss_fn(params, buffers, micro):
@@ -104,12 +107,10 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
             loads["vision_gate"] = out.vision_expert_load
         return loss, (metrics, loads)
 
-    def with_reference(state, buffers, micro):
-        """DPO with a frozen reference copy: its per-token log-probs join the micro-batch."""
-        if "ref_params" not in state:
+    def with_task_inputs(state, buffers, micro):
+        if batch_inputs is None:
             return micro
-        from ernie_jax.trainers.dpo import reference_logps
-        return {**micro, "ref_logp": reference_logps(_forward(graphdef, state["ref_params"], buffers, micro), micro)}
+        return batch_inputs(lambda params, batch: _forward(graphdef, params, buffers, batch), state, micro)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
@@ -119,7 +120,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if fp8_state else 0, has_aux=True)
 
         def micro_step(acc, micro):
-            micro = with_reference(state, buffers, micro)
+            micro = with_task_inputs(state, buffers, micro)
             (loss, (metrics, load)), grads = grad_fn(params, buffers, micro)
             grads, amax = grads if fp8_state else (grads, None)
             if cfg.train.modality_detach:
@@ -129,7 +130,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
             amax = None if amax is None else jax.tree.map(jnp.maximum, acc_amax, amax)
             return (*summed, amax), None
 
-        first = with_reference(state, buffers, jax.tree.map(lambda x: x[0], batch))
+        first = with_task_inputs(state, buffers, jax.tree.map(lambda x: x[0], batch))
         (loss_shape, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(grad_fn, params, buffers, first)
         grads_shape, amax_shape = grads_shape if fp8_state else (grads_shape, None)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
@@ -142,7 +143,6 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
         new_params = optax.apply_updates(params, updates)
         new_params, new_buffers = _post_step_rules(cfg, new_params, buffers, load)
         if fp8_state:
-            from ernie_jax.precision.fp8 import update_histories
             new_buffers = update_histories(new_buffers, amax)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state["step"])
@@ -162,12 +162,11 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
     return step
 
 
-def make_eval_step(graphdef, cfg: Config, objective: Objective) -> Callable[[TrainState, dict], dict]:
+def make_eval_step(graphdef, cfg: Config, objective: Objective,
+                   batch_inputs: BatchInputs | None = None) -> Callable[[TrainState, dict], dict]:
     def step(state: TrainState, batch: dict) -> dict:
-        if "ref_params" in state:
-            from ernie_jax.trainers.dpo import reference_logps
-            ref = _forward(graphdef, state["ref_params"], state["buffers"], batch)
-            batch = {**batch, "ref_logp": reference_logps(ref, batch)}
+        if batch_inputs is not None:
+            batch = batch_inputs(lambda params, b: _forward(graphdef, params, state["buffers"], b), state, batch)
         out = _forward(graphdef, state["params"], state["buffers"], batch)
         _, metrics = objective(out, batch, cfg)
         return {"lm_loss": metrics["lm_loss"], "tokens": metrics["tokens"]}

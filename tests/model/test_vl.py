@@ -13,7 +13,7 @@ from ernie_jax.model import build_model
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
 from ernie_jax.model.vision import vision_layout
-from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import make_optimizer, param_groups
 
 

@@ -11,7 +11,7 @@ from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
 from ernie_jax.parallel.context import load_balanced_order
 from ernie_jax.parallel.mesh import build_mesh
-from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.lm import lm_objective
 from tests.parallel.sharded import model_state, place_batch, run
 
 BATCH, SEQ = 8, 32

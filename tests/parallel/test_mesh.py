@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
 from ernie_jax.parallel.mesh import batch_sharding, build_mesh, logical_to_spec, mesh_shape
-from ernie_jax.trainers.pretrain import lm_objective
+from ernie_jax.trainers.lm import lm_objective
 from tests.parallel.sharded import model_state, place_batch, run
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")

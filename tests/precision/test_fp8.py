@@ -118,7 +118,7 @@ def test_delayed_histories_roll_after_each_step_and_live_in_buffers():
     from ernie_jax.model import build_model
     from ernie_jax.trainers.state import init_train_state, make_optimizer
     from ernie_jax.trainers.step import make_train_step
-    from ernie_jax.trainers.pretrain import lm_objective
+    from ernie_jax.trainers.lm import lm_objective
     cfg = load_config("configs/tiny_moe.yaml", ["precision.fp8=all_linear", "precision.fp8_recipe=delayed",
                                                 "precision.fp8_amax_history=3", "model.num_layers=2",
                                                 "model.mtp_depth=0", "optimizer.grad_accum_steps=2"])

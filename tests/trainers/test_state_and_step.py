@@ -10,7 +10,7 @@ from ernie_jax.config import load_config
 from ernie_jax.model import router_losses
 from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
 from ernie_jax.parallel.mesh import build_mesh
-from ernie_jax.trainers.pretrain import lm_objective, mtp_loss, mtp_token_nll, token_cross_entropy
+from ernie_jax.trainers.lm import lm_objective, mtp_loss, mtp_token_nll, token_cross_entropy
 from ernie_jax.trainers.state import init_train_state, lr_schedule, make_optimizer, param_groups
 from ernie_jax.trainers.step import make_train_step
 

@@ -1,14 +1,11 @@
-"""The config tree: typed, frozen dataclasses loaded from YAML with `base:` inheritance and
-`--set a.b=c` overrides. Every user mistake fails at load time with one line naming the key.
-
-    cfg = load_config("configs/tiny_moe.yaml", overrides=["train.steps=10", "moe.top_k=2"])
-"""
+"""The config schema: typed, frozen dataclasses, their dict form (unknown keys and wrong types refused
+with one line) and `a.b=c` overrides; plus the pure rules derived from them (MoE placement, the
+decoder's layer plan, which fields shape the parameters)."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -257,17 +254,7 @@ class Config:
     stages: tuple[StageConfig, ...] = ()   # multi-stage pretraining (trainers/stages.py); empty: one run
 
 
-# ----------------------------------------------------------------------------- loading
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (following `base:` links), apply `a.b=c` overrides, validate."""
-    raw = _read_yaml_tree(os.fspath(path)) if path else {}
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = from_dict(raw)
-    validate(cfg)
-    return cfg
-
+# ----------------------------------------------------------------------------- dicts and overrides
 
 def from_dict(raw: dict) -> Config:
     """Build a Config from a nested dict, rejecting unknown keys and wrong types."""
@@ -280,38 +267,6 @@ def to_dict(cfg: Config) -> dict:
 
 def to_json(cfg: Config) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
-
-
-def _read_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
-    if path in seen:
-        raise ConfigError(f"config {path}: `base:` chain loops back to itself; remove the cycle")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping of sections (model:, moe:, ...), got {type(raw).__name__}")
-    if not raw:   # it would silently train the 360M-parameter defaults
-        raise ConfigError(f"config {path} is empty; give it sections (model:, data:, ...) or `base: tiny_moe.yaml` "
-                          f"to start from a shipped config")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    merged = _read_yaml_tree(os.path.join(os.path.dirname(path), base), seen + (path,))
-    _deep_merge(merged, raw)
-    return merged
-
-
-def _deep_merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
-        else:
-            dst[k] = v
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -443,25 +398,35 @@ def is_moe_layer(i: int, num_layers: int, moe: MoEConfig) -> bool:
     return (i + 1) % moe.layer_interval == 0 and moe.layer_start <= i <= end
 
 
-def stage_config(cfg: Config, stage: StageConfig) -> Config:
-    """The config one stage runs with: the base config, the stage's overrides, its steps; no stages."""
-    raw = to_dict(cfg)
-    raw["stages"] = []
-    raw["train"]["steps"] = stage.steps
-    for item in stage.set:
-        try:
-            _apply_override(raw, item)
-        except ConfigError as e:
-            raise ConfigError(f"stages[{stage.name}].set: {e}") from None
-    try:
-        out = from_dict(raw)
-        validate(out)
-    except ConfigError as e:
-        raise ConfigError(f"stages[{stage.name}]: {e}") from None
-    return out
+@dataclass(frozen=True)
+class LayerPlan:
+    """Counts of the three stacks; `locate(i)` -> (stack, unit, slot) for global layer i."""
+    num_prefix: int
+    num_units: int
+    dense_per_unit: int
+    num_suffix: int
+
+    @property
+    def num_moe(self) -> int:
+        return self.num_units
+
+    def locate(self, i: int) -> tuple[str, int, int]:
+        """('prefix', j, -1) | ('units', u, slot) with slot == dense_per_unit for MoE | ('suffix', j, -1)."""
+        if i < self.num_prefix:
+            return ("prefix", i, -1)
+        i -= self.num_prefix
+        per = self.dense_per_unit + 1
+        if i < self.num_units * per:
+            return ("units", i // per, i % per)
+        return ("suffix", i - self.num_units * per, -1)
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks (ernie_jax/config_checks.py); each failure names the key and the fix."""
-    from ernie_jax.config_checks import check_config   # that module reads the classes above
-    check_config(cfg)
+def layer_plan(cfg: Config) -> LayerPlan:
+    """The decoder's stacks (model/ernie.py): dense prefix, units of dense layers + one MoE layer, dense suffix."""
+    n = cfg.model.num_layers
+    moe_ids = [i for i in range(n) if is_moe_layer(i, n, cfg.moe)]
+    if not moe_ids:
+        return LayerPlan(n, 0, 0, 0)
+    interval = cfg.moe.layer_interval
+    first = moe_ids[0] - (interval - 1)
+    return LayerPlan(first, len(moe_ids), interval - 1, n - 1 - moe_ids[-1])

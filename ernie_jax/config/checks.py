@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import re
 
-from ernie_jax.config import DROPPABLE, FREEZE_GROUPS, Config, is_moe_layer, shape_difference, stage_config, to_dict
+from ernie_jax.config.schema import (DROPPABLE, FREEZE_GROUPS, Config, StageConfig, _apply_override, from_dict,
+                                     is_moe_layer, layer_plan, shape_difference, to_dict)
 from ernie_jax.errors import ConfigError
+from ernie_jax.precision.remat import CHECKPOINT_NAMES
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -23,7 +25,6 @@ def check_config(cfg: Config) -> None:
     _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
     _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
-    from ernie_jax.precision.remat import CHECKPOINT_NAMES
     for n in m.remat_names:
         _require(n in CHECKPOINT_NAMES, f"model.remat_names: {n!r} is not a checkpoint name; use {CHECKPOINT_NAMES}")
     _require(m.remat != "named" or m.remat_names, "model.remat=named needs model.remat_names (e.g. [qkv, attn_out])")
@@ -161,7 +162,6 @@ def _validate_pipeline(cfg: Config) -> None:
     _require(pp.schedule == "gpipe" or micro >= stages,
              f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
              f"(a microbatch must leave the last stage before it re-enters the first)")
-    from ernie_jax.model.ernie import layer_plan   # the pipelined stack: MoE units, else all layers
     plan = layer_plan(cfg)
     size, what = (plan.num_units, "MoE units") if plan.num_units else (plan.num_prefix, "layers")
     _require(size >= stages * pp.repeats,
@@ -171,3 +171,26 @@ def _validate_pipeline(cfg: Config) -> None:
              f"data.batch_size={cfg.data.batch_size} is not divisible by pipeline.microbatches={micro}")
     _require(cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
              "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the key and the fix."""
+    check_config(cfg)
+
+
+def stage_config(cfg: Config, stage: StageConfig) -> Config:
+    """The config one stage runs with: the base config, the stage's overrides, its steps; no stages."""
+    raw = to_dict(cfg)
+    raw["stages"] = []
+    raw["train"]["steps"] = stage.steps
+    for item in stage.set:
+        try:
+            _apply_override(raw, item)
+        except ConfigError as e:
+            raise ConfigError(f"stages[{stage.name}].set: {e}") from None
+    try:
+        out = from_dict(raw)
+        validate(out)
+    except ConfigError as e:
+        raise ConfigError(f"stages[{stage.name}]: {e}") from None
+    return out

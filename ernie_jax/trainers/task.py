@@ -1,0 +1,33 @@
+"""What a trainer hands the shared loop and step: its data, objective, metrics and extra state.
+
+A new trainer (SFT, DPO, LoRA-SFT, UPO) is a function `cfg -> Task`; the loop (`loop.py`) and the
+step (`step.py`) never learn its name. Hooks, all optional:
+
+- `init_state(state) -> dict`: entries the trainer adds to a fresh train state (DPO: a frozen copy of
+  the starting params). Called after init and again after `init_from`; a resumed run restores them
+  from the checkpoint instead.
+- `batch_inputs(forward, state, micro) -> micro`: inside jit, before the objective: extra inputs
+  computed from the state (DPO: the reference model's log-probs). `forward(params, batch)` runs the
+  model with the current buffers.
+- `prepare(graphdef, state, mesh, workdir, fresh) -> dict`: host side, once the model exists and
+  before the first step; returns Task fields to replace (DPO with a cached reference builds its
+  iterators here, after one pass of the starting model over the data).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+
+@dataclasses.dataclass
+class Task:
+    objective: Callable                  # (model output, batch, cfg) -> (loss, named scalars)
+    train_iter: Any                      # grain iterator with get_state/set_state, yields micro-batches
+    eval_batches: Callable[[], Iterator] | None
+    vocab_size: int
+    description: str
+    stats: Any = None                    # data-side counters (skipped samples), logged with metrics
+    extra_evals: dict = dataclasses.field(default_factory=dict)   # name -> eval batch factory, logged name_loss
+    init_state: Callable[[dict], dict] | None = None
+    batch_inputs: Callable[[Callable, dict, dict], dict] | None = None
+    prepare: Callable[..., dict] | None = None

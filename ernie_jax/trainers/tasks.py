@@ -1,0 +1,22 @@
+"""`data.kind` -> the trainer's task: the one table the CLI and the stage recipe read."""
+from __future__ import annotations
+
+from typing import Callable
+
+from ernie_jax.config import Config
+from ernie_jax.trainers.dpo import dpo_task
+from ernie_jax.trainers.pretrain import multimodal_pretraining_task, text_pretraining_task
+from ernie_jax.trainers.sft import sft_task
+from ernie_jax.trainers.task import Task
+
+TASKS: dict[str, Callable[[Config], Task]] = {
+    "text": text_pretraining_task,          # packed text, LM objective
+    "multimodal": multimodal_pretraining_task,   # packed image-text, LM objective on text targets
+    "chat": sft_task,                       # chats, loss on assistant tokens
+    "preference": dpo_task,                 # preference pairs, DPO / IPO / hinge
+}
+
+
+def task_for(cfg: Config) -> Task:
+    """The task `cfg.data.kind` names."""
+    return TASKS[cfg.data.kind](cfg)
