@@ -62,7 +62,8 @@ def abstract_batch(cfg, mesh) -> dict:
     import jax.numpy as jnp
     from ernie_jax.parallel.mesh import batch_sharding
     d, a = cfg.data, cfg.optimizer.grad_accum_steps
-    shapes = {"input_ids": ((a, d.batch_size, d.seq_len), jnp.int32), "labels": ((a, d.batch_size, d.seq_len), jnp.int32),
+    shapes = {"input_ids": ((a, d.batch_size, d.seq_len), jnp.int32),
+              "labels": ((a, d.batch_size, d.seq_len), jnp.int32),
               "loss_mask": ((a, d.batch_size, d.seq_len), jnp.float32),
               "segment_ids": ((a, d.batch_size, d.seq_len), jnp.int32)}
     if cfg.vision.enabled:
@@ -141,7 +142,8 @@ def _print(r: dict, config: str) -> None:
         return
     fits = "fits" if r["fits"] else "DOES NOT FIT"
     hbm = f"{r['hbm_gb']:.1f}" if r["hbm_gb"] else "?"
-    print(f"{config} on {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}, attention {r['attention']}")
+    print(f"{config} on {r['topology']}: {r['chips']} x {r['device_kind']}, mesh {r['mesh']}, "
+          f"attention {r['attention']}")
     print(f"  batch {r['batch_size']} x {r['seq_len']} tokens ({r['tokens_per_step']} per step)")
     print(f"  per chip: {r['per_chip_gb']:.2f} GB of {hbm} GB HBM -> {fits}  (arguments {r['argument_gb']:.2f}, "
           f"temporaries {r['temp_gb']:.2f}, outputs {r['output_gb']:.2f})")

@@ -127,6 +127,11 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `ernie-jax-summary` console script."""
     _define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -46,5 +46,10 @@ def main(argv) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `ernie-jax-train` console script (same flags as `python -m ernie_jax.train`)."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

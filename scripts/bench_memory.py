@@ -88,7 +88,8 @@ def shard_table(a) -> None:
     common = [f"model.num_layers={a.layers}", "model.remat=full", f"moe.dispatch={a.dispatch}",
               f"model.max_position_embeddings={max(4096, a.seq_len * n)}"]
     base = None
-    for name, axis, batch, seq in [("1 device", None, a.batch, a.seq_len), (f"data={n}", "data", a.batch * n, a.seq_len),
+    for name, axis, batch, seq in [("1 device", None, a.batch, a.seq_len),
+                                   (f"data={n}", "data", a.batch * n, a.seq_len),
                                    (f"fsdp={n}", "fsdp", a.batch * n, a.seq_len),
                                    (f"context={n}", "context", a.batch, a.seq_len * n)]:
         sets = common + [f"data.seq_len={seq}", f"data.batch_size={batch}", "mesh.data=1"]

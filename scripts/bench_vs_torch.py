@@ -118,7 +118,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / seq)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kinds", default="dense,moe")
-    p.add_argument("--set", action="append", default=[], help="extra override for our model (e.g. model.attention=dense)")
+    p.add_argument("--set", action="append", default=[],
+                   help="extra override for our model (e.g. model.attention=dense)")
     a = p.parse_args()
     ctx = multiprocessing.get_context("spawn")
     print(f"train step fwd+bwd+AdamW, fp32, {os.cpu_count()} threads, {a.tokens} tokens per step; "

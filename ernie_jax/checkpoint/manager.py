@@ -44,13 +44,15 @@ class Checkpointer:
             config=ocp.args.JsonSave(config)), force=True)
 
     def saved_config(self, step: int) -> dict:
-        path = os.path.join(self.directory, str(step), "config", "metadata")
+        """The resolved config saved with `step` (orbax's JSON item; no arrays are read)."""
         try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+            config = self._mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception:  # noqa: BLE001 - unreadable in any way means damaged
+            config = None
+        if not isinstance(config, dict):
             raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable config; "
-                                  f"it is damaged") from None
+                                  f"it is damaged")
+        return config
 
     def newest_config(self, set_aside: bool = True) -> tuple[int, dict] | None:
         """(step, saved config) of the newest step whose config reads; a damaged one is set aside

@@ -5,7 +5,7 @@ import re
 
 from ernie_jax.config.schema import (DROPPABLE, FREEZE_GROUPS, Config, StageConfig, _apply_override, from_dict,
                                      is_moe_layer, layer_plan, shape_difference, to_dict)
-from ernie_jax.errors import ConfigError
+from ernie_jax.errors import CheckpointError, ConfigError
 from ernie_jax.precision.remat import CHECKPOINT_NAMES
 
 
@@ -194,3 +194,15 @@ def stage_config(cfg: Config, stage: StageConfig) -> Config:
     except ConfigError as e:
         raise ConfigError(f"stages[{stage.name}]: {e}") from None
     return out
+
+
+def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir",
+                     droppable: tuple = ()) -> None:
+    """A checkpoint whose parameter shapes differ from the config is refused before any compute.
+    `droppable`: (section, field) pairs the target may set to 0 (a part it does not have, e.g. the
+    MTP layers when SFT starts from a pretraining run)."""
+    diff = shape_difference(saved, to_dict(cfg), droppable)
+    if diff is not None:
+        key, old, new = diff
+        raise CheckpointError(f"{where} holds a checkpoint with {key}={old}, but the config says {new}; "
+                              f"{fix} or set {key}={old}")

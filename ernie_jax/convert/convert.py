@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.config import Config, from_dict, to_json
+from ernie_jax.config import Config, check_same_model, from_dict, to_dict, to_json
 from ernie_jax.convert.hf_text import HFCheckpoint, config_from_hf, config_to_hf, key_table, to_hf, to_ours
 from ernie_jax.convert.safetensors_io import save_file
 from ernie_jax.errors import CheckpointError
@@ -328,3 +328,24 @@ def restore_param(path: str, param_path: tuple[str, ...]) -> np.ndarray:
         raise CheckpointError(f"{path}: cannot read param {'.'.join(param_path)} ({str(e).splitlines()[0]})") \
             from None
     return out["value"]
+
+
+def params_from_pretrained(path: str, cfg: Config, params: dict, buffers: dict | None = None):
+    """`params` (and `buffers`: the routing bias) filled from a converted orbax dir (hf-to-ernie) or a
+    HF directory, placed on their shardings (the trainer's checkpoint.init_from)."""
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        check_same_model(to_dict(_read_our_config(path)), cfg, path, "fix checkpoint.init_from")
+        loaded = restore_params(path, cfg)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        ckpt = HFCheckpoint(path)
+        check_same_model(to_dict(_hf_config(ckpt, cfg.model.dtype)), cfg, path, "fix checkpoint.init_from")
+        loaded = read_hf_params(ckpt, cfg)
+    else:
+        raise CheckpointError(f"checkpoint.init_from={path} is neither a training workdir, an ernie_jax (hf-to-ernie) "
+                              f"nor a Hugging Face directory")
+    _, loaded_params, loaded_buffers = nnx.split(model_from_params(cfg, loaded), nnx.Param, ...)
+    place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
+    out = jax.tree.map(place, nnx.to_pure_dict(loaded_params), params)
+    if buffers is None:
+        return out
+    return out, jax.tree.map(place, nnx.to_pure_dict(loaded_buffers), buffers)

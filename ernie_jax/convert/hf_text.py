@@ -68,7 +68,8 @@ def _text_config_from_hf(hf: dict, *, dtype: str, source: str) -> Config:
     if mt == "ernie4_5_moe":
         experts = first_of(hf.get("moe_num_experts"), 0)
         moe = MoEConfig(
-            num_experts=experts, top_k=hf.get("moe_k", 2), intermediate_size=first_of(hf.get("moe_intermediate_size"), 0),
+            num_experts=experts, top_k=hf.get("moe_k", 2),
+            intermediate_size=first_of(hf.get("moe_intermediate_size"), 0),
             num_shared_experts=hf.get("moe_num_shared_experts", 0) or 0,
             layer_start=first_of(hf.get("moe_layer_start_index"), 1, min),
             layer_end=first_of(hf.get("moe_layer_end_index"), -1, max),

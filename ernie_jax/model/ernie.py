@@ -70,7 +70,8 @@ class DecoderLayer(nnx.Module):
                                    spec=attention_spec(m, causal=True), **kw)
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
         if moe:
-            experts_fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "experts", cfg.precision.fp8_amax_history)
+            p = cfg.precision
+            experts_fp8 = fp8_for(p.fp8, p.fp8_recipe, "experts", p.fp8_amax_history)
             self.mlp = MoEBlock(m.hidden_size, cfg.moe, fp8=experts_fp8, **kw)
         else:
             self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)

@@ -82,8 +82,8 @@ def per_device_experts(x, idx, weights, live, kernels, cfg, fp8, shape):
     (`token_groups`), so the partitioner keeps every dispatch buffer on its device. Over all tokens
     at once, the slot counts and the [E, C, H] buffers (C from the global token count) were
     replicated on every device: 8-way data parallel took 1.7x (capacity) and 5.8x (dropless) the
-    step temp memory of one device (scripts/bench_memory.py --shards 8). Capacity is per device, as in GShard's groups and the
-    expert-parallel transports."""
+    step temp memory of one device (scripts/bench_memory.py --shards 8). Capacity is per device, as
+    in GShard's groups and the expert-parallel transports."""
     b, s = shape
     # under an expert axis (moe.transport=auto) the groups leave it to the experts' dim
     rows, seqs, axes = token_groups(b, s, skip=("pipeline", "expert"))
@@ -96,7 +96,7 @@ def per_device_experts(x, idx, weights, live, kernels, cfg, fp8, shape):
     dropless = cfg.dispatch == "dropless"
     batched = tuple(constrain_groups(jnp.broadcast_to(k, (groups, *k.shape)), axes) for k in kernels) \
         if dropless else kernels
-    y, kept = jax.vmap(lambda x, i, w, l, k: local_experts(x, i, w, l, k, cfg, fp8),
+    y, kept = jax.vmap(lambda x, i, w, lv, k: local_experts(x, i, w, lv, k, cfg, fp8),
                        in_axes=(0, 0, 0, 0, 0 if dropless else None))(
         split(x), split(idx), split(weights), split(live), batched)
     return merge_groups(y, b, s, rows, seqs), merge_groups(kept, b, s, rows, seqs)

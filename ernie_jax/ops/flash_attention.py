@@ -156,22 +156,22 @@ def _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk):
 
         def kv_tile(j, carry):
             def compute(carry, masked):
-                m, l, acc = carry
+                m, denom, acc = carry
                 mask = _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal) if masked else None
                 s = _masked(jnp.einsum("bkgqd,bkdt->bkgqt", qi, kt_t[j], preferred_element_type=jnp.float32), mask)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)
                 pv = jnp.einsum("bkgqt,bktd->bkgqd", p.astype(vh.dtype), v_t[j], preferred_element_type=jnp.float32)
-                return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
+                return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + pv
             return _visit(kinds[i, j], compute, carry)
 
         init = (jnp.full((b, kvh, g, bq), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
                 jnp.zeros((b, kvh, g, bq, d), jnp.float32))
         lo, hi = _span(kinds[i] != SKIP)
-        m, l, acc = jax.lax.fori_loop(lo, hi, kv_tile, init)
-        l = jnp.where(l == 0, 1.0, l)                 # a block that sees no tile at all
-        return (acc / l[..., None]).astype(qh.dtype), m + jnp.log(l)
+        m, denom, acc = jax.lax.fori_loop(lo, hi, kv_tile, init)
+        denom = jnp.where(denom == 0, 1.0, denom)     # a block that sees no tile at all
+        return (acc / denom[..., None]).astype(qh.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(q_block, jnp.arange(sp // bq))   # [nq, B,K,G,bq,(D)]
     return jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, sp, d), jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, sp)

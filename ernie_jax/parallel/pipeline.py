@@ -166,7 +166,8 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
         hit = (rep[:, None] == jnp.arange(r_)) & valid[:, None]                     # [S, R]
         # `where`, not a product: a bubble stage's statistics must not leak in, even as inf/NaN
         stats_acc = jax.tree.map(
-            lambda acc, v: acc + jnp.where(hit.reshape(hit.shape + (1,) * (v.ndim - 1)), v[:, None], 0).astype(acc.dtype),
+            lambda acc, v: acc + jnp.where(hit.reshape(hit.shape + (1,) * (v.ndim - 1)), v[:, None],
+                                           0).astype(acc.dtype),
             stats_acc, stats)
         state = _constrain(jnp.roll(out, 1, axis=0), "stage", "batch")
         return (state, loop_buf, outputs, stats_acc), None

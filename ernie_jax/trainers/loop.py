@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
-from flax import nnx
 
 from ernie_jax.checkpoint.lock import WorkdirLock
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
-from ernie_jax.config import DROPPABLE, Config, layer_plan, shape_difference, to_dict
-from ernie_jax.convert import convert
-from ernie_jax.errors import CheckpointError, ConfigError, DataError, TrainingError, is_out_of_memory
+from ernie_jax.checkpoint.restore import kept_optimizer_state, state_from_workdir
+from ernie_jax.config import Config, check_same_model, layer_plan, to_dict
+from ernie_jax.convert.convert import params_from_pretrained
+from ernie_jax.errors import ConfigError, DataError, TrainingError, is_out_of_memory
 from ernie_jax.metrics import Console, MetricsWriter, device_peak_flops, train_flops_per_token
 from ernie_jax.model import build_model
 from ernie_jax.ops.attention import check_backend
@@ -59,132 +59,18 @@ def check_run_settings(cfg: Config, mesh, platform: str) -> None:
     check_backend(cfg.model.attention, platform, cfg.model.attention_interpret)
 
 
-def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir",
-                     droppable: tuple = ()) -> None:
-    """A checkpoint whose parameter shapes differ from the config is refused before any compute.
-    `droppable`: (section, field) pairs the target may set to 0 (a part it does not have, e.g. the
-    MTP layers when SFT starts from a pretraining run)."""
-    diff = shape_difference(saved, to_dict(cfg), droppable)
-    if diff is not None:
-        key, old, new = diff
-        raise CheckpointError(f"{where} holds a checkpoint with {key}={old}, but the config says {new}; "
-                              f"{fix} or set {key}={old}")
-
-
-def _restore_subset(step_dir: str, target: dict) -> dict:
-    """Partially restore `target` ({"params": ..., "buffers": ..., ...} of ShapeDtypeStructs with
-    shardings) from a train-state checkpoint, keeping only the leaves the checkpoint has; returns the
-    restored leaves as a dict of the same nesting (missing leaves absent) and the number of the
-    checkpoint's leaves under those keys that the target has no place for (left out)."""
-    import orbax.checkpoint as ocp
-    with ocp.PyTreeCheckpointer() as c:
-        meta = c.metadata(step_dir)
-    meta = getattr(meta, "item_metadata", meta)
-    meta = getattr(meta, "tree", meta)
-    have = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(meta)}
-    flat = {jax.tree_util.keystr(p): (p, v) for p, v in jax.tree_util.tree_leaves_with_path(target)}
-    keep = {k: pv for k, pv in flat.items() if k in have}
-    parts = tuple(f"[{k!r}]" for k in target)
-    left_out = sum(1 for k in have if k.startswith(parts) and k not in flat)
-    if not keep:
-        return {}, left_out
-    subset: dict = {}
-    for path, v in keep.values():
-        node = subset
-        for key in path[:-1]:
-            node = node.setdefault(key.key, {})
-        node[path[-1].key] = v
-    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                        subset)
-    with ocp.PyTreeCheckpointer() as c:
-        got = c.restore(step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True))
-    return got, left_out
-
-
-def _merge(base: dict, update: dict) -> dict:
-    return {k: (_merge(v, update[k]) if isinstance(v, dict) and k in update else update.get(k, v))
-            for k, v in base.items()}
-
-
-def _state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "buffers")) -> tuple[dict, int]:
-    """Params and buffers (and optionally opt_state) of the newest checkpoint of a training workdir.
-    Leaves the checkpoint lacks (e.g. the vision parts when a text stage feeds a VL stage) keep their
-    fresh initialisation; returns (updated parts, number of leaves restored)."""
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, False)
-    newest = ckpt.newest_config(set_aside=False) if ckpt.steps() else None
-    if newest is None:
-        raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without "
-                              f"{'readable ' if ckpt.steps() else ''}checkpoints")
-    check_same_model(newest[1], cfg, path, "fix checkpoint.init_from", droppable=DROPPABLE)
-    steps = [newest[0]]
-    target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
-              for k in keys}
-    step_dir = os.path.join(path, "checkpoints", str(steps[-1]), "state")
-    try:
-        got, left_out = _restore_subset(step_dir, target)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        raise CheckpointError(f"checkpoint.init_from={path}: step {steps[-1]} does not fit this model "
-                              f"({str(e).splitlines()[0]})") from None
-    n = len(jax.tree.leaves(got))
-    return {k: _merge(state[k], got.get(k, {})) for k in keys}, n, left_out
-
-
-def _kept_optimizer_state(workdir: str, opt_state):
-    """The previous stage's optimizer state (moments, Adam's count) with the LR-schedule counters
-    reset, so the new stage's schedule starts from its own warmup. The structure must match: same
-    model and trainable set."""
-    import optax
-    import orbax.checkpoint as ocp
-    steps = Checkpointer(os.path.join(workdir, "checkpoints"), 1, False).steps()
-    target = {"opt_state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                        opt_state)}
-    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                        target)
-    try:
-        with ocp.PyTreeCheckpointer() as c:
-            got = c.restore(os.path.join(workdir, "checkpoints", str(steps[-1]), "state"),
-                            args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))
-        restored = jax.tree.unflatten(jax.tree.structure(opt_state), jax.tree.leaves(got["opt_state"]))
-    except (ValueError, KeyError, FileNotFoundError, TypeError, IndexError) as e:
-        raise CheckpointError(f"optimizer_state: keep needs the same model and trainable set as the previous stage "
-                              f"({str(e).splitlines()[0]}); use optimizer_state: reset") from None
-    return jax.tree.map(lambda x: x._replace(count=jnp.zeros_like(x.count))
-                        if isinstance(x, optax.ScaleByScheduleState) else x,
-                        restored, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
-
-
 def _init_from(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
     """(params, buffers, note) from a training workdir, a converted orbax dir or a HF directory."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        parts, n, left_out = _state_from_workdir(path, cfg, state)
+        parts, n, left_out = state_from_workdir(path, cfg, state)
         total = len(jax.tree.leaves(state["params"])) + len(jax.tree.leaves(state["buffers"]))
         notes = [f"{total - n} new tensors keep their initialisation"] if n != total else []
         notes += [f"{left_out} tensors of the source this model does not have left out (e.g. MTP layers)"] \
             if left_out else []
         note = f" ({'; '.join(notes)})" if notes else ""
         return parts["params"], parts["buffers"], note
-    params, buffers = _init_params_from(path, cfg, state["params"], state["buffers"])
+    params, buffers = params_from_pretrained(path, cfg, state["params"], state["buffers"])
     return params, buffers, ""
-
-
-def _init_params_from(path: str, cfg: Config, params: dict, buffers: dict | None = None):
-    """Params (and buffers: the routing bias) from a converted orbax dir (hf-to-ernie) or a HF directory."""
-    if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
-        check_same_model(to_dict(convert._read_our_config(path)), cfg, path, "fix checkpoint.init_from")
-        loaded = convert.restore_params(path, cfg)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        ckpt = convert.HFCheckpoint(path)
-        check_same_model(to_dict(convert._hf_config(ckpt, cfg.model.dtype)), cfg, path, "fix checkpoint.init_from")
-        loaded = convert.read_hf_params(ckpt, cfg)
-    else:
-        raise CheckpointError(f"checkpoint.init_from={path} is neither a training workdir, an ernie_jax (hf-to-ernie) "
-                              f"nor a Hugging Face directory")
-    _, loaded_params, loaded_buffers = nnx.split(convert.model_from_params(cfg, loaded), nnx.Param, ...)
-    place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
-    out = jax.tree.map(place, nnx.to_pure_dict(loaded_params), params)
-    if buffers is None:
-        return out
-    return out, jax.tree.map(place, nnx.to_pure_dict(loaded_buffers), buffers)
 
 
 class _StopFlag:
@@ -276,7 +162,7 @@ def _run(cfg, workdir, task_factory, quiet, log_dir, tags, step_offset, keep_opt
         state["params"], state["buffers"], note = _init_from(cfg.checkpoint.init_from, cfg, state)
         state["opt_state"] = init_opt_state(tx, state["params"], mesh)
         if keep_optimizer_from:
-            state["opt_state"] = _kept_optimizer_state(keep_optimizer_from, state["opt_state"])
+            state["opt_state"] = kept_optimizer_state(keep_optimizer_from, state["opt_state"])
             note += "; optimizer moments kept, schedule restarted"
         if task.init_state is not None:   # e.g. DPO's reference: the params just loaded
             state.update(task.init_state(state))

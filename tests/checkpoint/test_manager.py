@@ -45,3 +45,18 @@ def test_damaged_manifest_without_checksums_falls_back_without_tracebacks(tmp_pa
     assert "Traceback" not in r.stderr and "never retrieved" not in r.stderr, r.stderr[-1500:]
     warnings = [line for line in r.stderr.splitlines() if "cannot be restored" in line]
     assert len(warnings) == 1 and len(warnings[0]) < 700, r.stderr[-1500:]
+
+
+def test_unreadable_saved_config_sets_the_step_aside(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    ckpt = Checkpointer(directory, keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, _state(step), {"count": step}, {"train": {"steps": step}})
+    ckpt.close()
+    with open(os.path.join(directory, "2", "config", "metadata"), "wb") as f:
+        f.write(os.urandom(64))
+    ckpt = Checkpointer(directory, keep=3, async_save=False)
+    assert ckpt.saved_config(1) == {"train": {"steps": 1}}
+    assert ckpt.newest_config() == (1, {"train": {"steps": 1}})
+    assert any(n.startswith("2.damaged-") for n in os.listdir(directory)) and ckpt.steps() == [1]
+    ckpt.close()

@@ -1,7 +1,6 @@
 """The conversion CLI both ways, and bad checkpoints: one clear error naming the tensor, nothing at DST."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

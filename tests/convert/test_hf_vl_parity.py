@@ -1,7 +1,6 @@
 """ERNIE-4.5-VL parity with transformers' Ernie4_5_VLMoeForConditionalGeneration (fp32, tiny random
 models): logits for text-only, one image, two images of different sizes and a video; 3D position
 ids against `get_rope_index`; the spec's video position advance tested as a deliberate difference."""
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

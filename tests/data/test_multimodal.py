@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ernie_jax.config import load_config

@@ -1,13 +1,11 @@
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from ernie_jax.config import MoEConfig
-from ernie_jax.model.moe import MoEBlock, capacity_experts, dropless_experts, expert_capacity, route
+from ernie_jax.model.moe import MoEBlock, capacity_experts, expert_capacity, route
 
 
 def _block(dispatch="dropless", factor=1.0, shared=1, e=8, k=2, seed=0):

@@ -133,7 +133,8 @@ def test_freeze_groups_get_no_updates_and_no_state():
     for a, b in zip(jax.tree.leaves(new["vision_model"]), jax.tree.leaves(params["vision_model"])):
         np.testing.assert_array_equal(a, b)
     n_state = sum(x.size for x in jax.tree.leaves(state))
-    n_train = sum(x.size for k, x in params.items() if k not in ("vision_model", "resampler") for x in jax.tree.leaves(x))
+    n_train = sum(leaf.size for k, x in params.items() if k not in ("vision_model", "resampler")
+                  for leaf in jax.tree.leaves(x))
     assert n_state <= 2 * n_train + 100          # moments only for trainable params
 
 
@@ -141,7 +142,8 @@ def test_modality_detach_zeroes_language_model_grads():
     from ernie_jax.trainers.step import _detach_language_model
     cfg = _cfg("train.modality_detach=true")
     grads = {"embed_tokens": {"embedding": jnp.ones(3)}, "vision_model": {"ln": {"weight": jnp.ones(3)}},
-             "units": {"moe": {"mlp": {"vision_experts": {"up_proj": jnp.ones(2)}, "experts": {"up_proj": jnp.ones(2)}}}}}
+             "units": {"moe": {"mlp": {"vision_experts": {"up_proj": jnp.ones(2)},
+                                       "experts": {"up_proj": jnp.ones(2)}}}}}
     with_vision = _detach_language_model(grads, {"input_ids": jnp.array([[5, cfg.vision.image_token_id]])}, cfg)
     assert float(with_vision["embed_tokens"]["embedding"].sum()) == 0
     assert float(with_vision["units"]["moe"]["mlp"]["experts"]["up_proj"].sum()) == 0

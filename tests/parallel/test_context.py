@@ -37,7 +37,8 @@ def _batch(cfg, three_d=False):
     seg[3, 5:20] = 2
     seg[3, 20:] = 3
     seg[2, 25:] = 0    # padding
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "segment_ids": seg, "loss_mask": (seg > 0).astype(np.float32)}
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "segment_ids": seg,
+             "loss_mask": (seg > 0).astype(np.float32)}
     if three_d:        # (t, h, w): a few "image" stretches where h and w differ from t
         pos = np.repeat(np.arange(seq)[None, :, None], 3, axis=2).repeat(BATCH, axis=0)
         pos[:, 8:12, 1] += np.array([0, 0, 1, 1])

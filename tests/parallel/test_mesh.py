@@ -91,7 +91,8 @@ def _fp8_loss_and_grads(cfg, mesh, seed_history):
     graphdef, params, rest = model_state(cfg, mesh)
     if seed_history:   # a history from earlier steps: the scale comes from it, not the current amax
         rest = jax.tree_util.tree_map_with_path(
-            lambda p, v: jnp.full_like(v, 3.0).at[..., 1].set(0.5) if "fp8_meta" in jax.tree_util.keystr(p) else v, rest)
+            lambda p, v: jnp.full_like(v, 3.0).at[..., 1].set(0.5) if "fp8_meta" in jax.tree_util.keystr(p) else v,
+            rest)
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 33)).astype(np.int32)
     batch = place_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:],
                          "loss_mask": np.ones((8, 32), np.float32)}, mesh)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
          "data.seq_len=32", "data.batch_size=8", "log.interval=1", "train.eval_interval=100",
          "checkpoint.async_save=false", "checkpoint.interval=2"]
@@ -15,9 +17,6 @@ def _cli(workdir, devices, *sets):
         cmd += ["--set", s]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-
-
-import pytest
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from ernie_jax.config import load_config
@@ -117,7 +116,8 @@ def test_sft_starts_from_a_pretraining_workdir(tmp_path):
     small = ["model.num_layers=2", "data.seq_len=64", "train.eval_interval=100"]
     r = _cli("configs/tiny_moe.yaml", tmp_path / "pre", *small, "train.steps=2")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _cli("configs/sft_tiny.yaml", tmp_path / "sft", *small, "train.steps=2", f"checkpoint.init_from={tmp_path / 'pre'}")
+    r = _cli("configs/sft_tiny.yaml", tmp_path / "sft", *small, "train.steps=2",
+             f"checkpoint.init_from={tmp_path / 'pre'}")
     assert r.returncode == 0 and "initialised params from" in r.stdout, r.stderr[-2000:]
     assert "tensors of the source this model does not have left out" in r.stdout
     r = _cli("configs/sft_tiny.yaml", tmp_path / "mtp2", *small, "model.mtp_depth=2", "train.steps=2",

@@ -70,7 +70,7 @@ def test_exact_resume_after_sigterm_mid_accumulation(tmp_path):
     assert saved and saved[-1] < 8, saved
     again = _cli(tmp_path / "cut", *sets)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resumed from" in again.stdout
+    assert "resumed from" in again.stdout
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "ref")  # bitwise, every step
 
 
@@ -169,7 +169,8 @@ def test_second_run_into_a_busy_workdir_refuses_and_a_dead_holder_does_not_block
     w = tmp_path / "w"
     w.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ernie_jax.checkpoint.lock import "
-                               "WorkdirLock\nwith WorkdirLock(sys.argv[1]):\n print('held', flush=True); time.sleep(600)",
+                               "WorkdirLock\nwith WorkdirLock(sys.argv[1]):\n"
+                               " print('held', flush=True); time.sleep(600)",
                                str(w)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
