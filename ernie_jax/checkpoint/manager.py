@@ -69,6 +69,7 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
         """(step, state, data_state) of the newest loadable step, or None when there is none."""
+        _drop_closed_loop_reports()   # before the attempt: a failing restore reports while it unwinds
         for step in reversed(self.steps()):
             try:
                 self._verify(step)
@@ -76,7 +77,6 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
                 return step, restored["state"], restored["data"]
             except Exception as e:  # noqa: BLE001 - any damage means: fall back to an older step
-                _drop_closed_loop_reports()
                 aside = self._set_aside(step)
                 logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
                                 step, self.directory, _short(e), aside)
@@ -138,7 +138,7 @@ def _drop_closed_loop_reports() -> None:
     other reads: each late one reports "Event loop is closed" as an unraisable exception, or its
     error as "Future exception was never retrieved" (a hundred tracebacks for one damaged step).
     They are harmless, the step is set aside: drop exactly those, pass every other report on.
-    Installed once, on the first failed restore."""
+    Installed once, on the first restore."""
     previous = sys.unraisablehook
     if getattr(previous, "_ernie_jax_filter", False):
         return
