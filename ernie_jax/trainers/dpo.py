@@ -176,15 +176,16 @@ class DPOTask:
         self.cache = None
         self.batches(self.data.train, cfg.data.shuffle_seed, True)   # both splits checked before any compute
         if len(self.data.eval):
-            check_eval_batches(self.batches(self.data.eval, 1, False), len(self.data.eval), cfg, self.data.stats)
+            check_eval_batches(self.batches(self.data.eval, 1, False, split="eval"), len(self.data.eval), cfg,
+                               self.data.stats)
 
-    def batches(self, samples, seed: int, repeat: bool, cache=None):
+    def batches(self, samples, seed: int, repeat: bool, cache=None, split: str = "train"):
         enc = PairEncoder(self.cfg, self.data.tokenizer, self.data.stats, self.per_row, cache)
         return packed_multimodal_batches(samples, self.data.tokenizer, self.cfg, self.data.stats, seed=seed,
                                          repeat=repeat, process_index=jax.process_index(),
                                          process_count=jax.process_count(), encoder=enc,
                                          row_inputs=pair_row_inputs,
-                                         split="train" if repeat else "eval",
+                                         split=split,
                                          extra_lengths={"part": self.cfg.data.seq_len + 1,
                                                         "example": self.cfg.data.seq_len + 1,
                                                         "ref": self.cfg.data.seq_len + 1})
@@ -204,7 +205,7 @@ class DPOTask:
                 self.cache = read_reference_cache(path, self.data.stats.samples)
         fields = {"train_iter": iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))}
         if len(self.data.eval):
-            fields["eval_batches"] = lambda: iter(self.batches(self.data.eval, 1, False, self.cache))
+            fields["eval_batches"] = lambda: iter(self.batches(self.data.eval, 1, False, self.cache, split="eval"))
         return fields
 
 
