@@ -86,7 +86,8 @@ def compile_report(cfg, topology: str) -> dict:
     from ernie_jax.model import build_model
     from ernie_jax.ops.attention import resolve_backend
     from ernie_jax.parallel.mesh import build_mesh, data_parallel_size, describe
-    from ernie_jax.trainers.loop import check_run_settings, jit_train_step
+    from ernie_jax.trainers.compiled import jit_train_step
+    from ernie_jax.trainers.startup import check_run_settings
     from ernie_jax.trainers.memory import step_bytes
     from ernie_jax.trainers.lm import lm_objective
     from ernie_jax.trainers.state import abstract_train_state, make_optimizer

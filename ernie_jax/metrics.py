@@ -6,12 +6,14 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ernie_jax.config import Config
+from ernie_jax.config import Config, LogConfig
+from ernie_jax.errors import ConfigError
 from ernie_jax.summary import count_params
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
@@ -81,22 +83,29 @@ def _drop_rows_after(path: str, step: int, superseded: str) -> None:
 
 
 class MetricsWriter:
-    """metrics.jsonl (one object per logged step) and TensorBoard events under tb/; only process 0 writes."""
+    """metrics.jsonl (one object per logged step), TensorBoard events under tb/ and, with
+    log.wandb_project, a Weights & Biases run; only process 0 writes. The resolved config goes to
+    TensorBoard (text) and W&B (the run's config)."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(self, workdir: str, log: LogConfig, resume_step: int | None = None, config: dict | None = None,
+                 run_name: str = ""):
         """`resume_step`: the logged step this run continues from; rows past it (written after the
         checkpoint it resumes from) move to metrics.superseded.jsonl, so each step appears once."""
         self.enabled = jax.process_index() == 0
-        self._tb = None
+        self._tb = self._wandb = None
         if not self.enabled:
             return
         path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None:
             _drop_rows_after(path, resume_step, os.path.join(workdir, "metrics.superseded.jsonl"))
         self._jsonl = open(path, "a")
-        if tensorboard:
-            from tensorboardX import SummaryWriter
+        if log.tensorboard:
+            from tensorboardX import SummaryWriter   # optional heavy dependency, imported when used
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            if config is not None:
+                self._tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", resume_step or 0)
+        if log.wandb_project:
+            self._wandb = open_wandb_run(workdir, log, config, run_name)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -104,19 +113,49 @@ class MetricsWriter:
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
+        scalars = {}
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                scalars[k] = v
+            elif isinstance(v, list):
+                scalars.update({f"{k}/layer{i}": x for i, x in enumerate(v)})
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, step)
-                elif isinstance(v, list):
-                    for i, x in enumerate(v):
-                        self._tb.add_scalar(f"{k}/layer{i}", x, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def open_wandb_run(workdir: str, log: LogConfig, config: dict | None, run_name: str):
+    """A W&B run for this workdir: its id is kept in <workdir>/wandb_run_id, so a resumed run (or the
+    next stage of a recipe) continues the same W&B run instead of starting a new one."""
+    try:
+        import wandb   # optional dependency: pip install -e '.[wandb]'
+    except ImportError:
+        raise ConfigError(f"log.wandb_project={log.wandb_project!r} needs the wandb package: "
+                          f"pip install -e '.[wandb]' (or set log.wandb_project='')") from None
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        with open(id_path, "w") as f:
+            f.write(run_id)
+    return wandb.init(project=log.wandb_project, entity=log.wandb_entity or None, id=run_id, resume="allow",
+                      name=log.wandb_run_name or run_name or None, dir=workdir, config=config,
+                      allow_val_change=True)
 
 
 def _jsonable(v):

@@ -25,7 +25,7 @@ from ernie_jax.parallel.mesh import batch_sharding, build_mesh, describe
 from ernie_jax.parallel.pipeline import schedule_for
 from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
-from ernie_jax.trainers.loop import jit_train_step
+from ernie_jax.trainers.compiled import jit_train_step
 from ernie_jax.trainers.step import make_train_step
 
 LAYOUTS = [

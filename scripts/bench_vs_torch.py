@@ -24,7 +24,7 @@ from ernie_jax.config import load_config
 from ernie_jax.convert.hf_text import config_to_hf
 from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import build_mesh
-from ernie_jax.trainers.loop import jit_train_step
+from ernie_jax.trainers.compiled import jit_train_step
 from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_train_step

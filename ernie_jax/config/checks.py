@@ -107,6 +107,9 @@ def check_config(cfg: Config) -> None:
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
     _require(cfg.train.max_skipped_steps >= 1, f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 1 "
                                                 f"(non-finite steps in a row that stop the run)")
+    prof = cfg.train.profile_steps
+    _require(not prof or (len(prof) == 2 and 1 <= prof[0] <= prof[1]),
+             f"train.profile_steps={list(prof)} must be [first, last] with 1 <= first <= last, e.g. [10, 12]")
     names = [st.name for st in cfg.stages]
     for name in names:   # a stage's name is a directory under the workdir: no separators, no '..'
         _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None and ".." not in name,

@@ -195,6 +195,10 @@ class TrainConfig:
     token_balanced_loss: bool = False
     # a step with a non-finite loss / gradient is skipped (no update); this many in a row stop the run
     max_skipped_steps: int = 10
+    # [first, last] (1-based, inclusive): a jax.profiler trace of those steps into <workdir>/profile/
+    profile_steps: tuple[int, ...] = ()
+    # a directory for JAX's persistent compilation cache: a rerun or resume skips recompiling
+    compile_cache: str = ""
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,10 @@ class DPOConfig:
 class LogConfig:
     interval: int = 10
     tensorboard: bool = True
+    # Weights & Biases (pip install -e '.[wandb]'): the project to log to; empty = off
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_run_name: str = ""     # empty: the workdir's name
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,11 @@ import os
 
 import numpy as np
 
-from ernie_jax.config import Config, StageConfig, stage_config
 from ernie_jax.checkpoint.lock import WorkdirLock
-from ernie_jax.trainers.loop import Checkpointer, check_workdir, run
+from ernie_jax.config import Config, StageConfig, stage_config
+from ernie_jax.checkpoint.manager import Checkpointer
+from ernie_jax.trainers.loop import run
+from ernie_jax.trainers.startup import check_workdir
 from ernie_jax.trainers.task import Task
 from ernie_jax.trainers.tasks import task_for
 

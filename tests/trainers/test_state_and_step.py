@@ -127,7 +127,7 @@ def test_non_finite_step_changes_nothing():
 
 
 def test_eval_without_target_tokens_reports_no_loss():
-    from ernie_jax.trainers.loop import describe_eval, evaluate
+    from ernie_jax.trainers.evaluation import describe_eval, evaluate
     empty = evaluate(lambda state, batch: {"lm_loss": 0.0, "tokens": 0.0}, None, lambda: iter([{}, {}]), 4)
     assert empty == {"eval_tokens": 0.0}
     assert "no target tokens" in describe_eval(empty) and "loss" not in describe_eval(empty).split("(")[0]

@@ -36,8 +36,14 @@ def _losses(workdir):
 
 
 def test_cli_trains_and_reports(tmp_path):
-    r = _cli(tmp_path / "w", "train.steps=4", "train.eval_interval=2", "checkpoint.interval=2")
+    # also train.profile_steps (a jax.profiler trace of steps 2-3) and train.compile_cache
+    r = _cli(tmp_path / "w", "train.steps=4", "train.eval_interval=2", "checkpoint.interval=2",
+             "train.profile_steps=[2,3]", f"train.compile_cache={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "profile of steps 2-3 written to" in r.stdout
+    traces = [f for _, _, files in os.walk(tmp_path / "w" / "profile") for f in files]
+    assert any(f.endswith(".xplane.pb") for f in traces), traces
+    assert any(f.startswith("jit_step") for f in os.listdir(tmp_path / "cache"))
     assert "devices:" in r.stdout and "active" in r.stdout and "MFU" in r.stdout and "eval @ 4" in r.stdout
     rows = _metrics(tmp_path / "w")
     train_rows = [r for r in rows if "loss" in r]
