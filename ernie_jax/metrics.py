@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 import uuid
@@ -14,6 +13,7 @@ import numpy as np
 
 from ernie_jax.config import Config, LogConfig
 from ernie_jax.errors import ConfigError
+from ernie_jax.paths import AppendFile, as_path, is_remote, join, write_atomic
 from ernie_jax.summary import count_params
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
@@ -62,24 +62,20 @@ def device_peak_flops(dtype=jnp.bfloat16) -> tuple[float, str]:
 
 def _drop_rows_after(path: str, step: int, superseded: str) -> None:
     """Keep the rows of `path` up to `step`; the later ones are appended to `superseded`."""
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         return
-    with open(path) as f:
-        lines = f.readlines()
     keep, later = [], []
-    for line in lines:
+    for line in as_path(path).read_text().splitlines(keepends=True):
         try:
             (keep if json.loads(line).get("step", 0) <= step else later).append(line)
         except ValueError:   # a line cut by a crash mid-write
             later.append(line if line.endswith("\n") else line + "\n")
     if not later:
         return
-    with open(superseded, "a") as f:
-        f.writelines(later)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    aside = AppendFile(superseded)
+    aside.write("".join(later))
+    aside.close()
+    write_atomic(path, "".join(keep))
 
 
 class MetricsWriter:
@@ -95,13 +91,13 @@ class MetricsWriter:
         self._tb = self._wandb = None
         if not self.enabled:
             return
-        path = os.path.join(workdir, "metrics.jsonl")
+        path = join(workdir, "metrics.jsonl")
         if resume_step is not None:
-            _drop_rows_after(path, resume_step, os.path.join(workdir, "metrics.superseded.jsonl"))
-        self._jsonl = open(path, "a")
+            _drop_rows_after(path, resume_step, join(workdir, "metrics.superseded.jsonl"))
+        self._jsonl = AppendFile(path)
         if log.tensorboard:
             from tensorboardX import SummaryWriter   # optional heavy dependency, imported when used
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(join(workdir, "tb"))
             if config is not None:
                 self._tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", resume_step or 0)
         if log.wandb_project:
@@ -112,7 +108,6 @@ class MetricsWriter:
             return
         row = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
         scalars = {}
         for k, v in row.items():
             if isinstance(v, (int, float)) and k != "step":
@@ -145,17 +140,16 @@ def open_wandb_run(workdir: str, log: LogConfig, config: dict | None, run_name: 
     except ImportError:
         raise ConfigError(f"log.wandb_project={log.wandb_project!r} needs the wandb package: "
                           f"pip install -e '.[wandb]' (or set log.wandb_project='')") from None
-    id_path = os.path.join(workdir, WANDB_ID_FILE)
-    if os.path.exists(id_path):
-        with open(id_path) as f:
-            run_id = f.read().strip()
+    id_path = as_path(join(workdir, WANDB_ID_FILE))
+    if id_path.exists():
+        run_id = id_path.read_text().strip()
     else:
         run_id = uuid.uuid4().hex[:12]
-        with open(id_path, "w") as f:
-            f.write(run_id)
+        id_path.write_text(run_id)
+    # wandb keeps its own files in a local directory: the workdir when local, its default otherwise
     return wandb.init(project=log.wandb_project, entity=log.wandb_entity or None, id=run_id, resume="allow",
-                      name=log.wandb_run_name or run_name or None, dir=workdir, config=config,
-                      allow_val_change=True)
+                      name=log.wandb_run_name or run_name or None, dir=None if is_remote(workdir) else workdir,
+                      config=config, allow_val_change=True)
 
 
 def _jsonable(v):

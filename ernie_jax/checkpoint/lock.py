@@ -2,7 +2,9 @@
 
 The kernel drops the lock when the holding process exits (however it dies), so a stale lock from a
 dead run never blocks a rerun; a second live run into the same workdir refuses to start. Only
-process 0 of a multi-process run takes it (every process writes into the same workdir).
+process 0 of a multi-process run takes it (every process writes into the same workdir). An
+object-store workdir (gs://) has no flock: there the lock is not taken (one job per workdir is
+then the job scheduler's promise, e.g. one xpk workload per run).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import time
 import jax
 
 from ernie_jax.errors import ConfigError
+from ernie_jax.paths import is_remote
 
 LOCK_FILE = ".lock"
 
@@ -22,10 +25,11 @@ LOCK_FILE = ".lock"
 class WorkdirLock:
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, LOCK_FILE)
+        self.remote = is_remote(workdir)
         self._fd = None
 
     def __enter__(self):
-        if jax.process_index() != 0:
+        if jax.process_index() != 0 or self.remote:
             return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging as logging_std
-import os
 import sys
 import time
 import zlib
@@ -22,13 +21,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ernie_jax.errors import CheckpointError
+from ernie_jax.paths import as_path, files_under, join, shown, write_atomic
 
 CHECKSUMS = "checksums.json"
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = shown(directory)   # absolute when local; a gs:// URL stays one
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options,
@@ -84,9 +84,9 @@ class Checkpointer:
 
     def _set_aside(self, step: int) -> str:
         """Rename a damaged step so it is kept for inspection but never loaded or overwritten."""
-        src = os.path.join(self.directory, str(step))
+        src = join(self.directory, str(step))
         dst = f"{src}.damaged-{int(time.time())}"
-        os.rename(src, dst)
+        as_path(src).rename(dst)
         self._mgr.reload()
         return dst
 
@@ -103,18 +103,15 @@ class Checkpointer:
         if jax.process_index() != 0:
             return
         for step in self.steps():
-            path = os.path.join(self.directory, str(step), CHECKSUMS)
-            if not os.path.exists(path):
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump(_checksums(os.path.dirname(path)), f)
-                os.replace(tmp, path)
+            step_dir = join(self.directory, str(step))
+            if not as_path(join(step_dir, CHECKSUMS)).exists():
+                write_atomic(join(step_dir, CHECKSUMS), json.dumps(_checksums(step_dir)))
 
     def _verify(self, step: int) -> None:
         """CheckpointError when a file of the step differs from its recorded checksum or is gone."""
-        step_dir = os.path.join(self.directory, str(step))
+        step_dir = join(self.directory, str(step))
         try:
-            with open(os.path.join(step_dir, CHECKSUMS)) as f:
+            with as_path(join(step_dir, CHECKSUMS)).open() as f:
                 recorded = json.load(f)
         except FileNotFoundError:
             return
@@ -156,17 +153,14 @@ def _drop_closed_loop_reports() -> None:
 def _checksums(step_dir: str) -> dict[str, int]:
     """CRC-32 of every file under a step directory (but the checksum file), by relative path."""
     out = {}
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, step_dir)
-            if rel.startswith(CHECKSUMS):
-                continue
-            crc = 0
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    crc = zlib.crc32(chunk, crc)
-            out[rel] = crc
+    for rel in files_under(step_dir):
+        if rel.startswith(CHECKSUMS):
+            continue
+        crc = 0
+        with as_path(join(step_dir, rel)).open("rb") as f:
+            while chunk := f.read(1 << 22):
+                crc = zlib.crc32(chunk, crc)
+        out[rel] = crc
     return out
 
 

@@ -3,8 +3,6 @@ training workdir's newest step, leaves the target lacks left out and counted) an
 moments a stage keeps from the one before it."""
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,6 +11,7 @@ import orbax.checkpoint as ocp
 from ernie_jax.checkpoint.manager import Checkpointer
 from ernie_jax.config import DROPPABLE, Config, check_same_model
 from ernie_jax.errors import CheckpointError
+from ernie_jax.paths import join
 
 
 def restore_subset(step_dir: str, target: dict) -> tuple[dict, int]:
@@ -53,7 +52,7 @@ def state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "buf
     """Params and buffers (and optionally opt_state) of the newest checkpoint of a training workdir.
     Leaves the checkpoint lacks (e.g. the vision parts when a text stage feeds a VL stage) keep their
     fresh initialisation; returns (updated parts, leaves restored, source leaves left out)."""
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), 1, False)
+    ckpt = Checkpointer(join(path, "checkpoints"), 1, False)
     newest = ckpt.newest_config(set_aside=False) if ckpt.steps() else None
     if newest is None:
         raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without "
@@ -62,7 +61,7 @@ def state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "buf
     steps = [newest[0]]
     target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
               for k in keys}
-    step_dir = os.path.join(path, "checkpoints", str(steps[-1]), "state")
+    step_dir = join(path, "checkpoints", str(steps[-1]), "state")
     try:
         got, left_out = restore_subset(step_dir, target)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
@@ -76,14 +75,14 @@ def kept_optimizer_state(workdir: str, opt_state):
     """The previous stage's optimizer state (moments, Adam's count) with the LR-schedule counters
     reset, so the new stage's schedule starts from its own warmup. The structure must match: same
     model and trainable set."""
-    steps = Checkpointer(os.path.join(workdir, "checkpoints"), 1, False).steps()
+    steps = Checkpointer(join(workdir, "checkpoints"), 1, False).steps()
     target = {"opt_state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                         opt_state)}
     args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
                         target)
     try:
         with ocp.PyTreeCheckpointer() as c:
-            got = c.restore(os.path.join(workdir, "checkpoints", str(steps[-1]), "state"),
+            got = c.restore(join(workdir, "checkpoints", str(steps[-1]), "state"),
                             args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))
         restored = jax.tree.unflatten(jax.tree.structure(opt_state), jax.tree.leaves(got["opt_state"]))
     except (ValueError, KeyError, FileNotFoundError, TypeError, IndexError) as e:

@@ -26,6 +26,7 @@ from ernie_jax.convert.safetensors_io import save_file
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model import build_model
 from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.paths import as_path, files_under, is_remote, join, shown
 
 CONFIG_FILE = "ernie_config.json"
 PARAMS_DIR = "params"
@@ -110,7 +111,7 @@ def _hf_config(ckpt: HFCheckpoint, dtype: str) -> Config:
 
 def load_pretrained(path: str, dtype: str = "float32", quiet: bool = True) -> ErnieForCausalLM:
     """A ready NNX model from a Hugging Face directory or an ernie_jax converted checkpoint."""
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    if as_path(join(path, CONFIG_FILE)).is_file():
         cfg = _read_our_config(path, dtype)
         params = restore_params(path, cfg)
     else:
@@ -194,14 +195,17 @@ class _OneLeaf:
 
 
 class _atomic_dir:
-    """Write into a temporary sibling of `path`, rename into place only on success."""
+    """Write into a temporary local directory; on success it becomes `path`: renamed into place when
+    `path` is local, uploaded file by file when it is an object-store URL, with the config files last
+    (a reader keys on them, so a half-uploaded directory is never taken for a finished one)."""
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        self.path = shown(path)
 
     def __enter__(self) -> str:
         check_destination(self.path)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".partial-", dir=os.path.dirname(self.path))
+        near = None if is_remote(self.path) else os.path.dirname(self.path)
+        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.path) + ".partial-", dir=near)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -210,6 +214,15 @@ class _atomic_dir:
             if isinstance(exc, OSError):   # disk full, quota, a read-only mount appearing mid-write
                 raise CheckpointError(f"cannot write {self.path} ({exc.strerror or exc}); nothing was written "
                                       f"there: free space or choose another destination") from None
+            return False
+        if is_remote(self.path):
+            try:
+                last = ("config.json", CONFIG_FILE)
+                for rel in sorted(files_under(self.tmp), key=lambda r: r in last):
+                    as_path(join(self.path, rel)).parent.mkdir(parents=True, exist_ok=True)
+                    as_path(join(self.path, rel)).write_bytes(as_path(os.path.join(self.tmp, rel)).read_bytes())
+            finally:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         if os.path.isdir(self.path):
             os.rmdir(self.path)
@@ -220,6 +233,18 @@ class _atomic_dir:
 def check_destination(path: str) -> None:
     """A conversion destination must be new (or an empty directory) inside a writable directory:
     checked before any tensor is read, so a long conversion cannot fail at its end."""
+    if is_remote(path):
+        dest = as_path(path)
+        if dest.exists() and (not dest.is_dir() or any(True for _ in dest.iterdir())):
+            raise CheckpointError(f"destination {path} already exists and is not empty; choose a new directory")
+        try:
+            probe = as_path(join(path, ".write-probe"))
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(f"destination {path}: cannot write there ({e}); check the bucket and its "
+                                  f"permissions") from None
+        return
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise CheckpointError(f"destination {path} already exists and is not empty; choose a new directory")
@@ -237,10 +262,9 @@ def check_destination(path: str) -> None:
 # ----------------------------------------------------------------------------- orbax side
 
 def _read_our_config(path: str, dtype: str | None = None) -> Config:
-    file = os.path.join(path, CONFIG_FILE)
+    file = join(path, CONFIG_FILE)
     try:
-        with open(file) as f:
-            raw = json.load(f)
+        raw = json.loads(as_path(file).read_text())
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         if dtype:
@@ -252,7 +276,7 @@ def _read_our_config(path: str, dtype: str | None = None) -> Config:
 
 
 def _leaf_dir(path: str, param_path) -> str:
-    return os.path.join(os.path.abspath(path), PARAMS_DIR, ".".join(str(getattr(p, "key", p)) for p in param_path))
+    return join(shown(path), PARAMS_DIR, ".".join(str(getattr(p, "key", p)) for p in param_path))
 
 
 def save_params(path: str, cfg: Config, params: dict, quiet: bool = True) -> None:
@@ -275,7 +299,7 @@ def restore_params(path: str, cfg: Config, shardings: Callable | None = None) ->
     import orbax.checkpoint as ocp
     _, state = abstract_state(cfg)
     target = nnx.to_pure_dict(state)
-    if not os.path.isdir(os.path.join(os.path.abspath(path), PARAMS_DIR)):
+    if not as_path(join(path, PARAMS_DIR)).is_dir():
         raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory: convert it with "
                               f"`python -m ernie_jax.convert hf-to-ernie`")
 
@@ -297,7 +321,8 @@ def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False)
     cfg = _hf_config(ckpt, dtype)
     check_destination(dst)
     _log(f"converting {src} -> {dst} ({len(ckpt.weight_map)} tensors)", quiet)
-    scratch = tempfile.mkdtemp(prefix=".ernie-convert-", dir=os.path.dirname(os.path.abspath(dst)) or ".")
+    near = None if is_remote(dst) else os.path.dirname(os.path.abspath(dst)) or "."
+    scratch = tempfile.mkdtemp(prefix=".ernie-convert-", dir=near)
     try:
         params = read_hf_params(ckpt, cfg, scratch=scratch, quiet=quiet)
         save_params(dst, cfg, params, quiet=quiet)
@@ -308,7 +333,7 @@ def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False)
 
 def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = False) -> Config:
     """orbax params checkpoint (from hf-to-ernie or training) -> HF directory, one param at a time."""
-    if not os.path.isfile(os.path.join(src, CONFIG_FILE)):
+    if not as_path(join(src, CONFIG_FILE)).is_file():
         raise CheckpointError(f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer")
     cfg = _read_our_config(src)
     check_destination(dst)
@@ -333,10 +358,10 @@ def restore_param(path: str, param_path: tuple[str, ...]) -> np.ndarray:
 def params_from_pretrained(path: str, cfg: Config, params: dict, buffers: dict | None = None):
     """`params` (and `buffers`: the routing bias) filled from a converted orbax dir (hf-to-ernie) or a
     HF directory, placed on their shardings (the trainer's checkpoint.init_from)."""
-    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+    if as_path(join(path, CONFIG_FILE)).is_file():
         check_same_model(to_dict(_read_our_config(path)), cfg, path, "fix checkpoint.init_from")
         loaded = restore_params(path, cfg)
-    elif os.path.isfile(os.path.join(path, "config.json")):
+    elif is_remote(path) or os.path.isfile(os.path.join(path, "config.json")):   # HFCheckpoint: local only
         ckpt = HFCheckpoint(path)
         check_same_model(to_dict(_hf_config(ckpt, cfg.model.dtype)), cfg, path, "fix checkpoint.init_from")
         loaded = read_hf_params(ckpt, cfg)

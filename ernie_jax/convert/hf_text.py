@@ -17,6 +17,7 @@ from ernie_jax.convert.hf_vl import VL_MODEL_TYPES, config_from_hf_vl, config_to
 from ernie_jax.convert.keys import Entry, first_of
 from ernie_jax.convert.safetensors_io import SafetensorsFile
 from ernie_jax.errors import CheckpointError, ConfigError
+from ernie_jax.paths import is_remote
 
 TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
 
@@ -183,6 +184,9 @@ class HFCheckpoint:
     """A Hugging Face model directory: config.json + model.safetensors or sharded + index json."""
 
     def __init__(self, path: str):
+        if is_remote(path):   # safetensors are memory-mapped: they must be on a local disk
+            raise CheckpointError(f"{path}: a Hugging Face directory is read memory-mapped from local disk; copy it "
+                                  f"first (e.g. gcloud storage cp -r {path} /tmp/) and pass the local copy")
         self.path = path
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):

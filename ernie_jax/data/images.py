@@ -6,10 +6,13 @@ decode -> RGB -> smart resize (both sides multiples of patch * merge = 28, pixel
 """
 from __future__ import annotations
 
+import io
 import math
 from typing import Sequence
 
 import numpy as np
+
+from ernie_jax.paths import as_path, is_remote
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -43,7 +46,7 @@ def load_rgb(path: str, min_side: int = 1):
     """Decode PNG/JPEG/... into an RGB PIL image; ImageError for unreadable, odd-mode or tiny ones."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(as_path(path).read_bytes()) if is_remote(path) else path) as im:
             im.load()
             if im.mode not in _RGB_MODES:
                 raise ImageError(f"unsupported channel layout {im.mode!r}")

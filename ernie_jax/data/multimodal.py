@@ -17,6 +17,7 @@ too long for a row are skipped, counted (`MultimodalStats`) and warned about wit
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import threading
@@ -31,6 +32,7 @@ from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
 from ernie_jax.errors import DataError
 from ernie_jax.model.positions import IMAGE, TEXT, VIDEO, sample_position_ids
 from ernie_jax.model.vision import vision_layout
+from ernie_jax.paths import as_path, join, shown
 
 EMBEDDED_VL = os.path.join(EMBEDDED_DIR, "mnist", "captions.jsonl")
 VISION_KEYS = ("patches", "patch_hw", "frame_ids", "pair_first", "pair_second", "row_valid")
@@ -96,10 +98,10 @@ def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats
     paths = [embedded] if source == "embedded" else [p.strip() for p in source.split(",") if p.strip()]
     stats, out, missing = MultimodalStats(), [], []
     for path in paths:
-        if not os.path.isfile(path):
+        if not as_path(path).is_file():
             raise DataError(f"data.source: {path} is not a file; pass JSONL files (or 'embedded')")
-        base = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8", errors="replace") as f:
+        base = os.fspath(as_path(shown(path)).parent)   # images are named relative to their JSONL
+        with as_path(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -109,10 +111,10 @@ def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats
                 except (ValueError, KeyError, TypeError, AttributeError):
                     stats.bad_json += 1
                     continue
-                gone = [f for f in _named_files(obj) if not os.path.isfile(os.path.join(base, f))]
+                gone = [f for f in _named_files(obj) if not as_path(join(base, f)).is_file()]
                 if gone:   # kept (sample indices stay stable), skipped and counted when encoded
                     stats.missing_at_start += 1
-                    missing.append(os.path.join(base, gone[0]))
+                    missing.append(join(base, gone[0]))
     if missing:
         logging.warning("%d samples name image files that do not exist (e.g. %s); they are skipped",
                         len(missing), ", ".join(missing[:3]))
@@ -195,8 +197,8 @@ class SampleEncoder:
                 files = [files[i] for i in sample_frames(len(files), self.cfg.data.max_frames)]
             frames = []
             for name in files:
-                path = os.path.join(base, str(name))
-                if not os.path.isfile(path):
+                path = join(base, str(name))
+                if not as_path(path).is_file():
                     self.stats.add("missing_file")   # warned about once, when the data was read
                     return None
                 try:

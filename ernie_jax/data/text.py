@@ -21,6 +21,7 @@ import numpy as np
 
 from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
 from ernie_jax.errors import DataError
+from ernie_jax.paths import as_path, is_remote
 
 EMBEDDED_CORPUS = os.path.join(EMBEDDED_DIR, "kjv.txt.gz")
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
@@ -45,8 +46,8 @@ def resolve_paths(source: str) -> list[str]:
         return [EMBEDDED_CORPUS]
     paths: list[str] = []
     for part in [p.strip() for p in source.split(",") if p.strip()]:
-        matches = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-        if not matches or not all(os.path.isfile(m) for m in matches):
+        matches = _glob(part) if any(c in part for c in "*?[") else [part]
+        if not matches or not all(as_path(m).is_file() for m in matches):
             raise DataError(f"data.source: {part} matches no file; pass existing .txt/.jsonl/.array_record paths")
         paths += matches
     if not paths:
@@ -54,11 +55,19 @@ def resolve_paths(source: str) -> list[str]:
     return paths
 
 
+def _glob(pattern: str) -> list[str]:
+    """Files matching a glob, local or in an object store (gs://bucket/corpus/*.jsonl)."""
+    if not is_remote(pattern):
+        return sorted(glob.glob(pattern))
+    root = as_path(pattern.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0])
+    rest = pattern[len(os.fspath(root)):].lstrip("/")
+    return sorted(os.fspath(p) for p in root.glob(rest))
+
+
 def _open_bytes(path: str) -> bytes:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            return f.read()
+        data = as_path(path).read_bytes()
+        return gzip.decompress(data) if path.endswith(".gz") else data
     except (OSError, EOFError, zlib.error) as e:   # BadGzipFile is an OSError; a cut-off stream is EOFError
         what = "is not a complete gzip file" if path.endswith(".gz") else "cannot be read"
         raise DataError(f"data.source: {path} {what} ({e}); re-create or re-download it, or leave it out") from None

@@ -5,6 +5,7 @@ import json
 import os
 
 from ernie_jax.errors import DataError
+from ernie_jax.paths import as_path, join
 
 EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), "embedded")
 
@@ -14,13 +15,13 @@ class Tokenizer:
 
     def __init__(self, path: str = "embedded"):
         directory = EMBEDDED_DIR if path == "embedded" else path
-        sp_path = os.path.join(directory, "tokenizer.model")
-        json_path = os.path.join(directory, "tokenizer.json")
+        sp_path = join(directory, "tokenizer.model")
+        json_path = join(directory, "tokenizer.json")
         self.path = directory
-        if os.path.isfile(sp_path):
+        if as_path(sp_path).is_file():
             import sentencepiece as spm
             try:
-                self._sp = spm.SentencePieceProcessor(model_file=sp_path)
+                self._sp = spm.SentencePieceProcessor(model_proto=as_path(sp_path).read_bytes())
             except (RuntimeError, OSError) as e:
                 raise DataError(f"{sp_path} is not a SentencePiece model ({e}); point data.tokenizer elsewhere") \
                     from None
@@ -31,13 +32,13 @@ class Tokenizer:
             self._decode = lambda ids: self._sp.decode(ids)
             unk = self._sp.unk_id()
             self._piece = lambda p: (lambda i: None if i == unk else i)(self._sp.piece_to_id(p))
-        elif os.path.isfile(json_path):
+        elif as_path(json_path).is_file():
             try:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
                 raise DataError(f"{json_path} needs the `tokenizers` package: pip install tokenizers") from None
             try:
-                tok = HFTokenizer.from_file(json_path)
+                tok = HFTokenizer.from_str(as_path(json_path).read_text())
             except Exception as e:  # noqa: BLE001 - the Rust loader raises a bare Exception on bad JSON
                 raise DataError(f"{json_path} is not a tokenizers JSON file ({e}); point data.tokenizer at a "
                                 f"directory with a valid tokenizer.json or tokenizer.model") from None
@@ -63,11 +64,10 @@ class Tokenizer:
 
 def _special_ids(directory: str, tok) -> tuple[int, int, int]:
     names = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
-    cfg_path = os.path.join(directory, "tokenizer_config.json")
-    if os.path.isfile(cfg_path):
+    cfg_path = join(directory, "tokenizer_config.json")
+    if as_path(cfg_path).is_file():
         try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
+            cfg = json.loads(as_path(cfg_path).read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"{cfg_path} is not valid JSON ({e}); fix or remove it") from None
         if not isinstance(cfg, dict):

@@ -15,7 +15,7 @@ the data before training, cached in the workdir (`cached`).
 """
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inpu
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model.ernie import router_loss_total
 from ernie_jax.parallel.mesh import place_batch
+from ernie_jax.paths import as_path, join, write_atomic
 from ernie_jax.trainers.lm import token_nll
 from ernie_jax.trainers.task import Task
 
@@ -194,13 +195,13 @@ class DPOTask:
         """The Task's iterators; with a cached reference, first compute (fresh run) or load the
         per-pair reference log-prob sums they carry."""
         if self.cfg.dpo.reference == "cached":
-            path = os.path.join(workdir, CACHE_FILE)
+            path = join(workdir, CACHE_FILE)
             if fresh:
                 self.cache = compute_reference_cache(self, graphdef, state, mesh)
                 if jax.process_index() == 0:
-                    with open(path + ".tmp", "wb") as f:   # a kill mid-write leaves the old file or none
-                        np.savez(f, ref=self.cache)
-                    os.replace(path + ".tmp", path)
+                    buf = io.BytesIO()
+                    np.savez(buf, ref=self.cache)
+                    write_atomic(path, buf.getvalue())   # a kill mid-write leaves the old file or none
             else:
                 self.cache = read_reference_cache(path, self.data.stats.samples)
         fields = {"train_iter": iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))}
@@ -226,10 +227,10 @@ def read_reference_cache(path: str, samples: int) -> np.ndarray:
     """The cached reference log-prob sums of a resumed run: [samples, 2], finite, or one clear error."""
     fix = ("a resumed cached-reference DPO run needs the reference log-probs computed at its start; restore the "
            "file from a backup or start again in a new --workdir")
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise CheckpointError(f"{path} is missing: {fix}")
     try:
-        with np.load(path) as f:
+        with np.load(io.BytesIO(as_path(path).read_bytes())) as f:
             cache = np.asarray(f["ref"])
     except Exception as e:  # noqa: BLE001 - zip, pickle and key errors all mean a damaged file
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}): {fix}") from None

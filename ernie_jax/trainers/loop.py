@@ -7,7 +7,6 @@ nothing of the loss or of any trainer's extra state.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable
 
 import jax
@@ -20,6 +19,7 @@ from ernie_jax.config import Config, to_dict
 from ernie_jax.errors import TrainingError, is_out_of_memory
 from ernie_jax.metrics import Console, MetricsWriter, train_flops_per_token
 from ernie_jax.parallel.mesh import build_mesh, place_batch
+from ernie_jax.paths import as_path, join, shown
 from ernie_jax.trainers.compiled import CompiledTrainStep, MeshJit, jit_train_step
 from ernie_jax.trainers.evaluation import describe_eval, evaluate_task
 from ernie_jax.trainers.guards import SkipCounter, StopFlag, all_finite, finish_saves
@@ -66,10 +66,10 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
                     eval_step=MeshJit(eval_step, mesh),
                     writer=MetricsWriter(log_dir or workdir, cfg.log, config=to_dict(cfg),
                                          resume_step=step_offset + int(start.state["step"]),
-                                         run_name=os.path.basename(os.path.abspath(workdir))),
+                                         run_name=as_path(shown(workdir)).name),
                     window=LogWindow(cfg.optimizer.grad_accum_steps * cfg.data.batch_size * cfg.data.seq_len,
                                      train_flops_per_token(cfg, cfg.data.seq_len), peak, len(jax.devices())),
-                    profiler=StepProfiler(cfg.train.profile_steps, os.path.join(workdir, "profile"), console.say),
+                    profiler=StepProfiler(cfg.train.profile_steps, join(workdir, "profile"), console.say),
                     tags=tags or {}, step_offset=step_offset)
         return loop.run(start.state)
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 
 from ernie_jax.checkpoint.lock import WorkdirLock
 from ernie_jax.config import Config, StageConfig, stage_config
 from ernie_jax.checkpoint.manager import Checkpointer
+from ernie_jax.paths import as_path, join, write_atomic
 from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.startup import check_workdir
 from ernie_jax.trainers.task import Task
@@ -75,19 +75,18 @@ def mixture_task(cfg: Config, mixture) -> Task:
 
 
 def _stage_dir(workdir: str, k: int, stage: StageConfig) -> str:
-    return os.path.join(workdir, f"{k + 1}_{stage.name}")
+    return join(workdir, f"{k + 1}_{stage.name}")
 
 
 def _finished(stage_dir: str, steps: int) -> bool:
-    path = os.path.join(stage_dir, "checkpoints")
-    return os.path.isdir(path) and steps in Checkpointer(path, 1, False).steps()
+    path = join(stage_dir, "checkpoints")
+    return as_path(path).is_dir() and steps in Checkpointer(path, 1, False).steps()
 
 
 def _read_summary(path: str) -> list:
     """Finished stages' results; an unreadable summary only means those stages report again."""
     try:
-        with open(path) as f:
-            rows = json.load(f)
+        rows = json.loads(as_path(path).read_text())
         return rows if isinstance(rows, list) else []
     except (OSError, ValueError):
         return []
@@ -102,7 +101,7 @@ def run_stages(cfg: Config, workdir: str, quiet: bool = False) -> list[dict]:
 
 
 def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
-    summary_path = os.path.join(workdir, SUMMARY)
+    summary_path = join(workdir, SUMMARY)
     results = _read_summary(summary_path)
     done = {r["stage"]: r for r in results}
     prev, offset, out = None, 0, []
@@ -128,9 +127,7 @@ def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
                 row["text_eval_loss"] = row["eval_loss"]
             out.append(row)
             results = [r for r in results if r["stage"] != stage.name] + [row]
-            with open(summary_path + ".tmp", "w") as f:
-                json.dump(results, f, indent=2)
-            os.replace(summary_path + ".tmp", summary_path)   # never a half-written summary
+            write_atomic(summary_path, json.dumps(results, indent=2))   # never a half-written summary
         prev, offset = sdir, offset + stage.steps
     if not quiet:
         for r in out:

@@ -3,7 +3,6 @@ starting state (resumed, initialised from another model, or fresh), each checked
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +17,22 @@ from ernie_jax.model import build_model
 from ernie_jax.ops.attention import check_backend
 from ernie_jax.parallel.mesh import data_parallel_size, describe
 from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
+from ernie_jax.paths import as_path, join, shown
 from ernie_jax.summary import count_params
 from ernie_jax.trainers.state import init_opt_state, init_train_state
 from ernie_jax.trainers.task import Task
 
 
 def check_workdir(workdir: str) -> None:
+    """The workdir (a local directory or a gs:// URL) exists and takes a file, before any compute."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write-probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        as_path(workdir).mkdir(parents=True, exist_ok=True)
+        probe = as_path(join(workdir, ".write-probe"))
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror}); pass a directory you can write") \
-            from None
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror or e}); pass a directory you can "
+                          f"write") from None
 
 
 def check_vocab(task: Task, cfg: Config) -> None:
@@ -43,7 +43,7 @@ def check_vocab(task: Task, cfg: Config) -> None:
 
 def open_checkpoints(workdir: str, cfg: Config) -> Checkpointer:
     """The workdir's checkpoints; the newest one must hold the same model as `cfg`."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    ckpt = Checkpointer(join(workdir, "checkpoints"), cfg.checkpoint.keep, cfg.checkpoint.async_save)
     newest = ckpt.newest_config() if ckpt.steps() else None
     if newest is not None:
         check_same_model(newest[1], cfg, workdir)
@@ -98,7 +98,7 @@ def starting_state(cfg: Config, task: Task, ckpt: Checkpointer, tx, mesh, consol
 
 def initial_params(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
     """(params, buffers, note) from a training workdir, a converted orbax dir or a HF directory."""
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if as_path(join(path, "checkpoints")).is_dir():
         parts, n, left_out = state_from_workdir(path, cfg, state)
         total = len(jax.tree.leaves(state["params"])) + len(jax.tree.leaves(state["buffers"]))
         notes = [f"{total - n} new tensors keep their initialisation"] if n != total else []
@@ -123,7 +123,7 @@ def announce(cfg: Config, task: Task, mesh, workdir: str, log_dir: str | None, c
         console.say(schedule_for(cfg).describe(plan.num_units or plan.num_prefix))
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
                 f"{task.description}")
-    logs = "" if not log_dir else f", metrics to {os.path.abspath(log_dir)}"
-    console.say(f"writing to {os.path.abspath(workdir)} (checkpoints/{logs or ', metrics.jsonl, tb/'}); "
+    logs = "" if not log_dir else f", metrics to {shown(log_dir)}"
+    console.say(f"writing to {shown(workdir)} (checkpoints/{logs or ', metrics.jsonl, tb/'}); "
                 f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
     return peak
