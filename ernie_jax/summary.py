@@ -18,37 +18,7 @@ from flax import nnx
 from ernie_jax.config import Config, load_config
 from ernie_jax.errors import ErnieJaxError
 from ernie_jax.model import build_model
-
-COMPONENTS = ("embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
-              "norms", "vision_experts", "vision_router", "vit", "adapter", "mtp")
-
-
-def _component(path: tuple[str, ...]) -> str:
-    names = [str(p) for p in path]
-    if names[0] == "mtp":
-        return "mtp"
-    if names[0] == "vision_model":
-        return "vit"
-    if names[0] == "resampler":
-        return "adapter"
-    if "vision_experts" in names:
-        return "vision_experts"
-    if "vision_gate" in names and names[-1] == "kernel":
-        return "vision_router"
-    if names[0] in ("embed_tokens", "lm_head"):
-        return "embedding" if names[0] == "embed_tokens" else "lm_head"
-    if "self_attn" in names:
-        return "attention"
-    if "experts" in names:
-        return "routed_experts"
-    if "shared_experts" in names:
-        return "shared_experts"
-    if "gate" in names and names[-1] == "kernel" and "mlp" in names and names[names.index("mlp") + 1] == "gate":
-        return "router"
-    if any(n.endswith("norm") or n.endswith("layernorm") for n in names):
-        return "norms"
-    return "dense_ffn"
-
+from ernie_jax.model.param_parts import COMPONENTS, param_part
 
 def count_params(cfg: Config) -> dict[str, float]:
     """{component: params, 'total', 'active', 'active_non_embedding', 'buffers'} from shapes only."""
@@ -57,7 +27,7 @@ def count_params(cfg: Config) -> dict[str, float]:
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
         n = float(np.prod(var.shape, dtype=np.float64))
         if isinstance(var, nnx.Param):
-            counts[_component(path)] += n
+            counts[param_part(path).component] += n
         else:
             counts["buffers"] += n
     out = {c: counts.get(c, 0.0) for c in COMPONENTS}

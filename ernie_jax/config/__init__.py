@@ -6,11 +6,11 @@ from ernie_jax.config.load import load_config
 from ernie_jax.config.schema import (DROPPABLE, FREEZE_GROUPS, SHAPE_FIELDS, CheckpointConfig, Config, DataConfig,
                                      DPOConfig, LayerPlan, LogConfig, MeshConfig, MixtureSource, ModelConfig,
                                      MoEConfig, OptimizerConfig, PipelineConfig, PrecisionConfig, StageConfig,
-                                     TrainConfig, VisionConfig, from_dict, is_moe_layer, layer_plan,
+                                     TrainConfig, VisionConfig, from_dict, is_moe_layer, layer_plan, pipelined_stack,
                                      shape_difference, to_dict, to_json)
 
 __all__ = ["check_config", "check_same_model", "stage_config", "validate", "load_config", "DROPPABLE",
            "FREEZE_GROUPS", "SHAPE_FIELDS", "CheckpointConfig", "Config", "DataConfig", "DPOConfig", "LayerPlan",
-           "LogConfig", "MeshConfig", "MixtureSource", "ModelConfig", "MoEConfig", "OptimizerConfig", "PipelineConfig",
-           "PrecisionConfig", "StageConfig", "TrainConfig", "VisionConfig", "from_dict", "is_moe_layer", "layer_plan",
-           "shape_difference", "to_dict", "to_json"]
+           "LogConfig", "MeshConfig", "MixtureSource", "ModelConfig", "MoEConfig", "OptimizerConfig",
+           "PipelineConfig", "PrecisionConfig", "StageConfig", "TrainConfig", "VisionConfig", "from_dict",
+           "is_moe_layer", "layer_plan", "pipelined_stack", "shape_difference", "to_dict", "to_json"]

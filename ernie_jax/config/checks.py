@@ -166,7 +166,7 @@ def _validate_pipeline(cfg: Config) -> None:
              f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
              f"(a microbatch must leave the last stage before it re-enters the first)")
     plan = layer_plan(cfg)
-    size, what = (plan.num_units, "MoE units") if plan.num_units else (plan.num_prefix, "layers")
+    size, what = plan.pipelined_depth, ("MoE units" if plan.pipelined_stack == "units" else "layers")
     _require(size >= stages * pp.repeats,
              f"the {size} pipelined {what} are fewer than mesh.pipeline x pipeline.repeats = "
              f"{stages} x {pp.repeats} chunks; use fewer stages or repeats")

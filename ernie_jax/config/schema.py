@@ -418,6 +418,15 @@ class LayerPlan:
     def num_moe(self) -> int:
         return self.num_units
 
+    @property
+    def pipelined_stack(self) -> str:
+        return pipelined_stack(self.num_units > 0)
+
+    @property
+    def pipelined_depth(self) -> int:
+        """How many entries the pipelined stack has (what the pipeline stages split)."""
+        return self.num_units if self.num_units else self.num_prefix
+
     def locate(self, i: int) -> tuple[str, int, int]:
         """('prefix', j, -1) | ('units', u, slot) with slot == dense_per_unit for MoE | ('suffix', j, -1)."""
         if i < self.num_prefix:
@@ -427,6 +436,12 @@ class LayerPlan:
         if i < self.num_units * per:
             return ("units", i // per, i % per)
         return ("suffix", i - self.num_units * per, -1)
+
+
+def pipelined_stack(has_units: bool) -> str:
+    """The one rule for which stack pipeline parallelism splits into stages: the MoE units when the
+    model has any, else (a dense model) the dense layers, which all sit in the prefix."""
+    return "units" if has_units else "prefix"
 
 
 def layer_plan(cfg: Config) -> LayerPlan:

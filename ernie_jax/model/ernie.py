@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ernie_jax.config import Config, LayerPlan, layer_plan  # noqa: F401 - layer_plan re-exported
+from ernie_jax.config import Config, LayerPlan, layer_plan, pipelined_stack  # noqa: F401 - layer_plan re-exported
 from ernie_jax.model.attention import Attention, attention_spec
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
@@ -215,7 +215,7 @@ class ErnieForCausalLM(nnx.Module):
         ctx = BlockContext(angles=angles, token_mask=token_mask, modality=modality, segment_ids=segment_ids,
                            token_index=token_index)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
-        pipelined = "units" if self.units is not None else "prefix"
+        pipelined = pipelined_stack(self.units is not None)
         stats = None
         for name in ("prefix", "units", "suffix"):
             stack = getattr(self, name)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from ernie_jax.config import Config, MeshConfig
+from ernie_jax.config import Config, MeshConfig, pipelined_stack
 from ernie_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "context", "tensor", "expert", "pipeline")
@@ -99,16 +99,11 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return P(*spec)
 
 
-def pipelined_stack(top_level_names) -> str:
-    """The stack that pipeline parallelism splits into stages: the MoE units, else the dense layers."""
-    return "units" if "units" in set(top_level_names) else "prefix"
-
-
 def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
     """Pure dict of NamedShardings for every variable of an (abstract) nnx state."""
     flat = {}
     entries = list(nnx.to_flat_state(abstract_state))
-    staged = pipelined_stack(p[0] for p, _ in entries) if mesh.shape["pipeline"] > 1 else None
+    staged = pipelined_stack("units" in {p[0] for p, _ in entries}) if mesh.shape["pipeline"] > 1 else None
     for path, var in entries:
         axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None
         shape = tuple(var.shape) if hasattr(var, "shape") else tuple(var[...].shape)

@@ -119,8 +119,7 @@ def announce(cfg: Config, task: Task, mesh, workdir: str, log_dir: str | None, c
     console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
                 f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
     if schedule_for(cfg) is not None:
-        plan = layer_plan(cfg)
-        console.say(schedule_for(cfg).describe(plan.num_units or plan.num_prefix))
+        console.say(schedule_for(cfg).describe(layer_plan(cfg).pipelined_depth))
     console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
                 f"{task.description}")
     logs = "" if not log_dir else f", metrics to {shown(log_dir)}"

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ernie_jax.config import Config, OptimizerConfig
+from ernie_jax.model.param_parts import param_part
 from ernie_jax.parallel.mesh import state_shardings
 
 TrainState = dict  # {"step", "params", "buffers", "opt_state", "rng"}
@@ -42,31 +43,12 @@ def lr_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return schedule
 
 
-def model_part(path) -> str:
-    """Which freezable part a param belongs to: vit | adapter | vision_experts | language_model."""
-    names = [str(getattr(p, "key", p)) for p in path]
-    if names[0] == "vision_model":
-        return "vit"
-    if names[0] == "resampler":
-        return "adapter"
-    if "vision_gate" in names or "vision_experts" in names:
-        return "vision_experts"
-    return "language_model"
-
-
 def param_groups(params: dict, freeze: tuple[str, ...] = ()) -> dict:
     """'frozen' (parts in `freeze`: no update, no optimizer state), 'router' (gate kernels, LR x
     router_lr_ratio), 'no_decay' (norm weights, biases), 'decay' (the rest)."""
     def label(path, _):
-        names = [str(getattr(p, "key", p)) for p in path]
-        if model_part(path) in freeze:
-            return "frozen"
-        if len(names) >= 2 and names[-2] in ("gate", "vision_gate") and names[-1] == "kernel":
-            return "router"
-        if names[-1] == "bias" or (names[-1] == "weight" and any(n.endswith("norm") or n.startswith("norm")
-                                                                 or n == "ln" for n in names)):
-            return "no_decay"
-        return "decay"
+        part = param_part(path)
+        return "frozen" if part.freeze_group in freeze else part.optimizer_group
     return jax.tree_util.tree_map_with_path(label, params)
 
 

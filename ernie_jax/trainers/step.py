@@ -20,8 +20,9 @@ from flax import nnx
 from ernie_jax.config import Config
 from ernie_jax.model import router_losses
 from ernie_jax.model.ernie_vl import vision_token_ids
+from ernie_jax.model.param_parts import ROUTER_PATH, ROUTERS, param_part
 from ernie_jax.precision.fp8 import update_histories
-from ernie_jax.trainers.state import TrainState, lr_schedule, model_part
+from ernie_jax.trainers.state import TrainState, lr_schedule
 
 Objective = Callable[[Any, dict, Config], tuple[jax.Array, dict]]
 BatchInputs = Callable[[Callable, TrainState, dict], dict]
@@ -43,15 +44,14 @@ def _post_step_rules(cfg: Config, params: dict, buffers: dict, loads: dict) -> t
     """Rules outside the optimizer, per router (text, and vision in VL layers): correction-bias
     balancing and the decoupled orthogonal step. A frozen part's routers are left alone."""
     e = cfg.moe
-    if not loads or "units" not in params:
+    if not loads or ROUTER_PATH[0] not in params:
         return params, buffers
-    routers = [("gate", "language_model", e.top_k if e.group_orthogonal else 1)]
-    if "vision_gate" in params["units"]["moe"]["mlp"]:
-        routers.append(("vision_gate", "vision_experts", 1))
-    for name, part, groups in routers:
-        if part in cfg.train.freeze or name not in loads:
+    for name in ROUTERS:
+        path = ROUTER_PATH + (name,)
+        if name not in loads or name not in _get(params, ROUTER_PATH) or \
+                param_part(path + ("kernel",)).freeze_group in cfg.train.freeze:
             continue
-        path = ("units", "moe", "mlp", name)
+        groups = e.top_k if e.group_orthogonal and name == "gate" else 1   # grouped orthogonality: text only
         if e.orth_mode == "decoupled" and e.orth_loss_weight > 0:
             kernel = _get(params, path + ("kernel",))
             params = _replace(params, path + ("kernel",),
@@ -77,7 +77,8 @@ def _detach_language_model(grads: dict, batch: dict, cfg: Config) -> dict:
     """modality_detach: a micro-batch holding vision tokens trains only ViT, adapter and vision experts."""
     has_vision = jnp.any(jnp.isin(batch["input_ids"], jnp.asarray(vision_token_ids(cfg))))
     return jax.tree_util.tree_map_with_path(
-        lambda p, g: jnp.where(has_vision, jnp.zeros_like(g), g) if model_part(p) == "language_model" else g, grads)
+        lambda p, g: jnp.where(has_vision, jnp.zeros_like(g), g) if param_part(p).freeze_group == "language_model"
+        else g, grads)
 
 
 def _replace(tree: dict, path: tuple, value) -> dict:
