@@ -1,4 +1,5 @@
 """ernie_jax: JAX/Flax NNX training for ERNIE 4.5 text and multimodal MoE models."""
+
 from ernie_jax.errors import CheckpointError, ConfigError, DataError  # noqa: F401
 
 __version__ = "0.1.0"
@@ -7,10 +8,12 @@ __version__ = "0.1.0"
 def load_pretrained(path: str, dtype: str = "float32"):
     """A ready NNX model from a Hugging Face ERNIE 4.5 directory (or an ernie_jax checkpoint)."""
     from ernie_jax.convert import load_pretrained as _load
+
     return _load(path, dtype=dtype)
 
 
 def save_pretrained(model, path: str, shard_bytes: int = 2 << 30) -> None:
     """Write an ernie_jax model as a Hugging Face directory transformers can load."""
     from ernie_jax.convert import save_pretrained as _save
+
     _save(model, path, shard_bytes=shard_bytes)

@@ -1,4 +1,5 @@
 """Metrics: MoE-aware model FLOPs and MFU, metrics.jsonl + TensorBoard writers, console progress."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,21 @@ from ernie_jax.summary import count_params
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity).
 PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
-    "B200": 2250e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "TPU7x": 2307e12,
 }
 
 
@@ -47,7 +60,7 @@ def measure_cpu_peak(dtype=jnp.float32, n: int = 2048) -> float:
         t0 = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def device_peak_flops(dtype=jnp.bfloat16) -> tuple[float, str]:
@@ -68,7 +81,7 @@ def _drop_rows_after(path: str, step: int, superseded: str) -> None:
     for line in as_path(path).read_text().splitlines(keepends=True):
         try:
             (keep if json.loads(line).get("step", 0) <= step else later).append(line)
-        except ValueError:   # a line cut by a crash mid-write
+        except ValueError:  # a line cut by a crash mid-write
             later.append(line if line.endswith("\n") else line + "\n")
     if not later:
         return
@@ -83,8 +96,14 @@ class MetricsWriter:
     log.wandb_project, a Weights & Biases run; only process 0 writes. The resolved config goes to
     TensorBoard (text) and W&B (the run's config)."""
 
-    def __init__(self, workdir: str, log: LogConfig, resume_step: int | None = None, config: dict | None = None,
-                 run_name: str = ""):
+    def __init__(
+        self,
+        workdir: str,
+        log: LogConfig,
+        resume_step: int | None = None,
+        config: dict | None = None,
+        run_name: str = "",
+    ):
         """`resume_step`: the logged step this run continues from; rows past it (written after the
         checkpoint it resumes from) move to metrics.superseded.jsonl, so each step appears once."""
         self.enabled = jax.process_index() == 0
@@ -96,10 +115,13 @@ class MetricsWriter:
             _drop_rows_after(path, resume_step, join(workdir, "metrics.superseded.jsonl"))
         self._jsonl = AppendFile(path)
         if log.tensorboard:
-            from tensorboardX import SummaryWriter   # optional heavy dependency, imported when used
+            from tensorboardX import SummaryWriter  # optional heavy dependency, imported when used
+
             self._tb = SummaryWriter(join(workdir, "tb"))
             if config is not None:
-                self._tb.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", resume_step or 0)
+                self._tb.add_text(
+                    "config", "```\n" + json.dumps(config, indent=1) + "\n```", resume_step or 0
+                )
         if log.wandb_project:
             self._wandb = open_wandb_run(workdir, log, config, run_name)
 
@@ -136,10 +158,12 @@ def open_wandb_run(workdir: str, log: LogConfig, config: dict | None, run_name: 
     """A W&B run for this workdir: its id is kept in <workdir>/wandb_run_id, so a resumed run (or the
     next stage of a recipe) continues the same W&B run instead of starting a new one."""
     try:
-        import wandb   # optional dependency: pip install -e '.[wandb]'
+        import wandb  # optional dependency: pip install -e '.[wandb]'
     except ImportError:
-        raise ConfigError(f"log.wandb_project={log.wandb_project!r} needs the wandb package: "
-                          f"pip install -e '.[wandb]' (or set log.wandb_project='')") from None
+        raise ConfigError(
+            f"log.wandb_project={log.wandb_project!r} needs the wandb package: "
+            f"pip install -e '.[wandb]' (or set log.wandb_project='')"
+        ) from None
     id_path = as_path(join(workdir, WANDB_ID_FILE))
     if id_path.exists():
         run_id = id_path.read_text().strip()
@@ -147,9 +171,16 @@ def open_wandb_run(workdir: str, log: LogConfig, config: dict | None, run_name: 
         run_id = uuid.uuid4().hex[:12]
         id_path.write_text(run_id)
     # wandb keeps its own files in a local directory: the workdir when local, its default otherwise
-    return wandb.init(project=log.wandb_project, entity=log.wandb_entity or None, id=run_id, resume="allow",
-                      name=log.wandb_run_name or run_name or None, dir=None if is_remote(workdir) else workdir,
-                      config=config, allow_val_change=True)
+    return wandb.init(
+        project=log.wandb_project,
+        entity=log.wandb_entity or None,
+        id=run_id,
+        resume="allow",
+        name=log.wandb_run_name or run_name or None,
+        dir=None if is_remote(workdir) else workdir,
+        config=config,
+        allow_val_change=True,
+    )
 
 
 def _jsonable(v):
@@ -179,7 +210,9 @@ class Console:
         done = int(width * step / max(total, 1))
         bar = "#" * done + "." * (width - done)
         parts = [f"[{bar}] {step}/{total}"]
-        parts += [f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"] if "loss" in m else ["every step skipped"]
+        parts += (
+            [f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"] if "loss" in m else ["every step skipped"]
+        )
         if "tokens_per_s" in m:
             parts.append(f"{m['tokens_per_s']:.0f} tok/s")
         if "mfu" in m:

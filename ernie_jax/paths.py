@@ -5,6 +5,7 @@ Object stores have no append and no atomic rename of directories; the helpers he
 operation where there is one and its object-store equivalent otherwise (an object write is atomic:
 readers see the old object or the new one).
 """
+
 from __future__ import annotations
 
 import os
@@ -77,5 +78,5 @@ def files_under(directory) -> list[str]:
             if child.is_dir():
                 todo.append(child)
             else:
-                out.append(os.fspath(child)[len(os.fspath(root)):].lstrip("/"))
+                out.append(os.fspath(child)[len(os.fspath(root)) :].lstrip("/"))
     return sorted(out)

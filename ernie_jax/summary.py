@@ -5,6 +5,7 @@
 Active = what one token touches: routed experts count top_k/E of their size. MTP layers are
 training-only and reported separately (not in the totals), as are non-trainable buffers.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,6 +20,7 @@ from ernie_jax.config import Config, load_config
 from ernie_jax.errors import ErnieJaxError
 from ernie_jax.model import build_model
 from ernie_jax.model.param_parts import COMPONENTS, param_part
+
 
 def count_params(cfg: Config) -> dict[str, float]:
     """{component: params, 'total', 'active', 'active_non_embedding', 'buffers'} from shapes only."""
@@ -39,10 +41,15 @@ def count_params(cfg: Config) -> dict[str, float]:
     out["active"] = out["total"] - out["routed_experts"] * (1.0 - frac) - vision_parts
     out["active_non_embedding"] = out["active"] - out["embedding"]
     e = cfg.moe
-    if e.vision_num_experts:   # a vision token: its own experts (top-k of them) instead of the text ones
+    if e.vision_num_experts:  # a vision token: its own experts (top-k of them) instead of the text ones
         vfrac = (e.vision_top_k or e.top_k) / e.vision_num_experts
-        out["active_vision_token"] = (out["active"] - out["routed_experts"] * frac - out["router"]
-                                      + out["vision_experts"] * vfrac + out["vision_router"])
+        out["active_vision_token"] = (
+            out["active"]
+            - out["routed_experts"] * frac
+            - out["router"]
+            + out["vision_experts"] * vfrac
+            + out["vision_router"]
+        )
     return out
 
 
@@ -64,11 +71,15 @@ def format_summary(cfg: Config, counts: dict[str, float]) -> str:
             lines.append(f"{c:<16}{_fmt(counts[c]):>12}{_fmt(active):>12}")
     lines.append("-" * 40)
     lines.append(f"{'total (no MTP)':<16}{_fmt(counts['total']):>12}{_fmt(counts['active']):>12}")
-    lines.append(f"{'non-embedding':<16}{_fmt(counts['total'] - counts['embedding']):>12}"
-                 f"{_fmt(counts['active_non_embedding']):>12}")
+    lines.append(
+        f"{'non-embedding':<16}{_fmt(counts['total'] - counts['embedding']):>12}"
+        f"{_fmt(counts['active_non_embedding']):>12}"
+    )
     if "active_vision_token" in counts:
-        lines.append(f"(active counts a text token; a vision token touches {_fmt(counts['active_vision_token'])} "
-                     "in the decoder, plus the ViT and adapter)")
+        lines.append(
+            f"(active counts a text token; a vision token touches {_fmt(counts['active_vision_token'])} "
+            "in the decoder, plus the ViT and adapter)"
+        )
     if counts["buffers"]:
         lines.append(f"non-trainable buffers (routing bias): {_fmt(counts['buffers'])}")
     return "\n".join(lines)

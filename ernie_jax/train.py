@@ -1,4 +1,5 @@
 """python -m ernie_jax.train --config configs/NAME.yaml [--workdir DIR] [--set key=value ...]"""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,9 @@ from ernie_jax.trainers.tasks import task_for
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "YAML config file (configs/*.yaml)")
-flags.DEFINE_string("workdir", None, "where metrics, TensorBoard files and checkpoints go (default runs/<config>)")
+flags.DEFINE_string(
+    "workdir", None, "where metrics, TensorBoard files and checkpoints go (default runs/<config>)"
+)
 flags.DEFINE_multi_string("set", [], "config override, repeatable: --set train.steps=100")
 flags.DEFINE_bool("quiet", False, "no progress output (errors still print)")
 flags.DEFINE_string("coordinator_address", "", "multi-host: HOST:PORT of process 0's coordinator")
@@ -25,7 +28,9 @@ flags.DEFINE_integer("process_id", -1, "multi-host: this process's index")
 
 def main(argv) -> int:
     if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]}; use --config FILE and --set key=value", file=sys.stderr)
+        print(
+            f"error: unexpected arguments {argv[1:]}; use --config FILE and --set key=value", file=sys.stderr
+        )
         return 2
     if not FLAGS.config:
         print("error: --config is required, e.g. --config configs/tiny_moe.yaml", file=sys.stderr)

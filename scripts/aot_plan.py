@@ -6,6 +6,7 @@
 Every row is the real train step (AdamW, fp32 master params, bf16 compute) compiled by the TPU
 compiler for the topology on this CPU machine; memory is XLA's per-chip accounting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,21 @@ EP = ["moe.dispatch=capacity", "moe.capacity_factor=1.25", "moe.transport=all_to
 def row(label: str, model: str, topology: str, seq: int, batch: int, fsdp: int, context: int = 1):
     """(label, config, topology, overrides): expert=8 throughout; long rows split the sequence over
     mesh.context; every layer is recomputed in the backward pass."""
-    return (label, f"configs/ernie45_{model}.yaml", topology,
-            [f"data.seq_len={seq}", f"data.batch_size={batch}", "mesh.data=1", f"mesh.fsdp={fsdp}", "mesh.expert=8",
-             f"mesh.context={context}", "model.remat=full", *EP])
+    return (
+        label,
+        f"configs/ernie45_{model}.yaml",
+        topology,
+        [
+            f"data.seq_len={seq}",
+            f"data.batch_size={batch}",
+            "mesh.data=1",
+            f"mesh.fsdp={fsdp}",
+            "mesh.expert=8",
+            f"mesh.context={context}",
+            "model.remat=full",
+            *EP,
+        ],
+    )
 
 
 PLAN = [
@@ -39,8 +52,10 @@ def main() -> None:
     p.add_argument("--only", default="", help="run the rows whose label contains this")
     p.add_argument("--timeout", type=int, default=3600)
     a = p.parse_args()
-    print("| model, tokens | slice | mesh | batch | GB per chip (of HBM) | fits | compiled TFLOP/chip/step |"
-          " step s at 47% MFU |")
+    print(
+        "| model, tokens | slice | mesh | batch | GB per chip (of HBM) | fits | compiled TFLOP/chip/step |"
+        " step s at 47% MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, config, topology, sets in PLAN:
         if a.only and a.only.lower() not in label.lower():
@@ -56,13 +71,21 @@ def main() -> None:
         x = json.loads(r.stdout.strip().splitlines()[-1])
         if "compile_error" in x:
             need = f"{x['temp_gb']:.0f} GB temporaries" if x["temp_gb"] else "?"
-            print(f"| {label} | {topology} ({x['chips']} chips) | {x['mesh']} | {x['batch_size']} x {x['seq_len']} | "
-                  f"{need} ({x['hbm_gb']:.0f}) | no | - | - |", flush=True)
+            print(
+                f"| {label} | {topology} ({x['chips']} chips) | {x['mesh']} | "
+                f"{x['batch_size']} x {x['seq_len']} | "
+                f"{need} ({x['hbm_gb']:.0f}) | no | - | - |",
+                flush=True,
+            )
             continue
         mfu = f"{x['step_s_at_ernie_mfu']:.2f}" if x["step_s_at_ernie_mfu"] else "-"
-        print(f"| {label} | {topology} ({x['chips']} chips) | {x['mesh']} | {x['batch_size']} x {x['seq_len']} | "
-              f"{x['per_chip_gb']:.1f} ({x['hbm_gb']:.0f}) | {'yes' if x['fits'] else 'no'} | "
-              f"{x['compiled_tflops_per_chip']:.1f} | {mfu} |", flush=True)
+        print(
+            f"| {label} | {topology} ({x['chips']} chips) | {x['mesh']} | "
+            f"{x['batch_size']} x {x['seq_len']} | "
+            f"{x['per_chip_gb']:.1f} ({x['hbm_gb']:.0f}) | {'yes' if x['fits'] else 'no'} | "
+            f"{x['compiled_tflops_per_chip']:.1f} | {mfu} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

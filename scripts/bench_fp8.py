@@ -8,6 +8,7 @@ the device's bf16 peak) and the speed ratio to bf16. On Hopper GPUs XLA rewrites
 dequantize pattern into FP8 GEMMs; on CPU FP8 is emulated and slower (the ratio there measures the
 emulation overhead, not FP8 hardware).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,13 @@ from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_train_step
 
-SETTINGS = [("bf16", "off", "current"), ("fp8 experts, blockwise", "experts", "blockwise"),
-            ("fp8 experts, delayed", "experts", "delayed"), ("fp8 all_linear, current", "all_linear", "current"),
-            ("fp8 all_linear, delayed", "all_linear", "delayed")]
+SETTINGS = [
+    ("bf16", "off", "current"),
+    ("fp8 experts, blockwise", "experts", "blockwise"),
+    ("fp8 experts, delayed", "experts", "delayed"),
+    ("fp8 all_linear, current", "all_linear", "current"),
+    ("fp8 all_linear, delayed", "all_linear", "delayed"),
+]
 
 
 def main() -> None:
@@ -41,23 +46,45 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
     peak, src = device_peak_flops(jnp.bfloat16)
-    print(f"device: {jax.devices()[0].device_kind} (peak {peak / 1e12:.1f} TFLOP/s, {src}); {a.config} with "
-          f"hidden {a.hidden}, {a.layers} layers, batch {a.batch} x {a.seq_len}, bf16 compute")
+    print(
+        f"device: {jax.devices()[0].device_kind} (peak {peak / 1e12:.1f} TFLOP/s, {src}); {a.config} with "
+        f"hidden {a.hidden}, {a.layers} layers, batch {a.batch} x {a.seq_len}, bf16 compute"
+    )
     print(f"{'setting':<26}{'step ms':>10}{'tokens/s':>11}{'MFU':>8}{'speed vs bf16':>15}")
     base = None
     for name, mode, recipe in SETTINGS:
-        cfg = load_config(a.config, [
-            f"precision.fp8={mode}", f"precision.fp8_recipe={recipe}", f"model.hidden_size={a.hidden}",
-            f"model.intermediate_size={4 * a.hidden}", f"moe.intermediate_size={a.hidden}", "model.head_dim=64",
-            f"model.num_heads={a.hidden // 64}", f"model.num_kv_heads={max(1, a.hidden // 256)}",
-            f"model.num_layers={a.layers}", "model.dtype=bfloat16", "model.mtp_depth=0", f"data.seq_len={a.seq_len}",
-            f"data.batch_size={a.batch}", "mesh.data=1"])
+        cfg = load_config(
+            a.config,
+            [
+                f"precision.fp8={mode}",
+                f"precision.fp8_recipe={recipe}",
+                f"model.hidden_size={a.hidden}",
+                f"model.intermediate_size={4 * a.hidden}",
+                f"moe.intermediate_size={a.hidden}",
+                "model.head_dim=64",
+                f"model.num_heads={a.hidden // 64}",
+                f"model.num_kv_heads={max(1, a.hidden // 256)}",
+                f"model.num_layers={a.layers}",
+                "model.dtype=bfloat16",
+                "model.mtp_depth=0",
+                f"data.seq_len={a.seq_len}",
+                f"data.batch_size={a.batch}",
+                "mesh.data=1",
+            ],
+        )
         mesh = build_mesh(cfg, jax.devices()[:1])
         tx = make_optimizer(cfg.optimizer, 100)
         graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
-        ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, a.batch, a.seq_len + 1)).astype(np.int32)
-        batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-                 "loss_mask": np.ones((1, a.batch, a.seq_len), np.float32)}
+        ids = (
+            np.random.default_rng(0)
+            .integers(3, cfg.model.vocab_size, (1, a.batch, a.seq_len + 1))
+            .astype(np.int32)
+        )
+        batch = {
+            "input_ids": ids[..., :-1],
+            "labels": ids[..., 1:],
+            "loss_mask": np.ones((1, a.batch, a.seq_len), np.float32),
+        }
         step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh)
         state, m = step(state, batch)
         jax.block_until_ready(m)

@@ -7,6 +7,7 @@ Each run is its own process: `peak RSS` is that process's high-water mark (compi
 `step s` the mean time of the steps after the first (from metrics.jsonl). Target: S = 65536
 trains under 16 GB peak RSS on the 2-core / 24 GB machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,30 @@ import tempfile
 
 def run_case(a, s: int, backend: str) -> dict:
     with tempfile.TemporaryDirectory() as work:
-        sets = [f"data.seq_len={s}", "data.batch_size=1", f"train.steps={a.steps}", "log.interval=1",
-                f"model.max_position_embeddings={max(s, 4096)}", f"model.attention={backend}",
-                "train.eval_interval=1000000", "train.eval_steps=1", "checkpoint.interval=1000000",
-                "checkpoint.async_save=false", "log.tensorboard=false", *a.set]
+        sets = [
+            f"data.seq_len={s}",
+            "data.batch_size=1",
+            f"train.steps={a.steps}",
+            "log.interval=1",
+            f"model.max_position_embeddings={max(s, 4096)}",
+            f"model.attention={backend}",
+            "train.eval_interval=1000000",
+            "train.eval_steps=1",
+            "checkpoint.interval=1000000",
+            "checkpoint.async_save=false",
+            "log.tensorboard=false",
+            *a.set,
+        ]
         cmd = [sys.executable, "-m", "ernie_jax.train", "--config", a.config, "--workdir", work, "--quiet"]
         for item in sets:
             cmd += ["--set", item]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         err = proc.stderr.read()
         peak_gb = usage.ru_maxrss / 2**20
@@ -36,8 +52,11 @@ def run_case(a, s: int, backend: str) -> dict:
             return {"error": lines[-1][:120], "peak_gb": peak_gb}
         rows = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl"))]
         times = [r["step_time_s"] for r in rows if "step_time_s" in r][1:]
-        return {"step_s": sum(times) / max(len(times), 1), "peak_gb": peak_gb,
-                "loss": [r["loss"] for r in rows if "loss" in r][-1]}
+        return {
+            "step_s": sum(times) / max(len(times), 1),
+            "peak_gb": peak_gb,
+            "loss": [r["loss"] for r in rows if "loss" in r][-1],
+        }
 
 
 def main() -> None:
@@ -49,8 +68,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config override")
     a = p.parse_args()
     print(f"{a.config}, batch 1, {a.steps} steps per run (the first, with compilation, is not timed)")
-    print(f"{'S':>7} | {'flash step s':>12}{'peak GB':>9}{'tok/s':>8}{'loss':>8} | {'dense step s':>12}{'peak GB':>9}"
-          f"{'dense/flash':>12}")
+    print(
+        f"{'S':>7} | {'flash step s':>12}{'peak GB':>9}{'tok/s':>8}{'loss':>8} | "
+        f"{'dense step s':>12}{'peak GB':>9}"
+        f"{'dense/flash':>12}"
+    )
     for s in (int(x) for x in a.seq.split(",")):
         flash = run_case(a, s, "flash")
         dense = run_case(a, s, "dense") if s <= a.dense_max else None
@@ -61,9 +83,13 @@ def main() -> None:
             if "error" in r:
                 return f"{'failed':>12}{r['peak_gb']:9.1f}"
             return f"{r['step_s']:12.2f}{r['peak_gb']:9.1f}"
+
         tok = f"{s / flash['step_s']:8.0f}{flash['loss']:8.3f}" if "step_s" in flash else f"{'-':>8}{'-':>8}"
-        ratio = f"{dense['step_s'] / flash['step_s']:11.2f}x" if dense and "step_s" in dense and "step_s" in flash \
+        ratio = (
+            f"{dense['step_s'] / flash['step_s']:11.2f}x"
+            if dense and "step_s" in dense and "step_s" in flash
             else f"{'-':>12}"
+        )
         print(f"{s:7d} | {cells(flash)}{tok} | {cells(dense)}{ratio}", flush=True)
         for name, r in (("flash", flash), ("dense", dense)):
             if r and "error" in r:

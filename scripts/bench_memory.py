@@ -9,6 +9,7 @@ sharding with the tokens per device of one device's batch (ideal: the one-device
 Memory is XLA's own accounting of the compiled step (`compile().memory_analysis()`): temp bytes are
 the activations and workspace, the part recomputation trades for time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,14 @@ from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_train_step
 
-POLICIES = [("none", ()), ("full", ()), ("dots_saveable", ()), ("save_attention_out", ()),
-            ("save_qkv_recompute_mlp", ()), ("named", ("qkv", "attn_out", "expert_out"))]
+POLICIES = [
+    ("none", ()),
+    ("full", ()),
+    ("dots_saveable", ()),
+    ("save_attention_out", ()),
+    ("save_qkv_recompute_mlp", ()),
+    ("named", ("qkv", "attn_out", "expert_out")),
+]
 
 
 def main() -> None:
@@ -41,12 +48,20 @@ def main() -> None:
     a = p.parse_args()
     if a.shards:
         return shard_table(a)
-    print(f"device: {jax.devices()[0].device_kind}; {a.config} with {a.layers} layers, batch {a.batch} x {a.seq_len}")
+    print(
+        f"device: {jax.devices()[0].device_kind}; {a.config} with {a.layers} layers, "
+        f"batch {a.batch} x {a.seq_len}"
+    )
     print(f"{'policy':<34}{'temp MB':>10}{'vs none':>9}{'step ms':>10}")
     base = None
     for name, names in POLICIES:
-        sets = [f"model.remat={name}", f"data.seq_len={a.seq_len}", f"data.batch_size={a.batch}",
-                f"model.num_layers={a.layers}", "mesh.data=1"]
+        sets = [
+            f"model.remat={name}",
+            f"data.seq_len={a.seq_len}",
+            f"data.batch_size={a.batch}",
+            f"model.num_layers={a.layers}",
+            "mesh.data=1",
+        ]
         if names:
             sets.append(f"model.remat_names=[{', '.join(names)}]")
         compiled, state, batch = compile_step(a.config, sets, 1, a.batch, a.seq_len)
@@ -69,29 +84,50 @@ def compile_step(config: str, sets: list[str], devices: int, batch_size: int, se
     mesh = build_mesh(cfg, jax.devices()[:devices])
     tx = make_optimizer(cfg.optimizer, 100)
     graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
-    ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, batch_size, seq_len + 1)).astype(np.int32)
-    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-             "loss_mask": np.ones((1, batch_size, seq_len), np.float32)}
-    compiled = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh) \
-        .lower(state, batch).compile()
+    ids = (
+        np.random.default_rng(0)
+        .integers(3, cfg.model.vocab_size, (1, batch_size, seq_len + 1))
+        .astype(np.int32)
+    )
+    batch = {
+        "input_ids": ids[..., :-1],
+        "labels": ids[..., 1:],
+        "loss_mask": np.ones((1, batch_size, seq_len), np.float32),
+    }
+    compiled = (
+        jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh)
+        .lower(state, batch)
+        .compile()
+    )
     return compiled, state, batch
 
 
 def shard_table(a) -> None:
     n = a.shards
     if jax.device_count() < n:
-        raise SystemExit(f"error: --shards {n} needs {n} devices, this process has {jax.device_count()}; "
-                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}")
-    print(f"device: {jax.devices()[0].device_kind}; {a.config} with {a.layers} layers, moe.dispatch={a.dispatch}, "
-          f"{a.batch} x {a.seq_len} tokens per device, remat full")
+        raise SystemExit(
+            f"error: --shards {n} needs {n} devices, this process has {jax.device_count()}; "
+            f"set XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+        )
+    print(
+        f"device: {jax.devices()[0].device_kind}; {a.config} with {a.layers} layers, "
+        f"moe.dispatch={a.dispatch}, "
+        f"{a.batch} x {a.seq_len} tokens per device, remat full"
+    )
     print(f"{'mesh':<14}{'global batch':>14}{'temp MB/device':>16}{'vs 1 device':>13}")
-    common = [f"model.num_layers={a.layers}", "model.remat=full", f"moe.dispatch={a.dispatch}",
-              f"model.max_position_embeddings={max(4096, a.seq_len * n)}"]
+    common = [
+        f"model.num_layers={a.layers}",
+        "model.remat=full",
+        f"moe.dispatch={a.dispatch}",
+        f"model.max_position_embeddings={max(4096, a.seq_len * n)}",
+    ]
     base = None
-    for name, axis, batch, seq in [("1 device", None, a.batch, a.seq_len),
-                                   (f"data={n}", "data", a.batch * n, a.seq_len),
-                                   (f"fsdp={n}", "fsdp", a.batch * n, a.seq_len),
-                                   (f"context={n}", "context", a.batch, a.seq_len * n)]:
+    for name, axis, batch, seq in [
+        ("1 device", None, a.batch, a.seq_len),
+        (f"data={n}", "data", a.batch * n, a.seq_len),
+        (f"fsdp={n}", "fsdp", a.batch * n, a.seq_len),
+        (f"context={n}", "context", a.batch, a.seq_len * n),
+    ]:
         sets = common + [f"data.seq_len={seq}", f"data.batch_size={batch}", "mesh.data=1"]
         if axis and axis != "data":
             sets.append(f"mesh.{axis}={n}")

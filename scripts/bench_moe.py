@@ -8,6 +8,7 @@ Multimodal case: the heterogeneous layer (E text experts + E vision experts of 1
 ERNIE-VL-28B) on a 50/50 text/vision batch vs a text-only batch of the same length (target <= 1.2),
 and vs a text-only MoE layer without vision experts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def _fwd_bwd(module, x, moe: bool, modality=None):
         m = nnx.merge(graphdef, params, rest)
         y = m(x, mask, modality)[0] if moe else m(x)
         return jnp.mean(y.astype(jnp.float32) ** 2)
+
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
 
@@ -60,14 +62,21 @@ def main() -> None:
     dense = SwiGLU(a.hidden, a.top_k * a.expert_width, **kw)
     fn, params = _fwd_bwd(dense, x, moe=False)
     t_dense = _time(fn, params, x, repeats=a.repeats)
-    print(f"device: {jax.devices()[0].device_kind}  tokens={a.tokens} H={a.hidden} I_expert={a.expert_width} "
-          f"top_k={a.top_k} dtype={a.dtype}")
+    print(
+        f"device: {jax.devices()[0].device_kind}  tokens={a.tokens} H={a.hidden} I_expert={a.expert_width} "
+        f"top_k={a.top_k} dtype={a.dtype}"
+    )
     print(f"dense SwiGLU (I={a.top_k * a.expert_width}): {t_dense * 1e3:8.1f} ms fwd+bwd")
     times = {}
     for experts in (8, 64):
         for dispatch in ("dropless", "capacity"):
-            cfg = MoEConfig(num_experts=experts, top_k=a.top_k, intermediate_size=a.expert_width,
-                            dispatch=dispatch, capacity_factor=a.capacity_factor)
+            cfg = MoEConfig(
+                num_experts=experts,
+                top_k=a.top_k,
+                intermediate_size=a.expert_width,
+                dispatch=dispatch,
+                capacity_factor=a.capacity_factor,
+            )
             block = MoEBlock(a.hidden, cfg, **kw)
             fn, params = _fwd_bwd(block, x, moe=True)
             times[experts, dispatch] = t = _time(fn, params, x, repeats=a.repeats)
@@ -80,18 +89,26 @@ def main() -> None:
     print("\nheterogeneous (VL) layer, E=8 text + 8 vision experts (vision width 1/3):")
     half = (jnp.arange(a.tokens) >= a.tokens // 2).astype(jnp.int32)[None]
     for dispatch in ("capacity", "dropless"):
-        cfg = MoEConfig(num_experts=8, top_k=a.top_k, intermediate_size=a.expert_width, dispatch=dispatch,
-                        capacity_factor=a.capacity_factor, vision_num_experts=8,
-                        vision_intermediate_size=max(1, a.expert_width // 3))
+        cfg = MoEConfig(
+            num_experts=8,
+            top_k=a.top_k,
+            intermediate_size=a.expert_width,
+            dispatch=dispatch,
+            capacity_factor=a.capacity_factor,
+            vision_num_experts=8,
+            vision_intermediate_size=max(1, a.expert_width // 3),
+        )
         block = MoEBlock(a.hidden, cfg, **kw)
         fn_text, params = _fwd_bwd(block, x, moe=True, modality=jnp.zeros_like(half))
         fn_mixed, _ = _fwd_bwd(block, x, moe=True, modality=half)
         t_text = _time(fn_text, params, x, repeats=a.repeats)
         t_mixed = _time(fn_mixed, params, x, repeats=a.repeats)
         plain = times[8, dispatch]
-        print(f"  {dispatch:<9}: text-only batch {t_text * 1e3:8.1f} ms, 50/50 batch {t_mixed * 1e3:8.1f} ms, "
-              f"50/50 / text-only = {t_mixed / t_text:.2f} (target <= 1.2); "
-              f"vs text-only MoE layer {t_text / plain:.2f}x")
+        print(
+            f"  {dispatch:<9}: text-only batch {t_text * 1e3:8.1f} ms, 50/50 batch {t_mixed * 1e3:8.1f} ms, "
+            f"50/50 / text-only = {t_mixed / t_text:.2f} (target <= 1.2); "
+            f"vs text-only MoE layer {t_text / plain:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ aliased + temporaries, from `compile().memory_analysis()`.
 On fake CPU devices the times only compare layouts against each other (the devices share the cores);
 memory per device and the collectives counted from the compiled HLO are what the layout changes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,29 @@ PIPELINE_BASE = ["model.num_layers=9", "data.batch_size=16"]
 PIPELINE_LAYOUTS = [
     ["mesh.data=8"],
     ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=8"],
-    ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=8", "pipeline.schedule=circular", "pipeline.repeats=2"],
+    [
+        "mesh.data=2",
+        "mesh.pipeline=4",
+        "pipeline.microbatches=8",
+        "pipeline.schedule=circular",
+        "pipeline.repeats=2",
+    ],
     ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=4"],
-    ["mesh.data=2", "mesh.pipeline=4", "pipeline.microbatches=4", "pipeline.schedule=circular", "pipeline.repeats=2"],
-    ["mesh.data=1", "mesh.expert=2", "mesh.pipeline=4", "pipeline.microbatches=8", "pipeline.schedule=circular",
-     "pipeline.repeats=2"],
+    [
+        "mesh.data=2",
+        "mesh.pipeline=4",
+        "pipeline.microbatches=4",
+        "pipeline.schedule=circular",
+        "pipeline.repeats=2",
+    ],
+    [
+        "mesh.data=1",
+        "mesh.expert=2",
+        "mesh.pipeline=4",
+        "pipeline.microbatches=8",
+        "pipeline.schedule=circular",
+        "pipeline.repeats=2",
+    ],
 ]
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -58,7 +77,9 @@ def collective_bytes(hlo: str) -> dict[str, float]:
     for line in hlo.splitlines():
         for c in COLLECTIVES:
             if f" {c}(" in line or f" {c}-start(" in line:
-                for dtype, dims in re.findall(r"(f32|bf16|s32|f16|u32|pred)\[([\d,]*)\]", line.split("=")[1][:300]):
+                for dtype, dims in re.findall(
+                    r"(f32|bf16|s32|f16|u32|pred)\[([\d,]*)\]", line.split("=")[1][:300]
+                ):
                     n = np.prod([int(d) for d in dims.split(",") if d]) if dims else 1
                     out[c] += n * sizes[dtype] / 2**20
                 break
@@ -73,8 +94,11 @@ def measure(cfg, steps: int):
     rng = np.random.default_rng(0)
     s = cfg.data.seq_len
     ids = rng.integers(3, cfg.model.vocab_size, (1, cfg.data.batch_size, s + 1)).astype(np.int32)
-    batch = {"input_ids": ids[..., :-1], "labels": ids[..., 1:],
-             "loss_mask": np.ones((1, cfg.data.batch_size, s), np.float32)}
+    batch = {
+        "input_ids": ids[..., :-1],
+        "labels": ids[..., 1:],
+        "loss_mask": np.ones((1, cfg.data.batch_size, s), np.float32),
+    }
     batch = {k: jax.device_put(v, batch_sharding(mesh, 3, 1)) for k, v in batch.items()}
     step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 100), state, mesh)
     compiled = step.lower(state, batch).compile()
@@ -90,22 +114,31 @@ def measure(cfg, steps: int):
 
 
 def peak_mb(mem) -> float:
-    return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            + mem.temp_size_in_bytes) / 2**20
+    return (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    ) / 2**20
 
 
 def pipeline_table(config: str, steps: int) -> None:
-    print(f"{'layout':<44}{'bubble':>8}{'step ms':>9}{'args MB':>9}{'temp MB':>9}{'peak MB':>9}"
-          f"{'permute MB':>11}  (per device)")
+    print(
+        f"{'layout':<44}{'bubble':>8}{'step ms':>9}{'args MB':>9}{'temp MB':>9}{'peak MB':>9}"
+        f"{'permute MB':>11}  (per device)"
+    )
     for layout in PIPELINE_LAYOUTS:
         cfg = load_config(config, PIPELINE_BASE + layout + ["model.dtype=float32"])
         sched = schedule_for(cfg)
         ms, mem, traffic, mesh = measure(cfg, steps)
-        name = describe(mesh) + (f" M={sched.microbatches}" + (f" R={sched.repeats}" if sched.repeats > 1 else "")
-                                 if sched else "")
+        name = describe(mesh) + (
+            f" M={sched.microbatches}" + (f" R={sched.repeats}" if sched.repeats > 1 else "") if sched else ""
+        )
         bubble = f"{sched.bubble_fraction:.1%}" if sched else "-"
-        print(f"{name:<44}{bubble:>8}{ms:9.1f}{mem.argument_size_in_bytes / 2**20:9.2f}"
-              f"{mem.temp_size_in_bytes / 2**20:9.2f}{peak_mb(mem):9.2f}{traffic['collective-permute']:11.2f}")
+        print(
+            f"{name:<44}{bubble:>8}{ms:9.1f}{mem.argument_size_in_bytes / 2**20:9.2f}"
+            f"{mem.temp_size_in_bytes / 2**20:9.2f}{peak_mb(mem):9.2f}{traffic['collective-permute']:11.2f}"
+        )
 
 
 def main() -> None:
@@ -130,7 +163,10 @@ def main() -> None:
         args = getattr(mem, "argument_size_in_bytes", 0) / 2**20
         comm = ", ".join(f"{k} {v:.1f}" for k, v in traffic.items() if v)
         transport = cfg.moe.transport if cfg.moe.transport != "auto" else ""
-        print(f"{(describe(mesh) + ' ' + transport).strip():<32}{ms:9.1f}{temp:13.2f}{args:13.2f}  {comm or 'none'}")
+        print(
+            f"{(describe(mesh) + ' ' + transport).strip():<32}{ms:9.1f}{temp:13.2f}{args:13.2f}  "
+            f"{comm or 'none'}"
+        )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ experts (width 512) top-2 with one shared expert, layer 0 dense; ours with capac
 Batch = tokens / seq. transformers runs in a child process (its own thread pool and allocator),
 the two taking turns step by step. Prints torch step time / ours (> 1: we are faster). Target: >= 1.5x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,35 +30,66 @@ from ernie_jax.trainers.lm import lm_objective
 from ernie_jax.trainers.state import init_train_state, make_optimizer
 from ernie_jax.trainers.step import make_train_step
 
-SHAPE = ["model.num_layers=6", "model.hidden_size=512", "model.num_heads=8", "model.num_kv_heads=2",
-         "model.head_dim=64", "model.intermediate_size=1536", "model.vocab_size=16384", "model.mtp_depth=0",
-         "model.dtype=float32", "mesh.data=1", "model.max_position_embeddings=8192", "optimizer.warmup_steps=1"]
-MOE = ["moe.num_experts=8", "moe.top_k=2", "moe.intermediate_size=512", "moe.num_shared_experts=1",
-       "moe.layer_start=1", "moe.dispatch=capacity", "moe.capacity_factor=1.5", "moe.orth_loss_weight=0",
-       "moe.aux_loss_weight=1e-3", "moe.z_loss_weight=0"]
+SHAPE = [
+    "model.num_layers=6",
+    "model.hidden_size=512",
+    "model.num_heads=8",
+    "model.num_kv_heads=2",
+    "model.head_dim=64",
+    "model.intermediate_size=1536",
+    "model.vocab_size=16384",
+    "model.mtp_depth=0",
+    "model.dtype=float32",
+    "mesh.data=1",
+    "model.max_position_embeddings=8192",
+    "optimizer.warmup_steps=1",
+]
+MOE = [
+    "moe.num_experts=8",
+    "moe.top_k=2",
+    "moe.intermediate_size=512",
+    "moe.num_shared_experts=1",
+    "moe.layer_start=1",
+    "moe.dispatch=capacity",
+    "moe.capacity_factor=1.5",
+    "moe.orth_loss_weight=0",
+    "moe.aux_loss_weight=1e-3",
+    "moe.z_loss_weight=0",
+]
 
 
 def ours(kind: str, seq: int, batch: int, sets: list[str]):
-    cfg = load_config("configs/tiny_moe.yaml", SHAPE + (MOE if kind == "moe" else ["moe.num_experts=0"]) +
-                      [f"data.seq_len={seq}", f"data.batch_size={batch}"] + sets)
+    cfg = load_config(
+        "configs/tiny_moe.yaml",
+        SHAPE
+        + (MOE if kind == "moe" else ["moe.num_experts=0"])
+        + [f"data.seq_len={seq}", f"data.batch_size={batch}"]
+        + sets,
+    )
     mesh = build_mesh(cfg, jax.devices()[:1])
     tx = make_optimizer(cfg.optimizer, 1000)
     graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, batch, seq + 1)).astype(np.int32)
-    batch_ = {"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((1, batch, seq), np.float32),
-              "segment_ids": np.ones((1, batch, seq), np.int32)}
+    batch_ = {
+        "input_ids": ids[..., :-1],
+        "labels": ids[..., 1:],
+        "loss_mask": np.ones((1, batch, seq), np.float32),
+        "segment_ids": np.ones((1, batch, seq), np.int32),
+    }
     step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 1000), state, mesh)
     box = {"state": state}
 
     def run():
         box["state"], metrics = step(box["state"], batch_)
         jax.block_until_ready(metrics)
+
     return cfg, run, ids
 
 
 def theirs(cfg, ids: np.ndarray):
     import torch
     import transformers as T
+
     hf = config_to_hf(cfg)
     for key in ("model_type", "architectures", "dtype"):
         hf.pop(key, None)
@@ -76,6 +108,7 @@ def theirs(cfg, ids: np.ndarray):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -83,9 +116,15 @@ def _torch_worker(conn, kind: str, seq: int, batch: int, sets: list[str]) -> Non
     """Child process: builds the transformers model and times one step per request, so the two
     frameworks' thread pools and allocators never share a process."""
     import torch
+
     torch.set_num_threads(os.cpu_count())
-    cfg = load_config("configs/tiny_moe.yaml", SHAPE + (MOE if kind == "moe" else ["moe.num_experts=0"]) +
-                      [f"data.seq_len={seq}", f"data.batch_size={batch}"] + sets)
+    cfg = load_config(
+        "configs/tiny_moe.yaml",
+        SHAPE
+        + (MOE if kind == "moe" else ["moe.num_experts=0"])
+        + [f"data.seq_len={seq}", f"data.batch_size={batch}"]
+        + sets,
+    )
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, batch, seq + 1)).astype(np.int32)
     step = theirs(cfg, ids)
     while conn.recv() == "step":
@@ -103,7 +142,7 @@ def _timed_turn(step) -> float:
 
 def best_alternating(ours_step, torch_conn, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` step times, ours and torch's taking turns."""
-    ours_step()                      # compile
+    ours_step()  # compile
     t_ours, t_torch = float("inf"), float("inf")
     for _ in range(repeats):
         t_ours = min(t_ours, _timed_turn(ours_step))
@@ -118,12 +157,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096, help="tokens per step (batch = tokens / seq)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kinds", default="dense,moe")
-    p.add_argument("--set", action="append", default=[],
-                   help="extra override for our model (e.g. model.attention=dense)")
+    p.add_argument(
+        "--set", action="append", default=[], help="extra override for our model (e.g. model.attention=dense)"
+    )
     a = p.parse_args()
     ctx = multiprocessing.get_context("spawn")
-    print(f"train step fwd+bwd+AdamW, fp32, {os.cpu_count()} threads, {a.tokens} tokens per step; "
-          f"ratio = torch time / ours (> 1: faster than transformers)")
+    print(
+        f"train step fwd+bwd+AdamW, fp32, {os.cpu_count()} threads, {a.tokens} tokens per step; "
+        f"ratio = torch time / ours (> 1: faster than transformers)"
+    )
     print(f"{'model':<7}{'S':>6}{'batch':>6} | {'ours ms':>9}{'torch ms':>10}{'ratio':>8}")
     for kind in a.kinds.split(","):
         for seq in (int(s) for s in a.seq.split(",")):
@@ -135,8 +177,11 @@ def main() -> None:
             t_ours, t_torch = best_alternating(our_step, parent, a.repeats)
             parent.send("stop")
             worker.join()
-            print(f"{kind:<7}{seq:6d}{batch:6d} | {t_ours * 1e3:9.1f}{t_torch * 1e3:10.1f}{t_torch / t_ours:7.2f}x",
-                  flush=True)
+            print(
+                f"{kind:<7}{seq:6d}{batch:6d} | {t_ours * 1e3:9.1f}{t_torch * 1e3:10.1f}"
+                f"{t_torch / t_ours:7.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

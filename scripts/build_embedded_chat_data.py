@@ -10,6 +10,7 @@ embedded corpora (no new sources: the King James Bible text and the MNIST digits
 - preference.jsonl: 1200 pairs with the same prompts: chosen = the true next 10 words, rejected =
   10 words from another chapter.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -33,8 +34,13 @@ def _passages(rng, n):
         start = int(rng.integers(0, len(words) - 20))
         other = chapters[(ci + 1 + int(rng.integers(len(chapters) - 1))) % len(chapters)]
         ostart = int(rng.integers(0, len(other) - 10))
-        out.append((" ".join(words[start:start + 10]), " ".join(words[start + 10:start + 20]),
-                    " ".join(other[ostart:ostart + 10])))
+        out.append(
+            (
+                " ".join(words[start : start + 10]),
+                " ".join(words[start + 10 : start + 20]),
+                " ".join(other[ostart : ostart + 10]),
+            )
+        )
     return out
 
 
@@ -44,28 +50,54 @@ def main() -> None:
     passages = _passages(rng, 1200)
     with open(os.path.join(OUT, "sft.jsonl"), "w") as f:
         for i, (a, b, _) in enumerate(passages):
-            msgs = [{"role": "user", "content": f"Continue this passage from the King James Bible: {a}"},
-                    {"role": "assistant", "content": b}]
+            msgs = [
+                {"role": "user", "content": f"Continue this passage from the King James Bible: {a}"},
+                {"role": "assistant", "content": b},
+            ]
             if i % 3 == 0:
-                msgs[1]["reasoning"] = "These words come from the King James Bible; I recall how the verse goes on."
+                msgs[1]["reasoning"] = (
+                    "These words come from the King James Bible; I recall how the verse goes on."
+                )
             if i % 5 == 0:
                 msgs.insert(0, {"role": "system", "content": "You know the King James Bible by heart."})
             if i % 7 == 0:
                 c, d, _ = passages[(i + 1) % len(passages)]
-                msgs += [{"role": "user", "content": f"And this one: {c}"}, {"role": "assistant", "content": d}]
+                msgs += [
+                    {"role": "user", "content": f"And this one: {c}"},
+                    {"role": "assistant", "content": d},
+                ]
             f.write(json.dumps({"messages": msgs}) + "\n")
     with open(os.path.join(OUT, "preference.jsonl"), "w") as f:
         for a, b, r in passages:
-            f.write(json.dumps({"prompt": f"Continue this passage from the King James Bible: {a}",
-                                "chosen": b, "rejected": r}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": f"Continue this passage from the King James Bible: {a}",
+                        "chosen": b,
+                        "rejected": r,
+                    }
+                )
+                + "\n"
+            )
     with open(os.path.join(ROOT, "mnist", "captions.jsonl")) as f:
         digits = [json.loads(line)["content"] for line in f]
     digits = [(c[0]["image"], c[1]["text"].split()[-1]) for c in digits if "image" in c[0]][:600]
     with open(os.path.join(OUT, "sft_vl.jsonl"), "w") as f:
         for path, name in digits:
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": [{"image": f"../mnist/{path}"}, {"text": "Which digit is this?"}]},
-                {"role": "assistant", "content": f"It is a {name}."}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {
+                                "role": "user",
+                                "content": [{"image": f"../mnist/{path}"}, {"text": "Which digit is this?"}],
+                            },
+                            {"role": "assistant", "content": f"It is a {name}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     print(f"wrote {OUT}")
 
 

@@ -10,6 +10,7 @@ Source: the King James Bible (public domain) from Debian's `bible-kjv` + `bible-
 Writes kjv.txt.gz (one chapter per document, documents separated by blank lines) and a
 SentencePiece BPE tokenizer (vocab 4096, pad/bos/eos = 0/1/2 as in ERNIE) trained on it.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -42,6 +43,7 @@ def chapters(lines):
 
 def main(raw_path: str) -> None:
     import sentencepiece as spm
+
     with open(raw_path, encoding="utf-8") as f:
         docs = list(chapters(f))
     os.makedirs(OUT, exist_ok=True)
@@ -50,9 +52,19 @@ def main(raw_path: str) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as tmp:
         tmp.write("\n".join(docs))
     spm.SentencePieceTrainer.train(
-        input=tmp.name, model_prefix=os.path.join(OUT, "tokenizer"), vocab_size=4096, model_type="bpe",
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, character_coverage=1.0, max_sentence_length=100000,
-        byte_fallback=True, num_threads=2)
+        input=tmp.name,
+        model_prefix=os.path.join(OUT, "tokenizer"),
+        vocab_size=4096,
+        model_type="bpe",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        character_coverage=1.0,
+        max_sentence_length=100000,
+        byte_fallback=True,
+        num_threads=2,
+    )
     os.remove(os.path.join(OUT, "tokenizer.vocab"))
     os.unlink(tmp.name)
     print(f"{len(docs)} documents, {sum(map(len, docs))} characters -> {OUT}")

@@ -13,6 +13,7 @@ line in the multimodal format (ernie_jax/data/multimodal.py):
   {"text": "the digits three one four one, one after another"}]}
 The caption can only be predicted from the pixels, so falling loss on it shows the vision path works.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -47,8 +48,14 @@ def main(wheel: str) -> None:
     for _ in range(VIDEOS):
         pick = rng.choice(len(names), FRAMES, replace=False)
         words = " ".join(NAMES[names[p][1]] for p in pick)
-        lines.append({"content": [{"video": [names[p][0] for p in pick]},
-                                  {"text": f"the digits {words}, one after another"}]})
+        lines.append(
+            {
+                "content": [
+                    {"video": [names[p][0] for p in pick]},
+                    {"text": f"the digits {words}, one after another"},
+                ]
+            }
+        )
     order = np.random.default_rng(2).permutation(len(lines))
     with open(os.path.join(OUT, "captions.jsonl"), "w") as f:
         for i in order:

@@ -5,6 +5,7 @@ and with blank images. A model that uses its vision path scores much better on t
     python -m ernie_jax.train --config configs/tiny_vl.yaml --workdir runs/tiny_vl
     python scripts/eval_vision_ablation.py --config configs/tiny_vl.yaml --workdir runs/tiny_vl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,14 +46,19 @@ def main() -> None:
     a = p.parse_args()
     cfg = load_config(a.config)
     mesh = build_mesh(cfg)
-    graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), make_optimizer(cfg.optimizer, 1), mesh)
+    graphdef, state = init_train_state(
+        cfg, lambda r: build_model(cfg, r), make_optimizer(cfg.optimizer, 1), mesh
+    )
     ckpt = Checkpointer(os.path.join(a.workdir, "checkpoints"), cfg.checkpoint.keep, False)
     step, state, _ = ckpt.restore_latest(abstract_like(state))
     data = load_multimodal(cfg)
     eval_step = jax.jit(make_eval_step(graphdef, cfg, lm_objective))
-    merge2 = cfg.vision.spatial_merge ** 2
-    variants = {"real images": lambda b: b, "images rolled by one item": lambda b: _roll_images(b, merge2),
-                "blank images": lambda b: {**b, "patches": np.zeros_like(b["patches"])}}
+    merge2 = cfg.vision.spatial_merge**2
+    variants = {
+        "real images": lambda b: b,
+        "images rolled by one item": lambda b: _roll_images(b, merge2),
+        "blank images": lambda b: {**b, "patches": np.zeros_like(b["patches"])},
+    }
     print(f"checkpoint step {step}, {a.batches} eval batches")
     for name, change in variants.items():
         it = iter(packed_multimodal_batches(data.eval, data.tokenizer, cfg, data.stats, seed=1))

@@ -1,4 +1,5 @@
 """Plot loss and router-loss curves of a training run: python scripts/plot_metrics.py WORKDIR [--out FILE]"""
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,10 @@ def main() -> int:
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     steps = [r["step"] for r in train]
     for key in ("loss", "lm_loss", "mtp_loss"):

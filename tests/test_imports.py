@@ -1,5 +1,6 @@
 """Imports flow one way: no cycles among ernie_jax's modules, and no function-level import of one
 of its own modules (the usual way to hide a cycle) outside the few entry points that need one."""
+
 import ast
 import os
 
@@ -36,7 +37,7 @@ def _imports(mod: str, path: str, modules: dict) -> list[tuple[str, bool]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
             targets = subs if len(subs) == len(node.names) else [base] + subs
@@ -58,12 +59,12 @@ def test_no_import_cycles_and_no_late_imports_of_our_modules():
     assert not late, f"function-level imports of ernie_jax modules: {sorted(set(late))}"
     state, stack = {}, []
 
-    def visit(m):   # depth-first; a grey node met again closes a cycle
+    def visit(m):  # depth-first; a grey node met again closes a cycle
         state[m] = "grey"
         stack.append(m)
         for n in sorted(edges[m]):
             if state.get(n) == "grey":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
             if n not in state:
                 visit(n)
         stack.pop()

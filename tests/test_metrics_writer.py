@@ -1,5 +1,6 @@
 """The metrics writers: JSONL rows, TensorBoard, and the optional Weights & Biases run (a stand-in
 `wandb` module records the calls; nothing leaves the machine)."""
+
 import json
 import sys
 import types
@@ -40,7 +41,11 @@ def test_wandb_run_gets_config_scalars_and_is_resumed_by_id(tmp_path, fake_wandb
     run_id = (tmp_path / WANDB_ID_FILE).read_text()
     assert (init["project"], init["entity"], init["name"], init["id"]) == ("ernie", "lab", "exp1", run_id)
     assert init["config"] == {"train": {"steps": 4}} and init["resume"] == "allow"
-    assert fake_wandb[1] == ("log", 2, {"loss": 3.5, "expert_load_cv/layer0": 0.1, "expert_load_cv/layer1": 0.2})
+    assert fake_wandb[1] == (
+        "log",
+        2,
+        {"loss": 3.5, "expert_load_cv/layer0": 0.1, "expert_load_cv/layer1": 0.2},
+    )
     assert fake_wandb[2] == ("finish",)
     # a resumed run (same workdir) continues the same W&B run; rows after the resume point move aside
     w = MetricsWriter(str(tmp_path), log, resume_step=1, config={}, run_name="exp1")
@@ -51,7 +56,7 @@ def test_wandb_run_gets_config_scalars_and_is_resumed_by_id(tmp_path, fake_wandb
 
 
 def test_wandb_missing_is_one_line_naming_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)   # import wandb -> ImportError
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(ConfigError, match=r"log.wandb_project='ernie' needs the wandb package: pip install"):
         MetricsWriter(str(tmp_path), LogConfig(tensorboard=False, wandb_project="ernie"))
 

@@ -4,6 +4,7 @@ gs:// is served here by an in-memory fsspec filesystem (no network, no credentia
 writes there never appears on the local disk, and what it reads comes from there. Orbax writes its
 arrays through tensorstore's own GCS driver, which this stand-in does not cover; conversion
 exports are written locally first and uploaded, so they are covered end to end."""
+
 import importlib
 import json
 import os
@@ -44,13 +45,13 @@ class _GcsInMemory(MemoryFileSystem):
 
 @pytest.fixture
 def gcs(monkeypatch, tmp_path):
-    registry = importlib.import_module("fsspec.registry")._registry   # `fsspec.registry` is a read-only view
+    registry = importlib.import_module("fsspec.registry")._registry  # `fsspec.registry` is a read-only view
     monkeypatch.setitem(registry, "gcs", _GcsInMemory)
     monkeypatch.setenv("EPATH_USE_TF", "false")
     backend.fsspec_backend._get_filesystem.cache_clear()
     _GcsInMemory.store.clear()
     _GcsInMemory.pseudo_dirs[:] = [""]
-    monkeypatch.chdir(tmp_path)          # a gs:// path turned local would appear here as ./gs:/...
+    monkeypatch.chdir(tmp_path)  # a gs:// path turned local would appear here as ./gs:/...
     yield _GcsInMemory.store
     backend.fsspec_backend._get_filesystem.cache_clear()
     assert not os.path.exists(tmp_path / "gs:"), "a gs:// path was written to the local disk"
@@ -60,7 +61,7 @@ def test_workdir_metrics_and_summary_on_gs(gcs):
     run = "gs://bucket/runs/exp1"
     assert shown(run) == run and join(run, "checkpoints") == "gs://bucket/runs/exp1/checkpoints"
     check_workdir(run)
-    with WorkdirLock(run):   # no flock on an object store: not taken, nothing written
+    with WorkdirLock(run):  # no flock on an object store: not taken, nothing written
         pass
     w = MetricsWriter(run, LogConfig(tensorboard=False))
     for step in (1, 2, 3):
@@ -70,7 +71,10 @@ def test_workdir_metrics_and_summary_on_gs(gcs):
     assert [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3]
     # a resume from step 2 moves row 3 aside (an object store has no append: the file is rewritten)
     MetricsWriter(run, LogConfig(tensorboard=False), resume_step=2).close()
-    assert [json.loads(r)["step"] for r in as_path(join(run, "metrics.jsonl")).read_text().splitlines()] == [1, 2]
+    assert [json.loads(r)["step"] for r in as_path(join(run, "metrics.jsonl")).read_text().splitlines()] == [
+        1,
+        2,
+    ]
     assert json.loads(as_path(join(run, "metrics.superseded.jsonl")).read_text())["step"] == 3
     as_path(join(run, "stages.json")).write_text(json.dumps([{"stage": "text"}]))
     assert _read_summary(join(run, "stages.json")) == [{"stage": "text"}]
@@ -87,7 +91,9 @@ def test_data_and_tokenizer_read_from_gs(gcs):
     assert [r.decode() for p in paths for r in _text_records(p)] == ["in the beginning", "and the earth"]
     tok_dir = as_path("gs://bucket/tokenizer")
     tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "tokenizer.model").write_bytes(open(os.path.join(EMBEDDED_DIR, "tokenizer.model"), "rb").read())
+    (tok_dir / "tokenizer.model").write_bytes(
+        open(os.path.join(EMBEDDED_DIR, "tokenizer.model"), "rb").read()
+    )
     remote, local = Tokenizer("gs://bucket/tokenizer"), Tokenizer("embedded")
     assert remote.encode("let there be light") == local.encode("let there be light")
     as_path("gs://bucket/chat/sft.jsonl").write_bytes(open(EMBEDDED_CHAT, "rb").read())
@@ -104,12 +110,16 @@ def test_export_to_gs_uploads_the_finished_directory(gcs, tmp_path):
         os.makedirs(os.path.dirname(down / rel), exist_ok=True)
         (down / rel).write_bytes(as_path(join("gs://bucket/ours", rel)).read_bytes())
     ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
-    np.testing.assert_array_equal(load_pretrained(str(down))(ids).logits,
-                                  load_pretrained(str(tmp_path / "ours"))(ids).logits)
+    np.testing.assert_array_equal(
+        load_pretrained(str(down))(ids).logits, load_pretrained(str(tmp_path / "ours"))(ids).logits
+    )
     ernie_to_hf(str(tmp_path / "ours"), "gs://bucket/hf", quiet=True)
     ernie_to_hf(str(tmp_path / "ours"), str(tmp_path / "exported"), quiet=True)
     for rel in files_under(str(tmp_path / "exported")):
-        assert as_path(join("gs://bucket/hf", rel)).read_bytes() == open(tmp_path / "exported" / rel, "rb").read(), rel
+        assert (
+            as_path(join("gs://bucket/hf", rel)).read_bytes()
+            == open(tmp_path / "exported" / rel, "rb").read()
+        ), rel
     assert not [p for p in os.listdir(tmp_path) if ".partial-" in p or p.startswith(".ernie-convert-")]
     with pytest.raises(CheckpointError, match="already exists and is not empty"):
         ernie_to_hf(str(tmp_path / "ours"), "gs://bucket/hf", quiet=True)

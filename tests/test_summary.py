@@ -4,6 +4,7 @@ The model names round the counts: 0.36B is given to two digits; "21B"/"A3B" and 
 the report's names. We check the exact sums to 1% against the spec's derivation
 (ERNIE45_SPEC.md section 1) and that they agree with the published names at their precision.
 """
+
 import subprocess
 import sys
 
@@ -25,10 +26,10 @@ def test_0p3b():
 
 def test_21b_a3b():
     c = _counts("ernie45_21b_a3b")
-    assert c["total"] == pytest.approx(21.8e9, rel=0.01)       # spec: 20.4B experts + ... = 21.8B
-    assert int(c["total"] / 1e9) == 21                          # published "21B"
+    assert c["total"] == pytest.approx(21.8e9, rel=0.01)  # spec: 20.4B experts + ... = 21.8B
+    assert int(c["total"] / 1e9) == 21  # published "21B"
     assert c["active_non_embedding"] == pytest.approx(3.0e9, rel=0.03)
-    assert int(c["active_non_embedding"] / 1e9) == 3            # published "A3B"
+    assert int(c["active_non_embedding"] / 1e9) == 3  # published "A3B"
 
 
 def test_300b_a47b():
@@ -38,8 +39,12 @@ def test_300b_a47b():
 
 
 def test_cli_runs_without_allocation():
-    out = subprocess.run([sys.executable, "-m", "ernie_jax.summary", "--config", "configs/ernie45_300b_a47b.yaml"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "ernie_jax.summary", "--config", "configs/ernie45_300b_a47b.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "routed_experts" in out.stdout and "299.484B" in out.stdout
 

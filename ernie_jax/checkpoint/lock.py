@@ -6,6 +6,7 @@ process 0 of a multi-process run takes it (every process writes into the same wo
 object-store workdir (gs://) has no flock: there the lock is not taken (one job per workdir is
 then the job scheduler's promise, e.g. one xpk workload per run).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -37,11 +38,21 @@ class WorkdirLock:
         except OSError:
             holder = _holder(fd)
             os.close(fd)
-            raise ConfigError(f"--workdir {os.path.dirname(self.path)} is in use by another run ({holder}); "
-                              f"wait for it, stop it, or pass another --workdir") from None
+            raise ConfigError(
+                f"--workdir {os.path.dirname(self.path)} is in use by another run ({holder}); "
+                f"wait for it, stop it, or pass another --workdir"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            ).encode(),
+        )
         os.fsync(fd)
         self._fd = fd
         return self

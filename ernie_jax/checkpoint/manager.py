@@ -8,6 +8,7 @@ Bytes damaged in place (same sizes, no error from the reader) are caught by chec
 step's save has finished, `checksums.json` in it lists a CRC-32 per file, and restore checks
 them first. A step saved just before a crash may have none yet; it is loaded unchecked.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,20 +29,28 @@ CHECKSUMS = "checksums.json"
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
-        self.directory = shown(directory)   # absolute when local; a gs:// URL stays one
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "config"))
+        self.directory = shown(directory)  # absolute when local; a gs:// URL stays one
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "config")
+        )
 
     def steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
 
     def save(self, step: int, state, data_state: dict, config: dict) -> None:
         self._finish()
-        self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=True)
+        self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
 
     def saved_config(self, step: int) -> dict:
         """The resolved config saved with `step` (orbax's JSON item; no arrays are read)."""
@@ -50,8 +59,9 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - unreadable in any way means damaged
             config = None
         if not isinstance(config, dict):
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no readable config; "
-                                  f"it is damaged")
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} has no readable config; it is damaged"
+            )
         return config
 
     def newest_config(self, set_aside: bool = True) -> tuple[int, dict] | None:
@@ -69,17 +79,26 @@ class Checkpointer:
 
     def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
         """(step, state, data_state) of the newest loadable step, or None when there is none."""
-        _drop_closed_loop_reports()   # before the attempt: a failing restore reports while it unwinds
+        _drop_closed_loop_reports()  # before the attempt: a failing restore reports while it unwinds
         for step in reversed(self.steps()):
             try:
                 self._verify(step)
-                restored = self._mgr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                restored = self._mgr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
                 return step, restored["state"], restored["data"]
             except Exception as e:  # noqa: BLE001 - any damage means: fall back to an older step
                 aside = self._set_aside(step)
-                logging.warning("checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
-                                step, self.directory, _short(e), aside)
+                logging.warning(
+                    "checkpoint step %d in %s cannot be restored (%s); moved to %s, trying an older one",
+                    step,
+                    self.directory,
+                    _short(e),
+                    aside,
+                )
         return None
 
     def _set_aside(self, step: int) -> str:
@@ -144,10 +163,12 @@ def _drop_closed_loop_reports() -> None:
         if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
             return
         previous(report)
+
     hook._ernie_jax_filter = True
     sys.unraisablehook = hook
     logging_std.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in str(record.msg))
+        lambda record: "exception was never retrieved" not in str(record.msg)
+    )
 
 
 def _checksums(step_dir: str) -> dict[str, int]:
@@ -166,5 +187,6 @@ def _checksums(step_dir: str) -> dict[str, int]:
 
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) for restoring onto the current devices."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )

@@ -1,6 +1,7 @@
 """Starting one run from another's checkpoint: a subset of a train state (params and buffers of a
 training workdir's newest step, leaves the target lacks left out and counted) and the optimizer
 moments a stage keeps from the one before it."""
+
 from __future__ import annotations
 
 import jax
@@ -36,37 +37,50 @@ def restore_subset(step_dir: str, target: dict) -> tuple[dict, int]:
         for key in path[:-1]:
             node = node.setdefault(key.key, {})
         node[path[-1].key] = v
-    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                        subset)
+    args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), subset
+    )
     with ocp.PyTreeCheckpointer() as c:
-        got = c.restore(step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True))
+        got = c.restore(
+            step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True)
+        )
     return got, left_out
 
 
 def _merge(base: dict, update: dict) -> dict:
-    return {k: (_merge(v, update[k]) if isinstance(v, dict) and k in update else update.get(k, v))
-            for k, v in base.items()}
+    return {
+        k: (_merge(v, update[k]) if isinstance(v, dict) and k in update else update.get(k, v))
+        for k, v in base.items()
+    }
 
 
-def state_from_workdir(path: str, cfg: Config, state: dict, keys=("params", "buffers")) -> tuple[dict, int, int]:
+def state_from_workdir(
+    path: str, cfg: Config, state: dict, keys=("params", "buffers")
+) -> tuple[dict, int, int]:
     """Params and buffers (and optionally opt_state) of the newest checkpoint of a training workdir.
     Leaves the checkpoint lacks (e.g. the vision parts when a text stage feeds a VL stage) keep their
     fresh initialisation; returns (updated parts, leaves restored, source leaves left out)."""
     ckpt = Checkpointer(join(path, "checkpoints"), 1, False)
     newest = ckpt.newest_config(set_aside=False) if ckpt.steps() else None
     if newest is None:
-        raise CheckpointError(f"checkpoint.init_from={path} is a training workdir without "
-                              f"{'readable ' if ckpt.steps() else ''}checkpoints")
+        raise CheckpointError(
+            f"checkpoint.init_from={path} is a training workdir without "
+            f"{'readable ' if ckpt.steps() else ''}checkpoints"
+        )
     check_same_model(newest[1], cfg, path, "fix checkpoint.init_from", droppable=DROPPABLE)
     steps = [newest[0]]
-    target = {k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
-              for k in keys}
+    target = {
+        k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])
+        for k in keys
+    }
     step_dir = join(path, "checkpoints", str(steps[-1]), "state")
     try:
         got, left_out = restore_subset(step_dir, target)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-        raise CheckpointError(f"checkpoint.init_from={path}: step {steps[-1]} does not fit this model "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"checkpoint.init_from={path}: step {steps[-1]} does not fit this model "
+            f"({str(e).splitlines()[0]})"
+        ) from None
     n = len(jax.tree.leaves(got))
     return {k: _merge(state[k], got.get(k, {})) for k in keys}, n, left_out
 
@@ -76,18 +90,30 @@ def kept_optimizer_state(workdir: str, opt_state):
     reset, so the new stage's schedule starts from its own warmup. The structure must match: same
     model and trainable set."""
     steps = Checkpointer(join(workdir, "checkpoints"), 1, False).steps()
-    target = {"opt_state": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                        opt_state)}
-    args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-                        target)
+    target = {
+        "opt_state": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state
+        )
+    }
+    args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target
+    )
     try:
         with ocp.PyTreeCheckpointer() as c:
-            got = c.restore(join(workdir, "checkpoints", str(steps[-1]), "state"),
-                            args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True))
+            got = c.restore(
+                join(workdir, "checkpoints", str(steps[-1]), "state"),
+                args=ocp.args.PyTreeRestore(item=target, restore_args=args, partial_restore=True),
+            )
         restored = jax.tree.unflatten(jax.tree.structure(opt_state), jax.tree.leaves(got["opt_state"]))
     except (ValueError, KeyError, FileNotFoundError, TypeError, IndexError) as e:
-        raise CheckpointError(f"optimizer_state: keep needs the same model and trainable set as the previous stage "
-                              f"({str(e).splitlines()[0]}); use optimizer_state: reset") from None
-    return jax.tree.map(lambda x: x._replace(count=jnp.zeros_like(x.count))
-                        if isinstance(x, optax.ScaleByScheduleState) else x,
-                        restored, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        raise CheckpointError(
+            f"optimizer_state: keep needs the same model and trainable set as the previous stage "
+            f"({str(e).splitlines()[0]}); use optimizer_state: reset"
+        ) from None
+    return jax.tree.map(
+        lambda x: (
+            x._replace(count=jnp.zeros_like(x.count)) if isinstance(x, optax.ScaleByScheduleState) else x
+        ),
+        restored,
+        is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState),
+    )

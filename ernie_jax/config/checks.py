@@ -1,10 +1,21 @@
 """Cross-field config checks: each failure is one line that names the key and how to fix it."""
+
 from __future__ import annotations
 
 import re
 
-from ernie_jax.config.schema import (DROPPABLE, FREEZE_GROUPS, Config, StageConfig, _apply_override, from_dict,
-                                     is_moe_layer, layer_plan, shape_difference, to_dict)
+from ernie_jax.config.schema import (
+    DROPPABLE,
+    FREEZE_GROUPS,
+    Config,
+    StageConfig,
+    _apply_override,
+    from_dict,
+    is_moe_layer,
+    layer_plan,
+    shape_difference,
+    to_dict,
+)
 from ernie_jax.errors import CheckpointError, ConfigError
 from ernie_jax.precision.remat import CHECKPOINT_NAMES
 
@@ -17,67 +28,120 @@ def _require(ok: bool, msg: str) -> None:
 def check_config(cfg: Config) -> None:
     """Cross-field checks; each failure names the key and how to fix it."""
     m, e = cfg.model, cfg.moe
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                 "intermediate_size"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "intermediate_size",
+    ):
         _require(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
-    _require(m.num_heads % m.num_kv_heads == 0,
-             f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (GQA groups)")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (GQA groups)",
+    )
     _require(m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs)")
     _require(m.mtp_depth >= 0, f"model.mtp_depth={m.mtp_depth} must be >= 0")
     _require(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be positive")
     for n in m.remat_names:
-        _require(n in CHECKPOINT_NAMES, f"model.remat_names: {n!r} is not a checkpoint name; use {CHECKPOINT_NAMES}")
-    _require(m.remat != "named" or m.remat_names, "model.remat=named needs model.remat_names (e.g. [qkv, attn_out])")
+        _require(
+            n in CHECKPOINT_NAMES,
+            f"model.remat_names: {n!r} is not a checkpoint name; use {CHECKPOINT_NAMES}",
+        )
+    _require(
+        m.remat != "named" or m.remat_names,
+        "model.remat=named needs model.remat_names (e.g. [qkv, attn_out])",
+    )
     if e.num_experts:
         _require(e.num_experts > 0, f"moe.num_experts={e.num_experts} must be >= 0 (0 = dense model)")
-        _require(1 <= e.top_k <= e.num_experts,
-                 f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}")
+        _require(
+            1 <= e.top_k <= e.num_experts,
+            f"moe.top_k={e.top_k} must be between 1 and moe.num_experts={e.num_experts}",
+        )
         _require(e.intermediate_size > 0, "moe.intermediate_size must be set (> 0) when moe.num_experts > 0")
         _require(e.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0")
         _require(e.layer_interval >= 1, f"moe.layer_interval={e.layer_interval} must be >= 1")
         end = m.num_layers - 1 if e.layer_end == -1 else e.layer_end
-        _require(0 <= e.layer_start < m.num_layers,
-                 f"moe.layer_start={e.layer_start} must be in [0, model.num_layers={m.num_layers})")
-        _require(e.layer_start <= end < m.num_layers,
-                 f"moe.layer_end={e.layer_end} must be -1 or in [moe.layer_start, model.num_layers)")
-        _require(any(is_moe_layer(i, m.num_layers, e) for i in range(m.num_layers)),
-                 "moe.layer_start/layer_end/layer_interval select no MoE layer; widen the range")
+        _require(
+            0 <= e.layer_start < m.num_layers,
+            f"moe.layer_start={e.layer_start} must be in [0, model.num_layers={m.num_layers})",
+        )
+        _require(
+            e.layer_start <= end < m.num_layers,
+            f"moe.layer_end={e.layer_end} must be -1 or in [moe.layer_start, model.num_layers)",
+        )
+        _require(
+            any(is_moe_layer(i, m.num_layers, e) for i in range(m.num_layers)),
+            "moe.layer_start/layer_end/layer_interval select no MoE layer; widen the range",
+        )
         _require(e.capacity_factor > 0, f"moe.capacity_factor={e.capacity_factor} must be > 0")
         if e.group_orthogonal:
-            _require(e.num_experts % e.top_k == 0,
-                     f"moe.group_orthogonal needs moe.top_k={e.top_k} to divide moe.num_experts={e.num_experts}")
+            _require(
+                e.num_experts % e.top_k == 0,
+                f"moe.group_orthogonal needs moe.top_k={e.top_k} to divide moe.num_experts={e.num_experts}",
+            )
     if e.vision_num_experts:
         _require(e.num_experts > 0, "moe.vision_num_experts needs text experts too (moe.num_experts > 0)")
-        _require(e.vision_intermediate_size > 0,
-                 "moe.vision_intermediate_size must be set (> 0) when moe.vision_num_experts > 0")
+        _require(
+            e.vision_intermediate_size > 0,
+            "moe.vision_intermediate_size must be set (> 0) when moe.vision_num_experts > 0",
+        )
         vk = e.vision_top_k or e.top_k
-        _require(1 <= vk <= e.vision_num_experts,
-                 f"moe.vision_top_k={vk} must be between 1 and moe.vision_num_experts={e.vision_num_experts}")
-        _require(e.vision_capacity_factor >= 0, "moe.vision_capacity_factor must be >= 0 (0 = moe.capacity_factor)")
+        _require(
+            1 <= vk <= e.vision_num_experts,
+            f"moe.vision_top_k={vk} must be between 1 and moe.vision_num_experts={e.vision_num_experts}",
+        )
+        _require(
+            e.vision_capacity_factor >= 0, "moe.vision_capacity_factor must be >= 0 (0 = moe.capacity_factor)"
+        )
     v = cfg.vision
     if v.enabled:
-        _require(v.hidden_size % v.num_heads == 0,
-                 f"vision.num_heads={v.num_heads} must divide vision.hidden_size={v.hidden_size}")
-        _require((v.hidden_size // v.num_heads) % 4 == 0,
-                 "vision head dim (vision.hidden_size / vision.num_heads) must be a multiple of 4 (2D RoPE)")
+        _require(
+            v.hidden_size % v.num_heads == 0,
+            f"vision.num_heads={v.num_heads} must divide vision.hidden_size={v.hidden_size}",
+        )
+        _require(
+            (v.hidden_size // v.num_heads) % 4 == 0,
+            "vision head dim (vision.hidden_size / vision.num_heads) must be a multiple of 4 (2D RoPE)",
+        )
         _require(v.temporal_merge == 2, "vision.temporal_merge must be 2 (the adapter pairs frames)")
-        _require(0 <= v.rope_t_frequencies <= m.head_dim // 2 and (m.head_dim // 2 - v.rope_t_frequencies) % 2 == 0,
-                 f"vision.rope_t_frequencies={v.rope_t_frequencies} must leave an even number of the "
-                 f"{m.head_dim // 2} RoPE frequencies for h/w")
+        _require(
+            0 <= v.rope_t_frequencies <= m.head_dim // 2
+            and (m.head_dim // 2 - v.rope_t_frequencies) % 2 == 0,
+            f"vision.rope_t_frequencies={v.rope_t_frequencies} must leave an even number of the "
+            f"{m.head_dim // 2} RoPE frequencies for h/w",
+        )
         _require(e.vision_num_experts > 0, "vision.enabled needs vision experts: set moe.vision_num_experts")
-        for name in ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
-                     "video_start_token_id", "video_end_token_id"):
-            _require(0 <= getattr(v, name) < m.vocab_size,
-                     f"vision.{name}={getattr(v, name)} is outside the vocabulary (model.vocab_size={m.vocab_size}); "
-                     f"set it to an id below {m.vocab_size} or raise model.vocab_size")
+        for name in (
+            "image_token_id",
+            "image_start_token_id",
+            "image_end_token_id",
+            "video_token_id",
+            "video_start_token_id",
+            "video_end_token_id",
+        ):
+            _require(
+                0 <= getattr(v, name) < m.vocab_size,
+                f"vision.{name}={getattr(v, name)} is outside the vocabulary "
+                f"(model.vocab_size={m.vocab_size}); "
+                f"set it to an id below {m.vocab_size} or raise model.vocab_size",
+            )
     if cfg.precision.fp8 != "off" and cfg.precision.fp8_recipe == "delayed":
         _require(cfg.precision.fp8_amax_history >= 1, "precision.fp8_amax_history must be >= 1")
     for name in cfg.train.freeze:
-        _require(name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}")
-        _require(name not in ("vit", "adapter") or cfg.vision.enabled,
-                 f"train.freeze: {name!r} matches nothing in a text model (vision.enabled=false); remove it")
-        _require(name != "vision_experts" or e.vision_num_experts > 0,
-                 "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it")
+        _require(
+            name in FREEZE_GROUPS, f"train.freeze: {name!r} is not a parameter group; use {FREEZE_GROUPS}"
+        )
+        _require(
+            name not in ("vit", "adapter") or cfg.vision.enabled,
+            f"train.freeze: {name!r} matches nothing in a text model (vision.enabled=false); remove it",
+        )
+        _require(
+            name != "vision_experts" or e.vision_num_experts > 0,
+            "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it",
+        )
     o = cfg.optimizer
     _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
@@ -86,42 +150,62 @@ def check_config(cfg: Config) -> None:
     d = cfg.data
     _require(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
-    _require(0 <= d.eval_fraction < 1, f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (the share of "
-                                       f"samples held out for eval; 0 turns eval off)")
+    _require(
+        0 <= d.eval_fraction < 1,
+        f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (the share of "
+        f"samples held out for eval; 0 turns eval off)",
+    )
     _require(cfg.train.eval_interval >= 1, f"train.eval_interval={cfg.train.eval_interval} must be >= 1")
-    _require(cfg.train.eval_steps >= 1, f"train.eval_steps={cfg.train.eval_steps} must be >= 1 "
-                                        f"(set data.eval_fraction=0 to turn eval off)")
-    _require(d.seq_len <= m.max_position_embeddings,
-             f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(
+        cfg.train.eval_steps >= 1,
+        f"train.eval_steps={cfg.train.eval_steps} must be >= 1 (set data.eval_fraction=0 to turn eval off)",
+    )
+    _require(
+        d.seq_len <= m.max_position_embeddings,
+        f"data.seq_len={d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
+    )
     _require(cfg.dpo.beta > 0, f"dpo.beta={cfg.dpo.beta} must be > 0")
     _require(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing must be in [0, 0.5)")
     if d.kind == "multimodal":
-        _require(cfg.vision.enabled, "data.kind=multimodal needs a VL model: set vision.enabled=true (e.g. "
-                                     "configs/tiny_vl.yaml)")
-        _require(d.max_frames >= 2, f"data.max_frames={d.max_frames} must be >= 2 (frames are merged in pairs)")
-        _require(0 < d.image_min_pixels <= d.image_max_pixels,
-                 "data.image_min_pixels must be positive and <= data.image_max_pixels")
+        _require(
+            cfg.vision.enabled,
+            "data.kind=multimodal needs a VL model: set vision.enabled=true (e.g. configs/tiny_vl.yaml)",
+        )
+        _require(
+            d.max_frames >= 2, f"data.max_frames={d.max_frames} must be >= 2 (frames are merged in pairs)"
+        )
+        _require(
+            0 < d.image_min_pixels <= d.image_max_pixels,
+            "data.image_min_pixels must be positive and <= data.image_max_pixels",
+        )
     _require(cfg.train.steps >= 0, "train.steps must be >= 0")
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval must be >= 1")
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
     _require(cfg.log.interval >= 1, "log.interval must be >= 1")
-    _require(cfg.train.max_skipped_steps >= 1, f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 1 "
-                                                f"(non-finite steps in a row that stop the run)")
+    _require(
+        cfg.train.max_skipped_steps >= 1,
+        f"train.max_skipped_steps={cfg.train.max_skipped_steps} must be >= 1 "
+        f"(non-finite steps in a row that stop the run)",
+    )
     prof = cfg.train.profile_steps
-    _require(not prof or (len(prof) == 2 and 1 <= prof[0] <= prof[1]),
-             f"train.profile_steps={list(prof)} must be [first, last] with 1 <= first <= last, e.g. [10, 12]")
+    _require(
+        not prof or (len(prof) == 2 and 1 <= prof[0] <= prof[1]),
+        f"train.profile_steps={list(prof)} must be [first, last] with 1 <= first <= last, e.g. [10, 12]",
+    )
     names = [st.name for st in cfg.stages]
-    for name in names:   # a stage's name is a directory under the workdir: no separators, no '..'
-        _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None and ".." not in name,
-                 f"stages: name {name!r} must be a plain identifier (letters, digits, '_', '-', '.'; no '/' "
-                 f"or '..'), e.g. long_text")
+    for name in names:  # a stage's name is a directory under the workdir: no separators, no '..'
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) is not None and ".." not in name,
+            f"stages: name {name!r} must be a plain identifier (letters, digits, '_', '-', '.'; no '/' "
+            f"or '..'), e.g. long_text",
+        )
     _require(len(set(names)) == len(names), f"stages: names must be unique, got {names}")
     resolved = []
     for st in cfg.stages:
         _require(st.steps >= 1, f"stages[{st.name}].steps={st.steps} must be >= 1")
         for src in st.mixture:
             _require(src.weight > 0, f"stages[{st.name}].mixture: weights must be > 0")
-        resolved.append(to_dict(stage_config(cfg, st)))   # each stage's config must be valid on its own
+        resolved.append(to_dict(stage_config(cfg, st)))  # each stage's config must be valid on its own
     for k in range(1, len(resolved)):
         # a stage starts from the previous stage's params: their shapes must carry over (new parts such
         # as the vision tower may be switched on); found here, not after the previous stage trained
@@ -129,8 +213,10 @@ def check_config(cfg: Config) -> None:
         if diff is not None:
             key, old, new = diff
             prev, st = cfg.stages[k - 1].name, cfg.stages[k].name
-            raise ConfigError(f"stages[{st}] has {key}={new} but stage {prev} before it has {key}={old}: a stage "
-                              f"starts from the previous stage's params, so keep {key}={old} in both")
+            raise ConfigError(
+                f"stages[{st}] has {key}={new} but stage {prev} before it has {key}={old}: a stage "
+                f"starts from the previous stage's params, so keep {key}={old} in both"
+            )
     for axis in ("data", "fsdp", "context", "tensor", "expert", "pipeline"):
         size = getattr(cfg.mesh, axis)
         _require(size == -1 or size >= 1, f"mesh.{axis}={size} must be -1 (the rest) or >= 1")
@@ -141,39 +227,55 @@ def check_config(cfg: Config) -> None:
 def _validate_long_context(cfg: Config) -> None:
     m, c = cfg.model, cfg.mesh.context
     _require(c != -1, "mesh.context=-1 is not allowed: give the number of context shards explicitly")
-    _require(cfg.data.seq_len % (2 * c) == 0 or c == 1,
-             f"data.seq_len={cfg.data.seq_len} is not divisible by 2 x mesh.context = {2 * c} (each context "
-             f"shard holds two equal chunks of the sequence); change data.seq_len or mesh.context")
+    _require(
+        cfg.data.seq_len % (2 * c) == 0 or c == 1,
+        f"data.seq_len={cfg.data.seq_len} is not divisible by 2 x mesh.context = {2 * c} (each context "
+        f"shard holds two equal chunks of the sequence); change data.seq_len or mesh.context",
+    )
     for name in ("attention_block_q", "attention_block_kv", "logits_chunk"):
         _require(getattr(m, name) >= 0, f"model.{name}={getattr(m, name)} must be >= 0 (0: the default)")
     if m.attention == "splash":
         for name in ("attention_block_q", "attention_block_kv"):
-            _require(getattr(m, name) % 128 == 0,
-                     f"model.{name}={getattr(m, name)} must be a multiple of 128 for splash (TPU lanes)")
+            _require(
+                getattr(m, name) % 128 == 0,
+                f"model.{name}={getattr(m, name)} must be a multiple of 128 for splash (TPU lanes)",
+            )
 
 
 def _validate_pipeline(cfg: Config) -> None:
     pp, stages = cfg.pipeline, cfg.mesh.pipeline
     _require(stages != -1, "mesh.pipeline=-1 is not allowed: give the number of pipeline stages explicitly")
     _require(pp.repeats >= 1, f"pipeline.repeats={pp.repeats} must be >= 1")
-    _require(pp.microbatches >= 0, f"pipeline.microbatches={pp.microbatches} must be >= 0 (0 = mesh.pipeline)")
-    _require(pp.schedule == "circular" or pp.repeats == 1,
-             f"pipeline.repeats={pp.repeats} needs pipeline.schedule=circular (gpipe runs each stage once)")
+    _require(
+        pp.microbatches >= 0, f"pipeline.microbatches={pp.microbatches} must be >= 0 (0 = mesh.pipeline)"
+    )
+    _require(
+        pp.schedule == "circular" or pp.repeats == 1,
+        f"pipeline.repeats={pp.repeats} needs pipeline.schedule=circular (gpipe runs each stage once)",
+    )
     if stages == 1:
         return
     micro = pp.microbatches or stages
-    _require(pp.schedule == "gpipe" or micro >= stages,
-             f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
-             f"(a microbatch must leave the last stage before it re-enters the first)")
+    _require(
+        pp.schedule == "gpipe" or micro >= stages,
+        f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
+        f"(a microbatch must leave the last stage before it re-enters the first)",
+    )
     plan = layer_plan(cfg)
     size, what = plan.pipelined_depth, ("MoE units" if plan.pipelined_stack == "units" else "layers")
-    _require(size >= stages * pp.repeats,
-             f"the {size} pipelined {what} are fewer than mesh.pipeline x pipeline.repeats = "
-             f"{stages} x {pp.repeats} chunks; use fewer stages or repeats")
-    _require(cfg.data.batch_size % micro == 0,
-             f"data.batch_size={cfg.data.batch_size} is not divisible by pipeline.microbatches={micro}")
-    _require(cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
-             "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise")
+    _require(
+        size >= stages * pp.repeats,
+        f"the {size} pipelined {what} are fewer than mesh.pipeline x pipeline.repeats = "
+        f"{stages} x {pp.repeats} chunks; use fewer stages or repeats",
+    )
+    _require(
+        cfg.data.batch_size % micro == 0,
+        f"data.batch_size={cfg.data.batch_size} is not divisible by pipeline.microbatches={micro}",
+    )
+    _require(
+        cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
+        "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise",
+    )
 
 
 def validate(cfg: Config) -> None:
@@ -199,13 +301,16 @@ def stage_config(cfg: Config, stage: StageConfig) -> Config:
     return out
 
 
-def check_same_model(saved: dict, cfg: Config, where: str, fix: str = "use another --workdir",
-                     droppable: tuple = ()) -> None:
+def check_same_model(
+    saved: dict, cfg: Config, where: str, fix: str = "use another --workdir", droppable: tuple = ()
+) -> None:
     """A checkpoint whose parameter shapes differ from the config is refused before any compute.
     `droppable`: (section, field) pairs the target may set to 0 (a part it does not have, e.g. the
     MTP layers when SFT starts from a pretraining run)."""
     diff = shape_difference(saved, to_dict(cfg), droppable)
     if diff is not None:
         key, old, new = diff
-        raise CheckpointError(f"{where} holds a checkpoint with {key}={old}, but the config says {new}; "
-                              f"{fix} or set {key}={old}")
+        raise CheckpointError(
+            f"{where} holds a checkpoint with {key}={old}, but the config says {new}; "
+            f"{fix} or set {key}={old}"
+        )

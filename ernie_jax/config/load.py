@@ -1,7 +1,8 @@
 """Loading: YAML with `base:` inheritance, `--set a.b=c` overrides, then the checks.
 
-    cfg = load_config("configs/tiny_moe.yaml", overrides=["train.steps=10", "moe.top_k=2"])
+cfg = load_config("configs/tiny_moe.yaml", overrides=["train.steps=10", "moe.top_k=2"])
 """
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,18 @@ def _read_yaml_tree(path: str, seen: tuple[str, ...] = ()) -> dict:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+        raise ConfigError(
+            f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax"
+        ) from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping of sections (model:, moe:, ...), got {type(raw).__name__}")
-    if not raw:   # it would silently train the 360M-parameter defaults
-        raise ConfigError(f"config {path} is empty; give it sections (model:, data:, ...) or `base: tiny_moe.yaml` "
-                          f"to start from a shipped config")
+        raise ConfigError(
+            f"config {path} must be a mapping of sections (model:, moe:, ...), got {type(raw).__name__}"
+        )
+    if not raw:  # it would silently train the 360M-parameter defaults
+        raise ConfigError(
+            f"config {path} is empty; give it sections (model:, data:, ...) or `base: tiny_moe.yaml` "
+            f"to start from a shipped config"
+        )
     base = raw.pop("base", None)
     if base is None:
         return raw

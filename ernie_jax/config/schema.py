@@ -1,6 +1,7 @@
 """The config schema: typed, frozen dataclasses, their dict form (unknown keys and wrong types refused
 with one line) and `a.b=c` overrides; plus the pure rules derived from them (MoE placement, the
 decoder's layer plan, which fields shape the parameters)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ from ernie_jax.errors import ConfigError
 @dataclass(frozen=True)
 class ModelConfig:
     """Decoder shape and numerics (names follow the ERNIE 4.5 config.json where one exists)."""
+
     vocab_size: int = 103424
     hidden_size: int = 1024
     num_layers: int = 18
@@ -35,15 +37,19 @@ class ModelConfig:
     init_std: float = 0.02
     mtp_depth: int = 0  # multi-token-prediction layers (num_nextn_predict_layers)
     mtp_loss_weight: float = 0.1
-    remat: Literal["none", "full", "dots_saveable", "save_attention_out", "save_qkv_recompute_mlp", "named"] = "none"
+    remat: Literal[
+        "none", "full", "dots_saveable", "save_attention_out", "save_qkv_recompute_mlp", "named"
+    ] = "none"
     remat_names: tuple[str, ...] = ()  # with remat: named, e.g. [qkv, attn_out, expert_out]
     remat_offload: bool = False  # named activations go to host memory instead of being kept
     # attention backend (ernie_jax/ops/attention.py): auto = splash on TPU, cudnn on GPU, elsewhere
     # dense up to 512 keys and flash beyond; dense materialises S x S logits (the reference)
     attention: Literal["auto", "dense", "flash", "cudnn", "splash"] = "auto"
-    attention_block_q: int = 0      # query tile of flash / splash; 0: the backend's default
-    attention_block_kv: int = 0     # key/value tile; 0: the backend's default
-    attention_interpret: bool = False  # run the Pallas kernels (splash, GPU) in interpret mode: any platform, slow
+    attention_block_q: int = 0  # query tile of flash / splash; 0: the backend's default
+    attention_block_kv: int = 0  # key/value tile; 0: the backend's default
+    attention_interpret: bool = (
+        False  # run the Pallas kernels (splash, GPU) in interpret mode: any platform, slow
+    )
     # LM head + cross-entropy (and the MTP heads) over chunks of this many positions per sequence
     # shard, so [B, S, V] logits never exist at once; 0: the whole sequence in one piece
     logits_chunk: int = 2048
@@ -55,6 +61,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MoEConfig:
     """Routed experts; `num_experts: 0` makes every layer dense."""
+
     num_experts: int = 0
     top_k: int = 2
     intermediate_size: int = 0
@@ -85,15 +92,17 @@ class MoEConfig:
 class PrecisionConfig:
     """FP8 matmuls: `experts` (ERNIE's choice: routed-expert GEMMs) or `all_linear` (every Linear
     except router, embeddings and LM head)."""
+
     fp8: Literal["off", "experts", "all_linear"] = "off"
     fp8_recipe: Literal["current", "blockwise", "delayed"] = "current"
-    fp8_amax_history: int = 16   # delayed: steps of amax history per tensor
+    fp8_amax_history: int = 16  # delayed: steps of amax history per tensor
 
 
 @dataclass(frozen=True)
 class VisionConfig:
     """ViT encoder, adapter and the multimodal token ids (the VL model); disabled for text models.
     Defaults are ERNIE-4.5-VL's (ERNIE45_SPEC.md section 4)."""
+
     enabled: bool = False
     depth: int = 32
     hidden_size: int = 1280
@@ -117,12 +126,13 @@ class VisionConfig:
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh axis sizes; -1 means 'the remaining devices'."""
+
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
     pipeline: int = 1
-    context: int = 1   # sequence shards (context parallelism); data.seq_len must divide by 2 x context
+    context: int = 1  # sequence shards (context parallelism); data.seq_len must divide by 2 x context
 
 
 @dataclass(frozen=True)
@@ -130,9 +140,10 @@ class PipelineConfig:
     """Pipeline parallelism over `mesh.pipeline` stages (parallel/pipeline.py). The pipelined stack
     is the MoE units (dense models: all layers); leading dense layers, the last dense layers, the
     vision encoder, embeddings, head and MTP run outside it."""
+
     schedule: Literal["gpipe", "circular"] = "gpipe"
-    microbatches: int = 0   # per (accumulation) micro-batch; 0 = mesh.pipeline
-    repeats: int = 1        # circular: layer chunks per stage (each microbatch loops the stages this often)
+    microbatches: int = 0  # per (accumulation) micro-batch; 0 = mesh.pipeline
+    repeats: int = 1  # circular: layer chunks per stage (each microbatch loops the stages this often)
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,7 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    clip_norm: float = 1.0            # global-norm clipping; 0 turns it off
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
     router_lr_ratio: float = 0.01
     grad_accum_steps: int = 1
 
@@ -162,13 +173,13 @@ class DataConfig:
     max_doc_chars: int = 1_000_000
     # image-text data (multimodal JSONL, see ernie_jax/data/multimodal.py)
     kind: Literal["text", "multimodal", "chat", "preference"] = "text"
-    chat_mode: Literal["plain", "thinking", "no_thinking"] = "plain"   # chat / preference rendering
-    max_patches: int = 4096       # ViT patches per global batch (fixed shape; rows share it equally)
+    chat_mode: Literal["plain", "thinking", "no_thinking"] = "plain"  # chat / preference rendering
+    max_patches: int = 4096  # ViT patches per global batch (fixed shape; rows share it equally)
     max_images_per_row: int = 16
-    max_frames: int = 16          # video frames kept (uniformly sampled, even count)
+    max_frames: int = 16  # video frames kept (uniformly sampled, even count)
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 28 * 28 * 1280
-    image_min_side: int = 14      # smaller images are skipped and counted
+    image_min_side: int = 14  # smaller images are skipped and counted
 
 
 @dataclass(frozen=True)
@@ -204,12 +215,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     """Direct preference optimisation (data.kind=preference), ERNIE45_SPEC.md 6.2."""
+
     beta: float = 0.1
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0
-    normalize_logps: bool = True     # ERNIEKit: scale each side's log-prob sum to the pair's mean length
+    normalize_logps: bool = True  # ERNIEKit: scale each side's log-prob sum to the pair's mean length
     pref_loss_ratio: float = 1.0
-    sft_loss_ratio: float = 0.0      # + ratio * NLL of the chosen response
+    sft_loss_ratio: float = 0.0  # + ratio * NLL of the chosen response
     # copy: a frozen copy of the starting policy runs beside it; cached: one pass over the data before
     # training stores the reference log-probs (workdir/reference_logps.npz), no second model in memory
     reference: Literal["copy", "cached"] = "copy"
@@ -222,12 +234,13 @@ class LogConfig:
     # Weights & Biases (pip install -e '.[wandb]'): the project to log to; empty = off
     wandb_project: str = ""
     wandb_entity: str = ""
-    wandb_run_name: str = ""     # empty: the workdir's name
+    wandb_run_name: str = ""  # empty: the workdir's name
 
 
 @dataclass(frozen=True)
 class MixtureSource:
     """One data source of a stage's mixture; batches are drawn per step with probability ~ weight."""
+
     kind: Literal["text", "multimodal"] = "text"
     source: str = "embedded"
     weight: float = 1.0
@@ -238,6 +251,7 @@ class StageConfig:
     """One pretraining stage: its own steps, overrides of the base config (`set`: dotted key=value,
     e.g. data.seq_len, model.rope_theta, optimizer.*, train.freeze, vision.enabled), data mixture, and
     whether the optimizer state of the previous stage is kept (same model and trainable set only)."""
+
     name: str = "stage"
     steps: int = 100
     set: tuple[str, ...] = ()
@@ -259,10 +273,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    stages: tuple[StageConfig, ...] = ()   # multi-stage pretraining (trainers/stages.py); empty: one run
+    stages: tuple[StageConfig, ...] = ()  # multi-stage pretraining (trainers/stages.py); empty: one run
 
 
 # ----------------------------------------------------------------------------- dicts and overrides
+
 
 def from_dict(raw: dict) -> Config:
     """Build a Config from a nested dict, rejecting unknown keys and wrong types."""
@@ -368,10 +383,27 @@ FREEZE_GROUPS = ("vit", "adapter", "language_model", "vision_experts")
 
 
 # Fields whose change alters parameter shapes: a checkpoint of another value is another model.
-SHAPE_FIELDS = {"model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                          "intermediate_size", "tie_word_embeddings", "mtp_depth"),
-                "moe": ("num_experts", "intermediate_size", "num_shared_experts", "layer_start", "layer_end",
-                        "layer_interval")}
+SHAPE_FIELDS = {
+    "model": (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "tie_word_embeddings",
+        "mtp_depth",
+    ),
+    "moe": (
+        "num_experts",
+        "intermediate_size",
+        "num_shared_experts",
+        "layer_start",
+        "layer_end",
+        "layer_interval",
+    ),
+}
 
 
 # parts a run started from another run may leave out (SFT switches MTP off, as ERNIE does)
@@ -409,6 +441,7 @@ def is_moe_layer(i: int, num_layers: int, moe: MoEConfig) -> bool:
 @dataclass(frozen=True)
 class LayerPlan:
     """Counts of the three stacks; `locate(i)` -> (stack, unit, slot) for global layer i."""
+
     num_prefix: int
     num_units: int
     dense_per_unit: int
@@ -445,7 +478,8 @@ def pipelined_stack(has_units: bool) -> str:
 
 
 def layer_plan(cfg: Config) -> LayerPlan:
-    """The decoder's stacks (model/ernie.py): dense prefix, units of dense layers + one MoE layer, dense suffix."""
+    """The decoder's stacks (model/ernie.py): dense prefix, units of dense layers + one MoE layer,
+    dense suffix."""
     n = cfg.model.num_layers
     moe_ids = [i for i in range(n) if is_moe_layer(i, n, cfg.moe)]
     if not moe_ids:

@@ -1,4 +1,5 @@
 """python -m ernie_jax.convert hf-to-ernie SRC DST | ernie-to-hf SRC DST"""
+
 from __future__ import annotations
 
 import argparse
@@ -8,13 +9,17 @@ from ernie_jax.errors import ErnieJaxError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ernie_jax.convert",
-                                     description="Convert ERNIE 4.5 checkpoints between Hugging Face and ernie_jax.")
+    parser = argparse.ArgumentParser(
+        prog="python -m ernie_jax.convert",
+        description="Convert ERNIE 4.5 checkpoints between Hugging Face and ernie_jax.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-ernie", help="HF directory -> orbax checkpoint the trainer can start from")
     a.add_argument("src")
     a.add_argument("dst")
-    a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype recorded")
+    a.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype recorded"
+    )
     b = sub.add_parser("ernie-to-hf", help="ernie_jax checkpoint -> HF directory transformers can load")
     b.add_argument("src")
     b.add_argument("dst")
@@ -23,11 +28,14 @@ def main(argv=None) -> int:
         p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     from ernie_jax.convert import convert
+
     try:
         if args.command == "hf-to-ernie":
             convert.hf_to_ernie(args.src, args.dst, dtype=args.dtype, quiet=args.quiet)
         else:
-            convert.ernie_to_hf(args.src, args.dst, shard_bytes=int(args.shard_gb * (1 << 30)), quiet=args.quiet)
+            convert.ernie_to_hf(
+                args.src, args.dst, shard_bytes=int(args.shard_gb * (1 << 30)), quiet=args.quiet
+            )
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ about one tensor group rather than the whole model. Export writes shard by shard
 Destinations are written to a temporary sibling and renamed at the end: a failed conversion
 leaves nothing at DST.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,15 +79,19 @@ def read_hf_params(ckpt: HFCheckpoint, cfg: Config, scratch: str | None = None, 
             want = target[e.index].shape if e.index else target.shape
             if e.part >= 0:
                 if raw.ndim != 2 or raw.shape[0] != len(entries):
-                    raise CheckpointError(f"{ckpt.path}: tensor {key} has shape {raw.shape}, expected "
-                                          f"{(len(entries),) + tuple(want)} (one row per modality)")
+                    raise CheckpointError(
+                        f"{ckpt.path}: tensor {key} has shape {raw.shape}, expected "
+                        f"{(len(entries),) + tuple(want)} (one row per modality)"
+                    )
                 t = raw[e.part]
             else:
                 t = to_ours(raw, e.layout)
             if t.shape != want:
                 shown = raw.shape if e.part < 0 else raw.shape[1:]
-                raise CheckpointError(f"{ckpt.path}: tensor {key} has shape {tuple(shown)}, expected "
-                                      f"{to_hf(np.empty(want), e.layout).shape} for this config.json")
+                raise CheckpointError(
+                    f"{ckpt.path}: tensor {key} has shape {tuple(shown)}, expected "
+                    f"{to_hf(np.empty(want), e.layout).shape} for this config.json"
+                )
             if e.index:
                 target[e.index] = t
             else:
@@ -94,10 +99,15 @@ def read_hf_params(ckpt: HFCheckpoint, cfg: Config, scratch: str | None = None, 
             filled[id(target)] += 1
         if (n + 1) % 200 == 0:
             _log(f"  read {n + 1}/{len(table)} tensors", quiet)
-    unfilled = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(params)
-                if filled[id(v)] == 0 and not p[-1].key == "correction_bias"]
+    unfilled = [
+        jax.tree_util.keystr(p)
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if filled[id(v)] == 0 and not p[-1].key == "correction_bias"
+    ]
     if unfilled:
-        raise CheckpointError(f"{ckpt.path}: no tensor filled {unfilled[0]}; the checkpoint does not match its config")
+        raise CheckpointError(
+            f"{ckpt.path}: no tensor filled {unfilled[0]}; the checkpoint does not match its config"
+        )
     return params
 
 
@@ -127,14 +137,21 @@ def model_from_params(cfg: Config, params: dict) -> ErnieForCausalLM:
     return nnx.merge(graphdef, state)
 
 
-def save_pretrained(model: ErnieForCausalLM, path: str, shard_bytes: int = 2 << 30, quiet: bool = True) -> None:
+def save_pretrained(
+    model: ErnieForCausalLM, path: str, shard_bytes: int = 2 << 30, quiet: bool = True
+) -> None:
     """Write `model` as a Hugging Face directory (config.json + sharded safetensors + index)."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     write_hf(model.cfg, params, path, shard_bytes=shard_bytes, quiet=quiet)
 
 
-def write_hf(cfg: Config, params: dict | Callable[[tuple], np.ndarray], path: str, shard_bytes: int = 2 << 30,
-             quiet: bool = True) -> None:
+def write_hf(
+    cfg: Config,
+    params: dict | Callable[[tuple], np.ndarray],
+    path: str,
+    shard_bytes: int = 2 << 30,
+    quiet: bool = True,
+) -> None:
     """Write the HF layout shard by shard. `params` is a pure dict or a loader path -> array; with a
     loader, tensors are written grouped by param so only one param (e.g. one stacked expert
     projection) is in memory at a time."""
@@ -143,15 +160,17 @@ def write_hf(cfg: Config, params: dict | Callable[[tuple], np.ndarray], path: st
     else:
         shapes, leaf = params, (lambda p: _get(params, p))
     full = key_table(cfg)
-    table = sorted((e for e in full if e.part < 0), key=lambda e: e.path)   # stable: layer order within a param
-    parted = [e for e in full if e.part >= 0]   # small rows of a shared tensor (VL biases): written last
+    table = sorted(
+        (e for e in full if e.part < 0), key=lambda e: e.path
+    )  # stable: layer order within a param
+    parted = [e for e in full if e.part >= 0]  # small rows of a shared tensor (VL biases): written last
     with _atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
         groups, current, size = [], [], 0
         for e in table:
             target = _get(shapes, e.path)
-            nbytes = int(np.prod(target.shape[len(e.index):])) * np.dtype(target.dtype).itemsize
+            nbytes = int(np.prod(target.shape[len(e.index) :])) * np.dtype(target.dtype).itemsize
             if current and size + nbytes > shard_bytes:
                 groups.append(current)
                 current, size = [], 0
@@ -160,7 +179,11 @@ def write_hf(cfg: Config, params: dict | Callable[[tuple], np.ndarray], path: st
         groups.append(current + parted)
         weight_map, total = {}, 0
         for i, group in enumerate(groups):
-            name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 else "model.safetensors"
+            name = (
+                f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                if len(groups) > 1
+                else "model.safetensors"
+            )
             tensors, parts = {}, {}
             for e in group:
                 target = leaf(e.path)
@@ -211,16 +234,20 @@ class _atomic_dir:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-            if isinstance(exc, OSError):   # disk full, quota, a read-only mount appearing mid-write
-                raise CheckpointError(f"cannot write {self.path} ({exc.strerror or exc}); nothing was written "
-                                      f"there: free space or choose another destination") from None
+            if isinstance(exc, OSError):  # disk full, quota, a read-only mount appearing mid-write
+                raise CheckpointError(
+                    f"cannot write {self.path} ({exc.strerror or exc}); nothing was written "
+                    f"there: free space or choose another destination"
+                ) from None
             return False
         if is_remote(self.path):
             try:
                 last = ("config.json", CONFIG_FILE)
                 for rel in sorted(files_under(self.tmp), key=lambda r: r in last):
                     as_path(join(self.path, rel)).parent.mkdir(parents=True, exist_ok=True)
-                    as_path(join(self.path, rel)).write_bytes(as_path(os.path.join(self.tmp, rel)).read_bytes())
+                    as_path(join(self.path, rel)).write_bytes(
+                        as_path(os.path.join(self.tmp, rel)).read_bytes()
+                    )
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             return False
@@ -236,30 +263,37 @@ def check_destination(path: str) -> None:
     if is_remote(path):
         dest = as_path(path)
         if dest.exists() and (not dest.is_dir() or any(True for _ in dest.iterdir())):
-            raise CheckpointError(f"destination {path} already exists and is not empty; choose a new directory")
+            raise CheckpointError(
+                f"destination {path} already exists and is not empty; choose a new directory"
+            )
         try:
             probe = as_path(join(path, ".write-probe"))
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise CheckpointError(f"destination {path}: cannot write there ({e}); check the bucket and its "
-                                  f"permissions") from None
+            raise CheckpointError(
+                f"destination {path}: cannot write there ({e}); check the bucket and its permissions"
+            ) from None
         return
     path = os.path.abspath(path)
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise CheckpointError(f"destination {path} already exists and is not empty; choose a new directory")
     parent = os.path.dirname(path)
     if os.path.isfile(parent):
-        raise CheckpointError(f"destination {path}: {parent} is a file, not a directory; choose another destination")
+        raise CheckpointError(
+            f"destination {path}: {parent} is a file, not a directory; choose another destination"
+        )
     try:
         os.makedirs(parent, exist_ok=True)
-        tempfile.TemporaryFile(dir=parent).close()   # os.access is not enough: root on a read-only mount
+        tempfile.TemporaryFile(dir=parent).close()  # os.access is not enough: root on a read-only mount
     except OSError as e:
-        raise CheckpointError(f"destination {path}: cannot write in {parent} ({e.strerror or e}); choose a "
-                              f"writable directory") from None
+        raise CheckpointError(
+            f"destination {path}: cannot write in {parent} ({e.strerror or e}); choose a writable directory"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- orbax side
+
 
 def _read_our_config(path: str, dtype: str | None = None) -> Config:
     file = join(path, CONFIG_FILE)
@@ -270,9 +304,11 @@ def _read_our_config(path: str, dtype: str | None = None) -> Config:
         if dtype:
             raw.setdefault("model", {})["dtype"] = dtype
         return from_dict(raw)
-    except (OSError, ValueError) as e:   # ConfigError is a ValueError: it names the bad key
-        raise CheckpointError(f"{file} is unreadable or invalid ({e}); it was written by hf-to-ernie or the "
-                              f"trainer: convert again") from None
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError: it names the bad key
+        raise CheckpointError(
+            f"{file} is unreadable or invalid ({e}); it was written by hf-to-ernie or the "
+            f"trainer: convert again"
+        ) from None
 
 
 def _leaf_dir(path: str, param_path) -> str:
@@ -284,6 +320,7 @@ def save_params(path: str, cfg: Config, params: dict, quiet: bool = True) -> Non
     orbax checkpoint under params/<dotted.path>, written one after another, so saving never holds
     more than one param's serialization buffers (a whole-tree orbax save copies every array)."""
     import orbax.checkpoint as ocp
+
     with _atomic_dir(path) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             for param_path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -297,11 +334,14 @@ def save_params(path: str, cfg: Config, params: dict, quiet: bool = True) -> Non
 def restore_params(path: str, cfg: Config, shardings: Callable | None = None) -> dict:
     """Restore the pure param dict saved by `save_params` (onto `shardings(path, leaf)` if given)."""
     import orbax.checkpoint as ocp
+
     _, state = abstract_state(cfg)
     target = nnx.to_pure_dict(state)
     if not as_path(join(path, PARAMS_DIR)).is_dir():
-        raise CheckpointError(f"{path} has no {PARAMS_DIR}/ directory: convert it with "
-                              f"`python -m ernie_jax.convert hf-to-ernie`")
+        raise CheckpointError(
+            f"{path} has no {PARAMS_DIR}/ directory: convert it with "
+            f"`python -m ernie_jax.convert hf-to-ernie`"
+        )
 
     def restore(param_path, leaf):
         sharding = shardings(param_path, leaf) if shardings is not None else None
@@ -310,8 +350,11 @@ def restore_params(path: str, cfg: Config, shardings: Callable | None = None) ->
             with ocp.StandardCheckpointer() as ckptr:
                 return ckptr.restore(_leaf_dir(path, param_path), {"value": want})["value"]
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{path}: param {jax.tree_util.keystr(param_path)} is missing or does not match "
-                                  f"{CONFIG_FILE} ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{path}: param {jax.tree_util.keystr(param_path)} is missing or does not match "
+                f"{CONFIG_FILE} ({str(e).splitlines()[0]})"
+            ) from None
+
     return jax.tree_util.tree_map_with_path(restore, target)
 
 
@@ -334,7 +377,9 @@ def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False)
 def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = False) -> Config:
     """orbax params checkpoint (from hf-to-ernie or training) -> HF directory, one param at a time."""
     if not as_path(join(src, CONFIG_FILE)).is_file():
-        raise CheckpointError(f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer")
+        raise CheckpointError(
+            f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer"
+        )
     cfg = _read_our_config(src)
     check_destination(dst)
     _log(f"exporting {src} -> {dst}", quiet)
@@ -345,13 +390,17 @@ def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = Fa
 def restore_param(path: str, param_path: tuple[str, ...]) -> np.ndarray:
     """One param of a `save_params` checkpoint as numpy, without reading the others."""
     import orbax.checkpoint as ocp
+
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(_leaf_dir(path, param_path), args=ocp.args.PyTreeRestore(
-                restore_args={"value": ocp.RestoreArgs(restore_type=np.ndarray)}))
+            out = ckptr.restore(
+                _leaf_dir(path, param_path),
+                args=ocp.args.PyTreeRestore(restore_args={"value": ocp.RestoreArgs(restore_type=np.ndarray)}),
+            )
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path}: cannot read param {'.'.join(param_path)} ({str(e).splitlines()[0]})") \
-            from None
+        raise CheckpointError(
+            f"{path}: cannot read param {'.'.join(param_path)} ({str(e).splitlines()[0]})"
+        ) from None
     return out["value"]
 
 
@@ -361,15 +410,17 @@ def params_from_pretrained(path: str, cfg: Config, params: dict, buffers: dict |
     if as_path(join(path, CONFIG_FILE)).is_file():
         check_same_model(to_dict(_read_our_config(path)), cfg, path, "fix checkpoint.init_from")
         loaded = restore_params(path, cfg)
-    elif is_remote(path) or os.path.isfile(os.path.join(path, "config.json")):   # HFCheckpoint: local only
+    elif is_remote(path) or os.path.isfile(os.path.join(path, "config.json")):  # HFCheckpoint: local only
         ckpt = HFCheckpoint(path)
         check_same_model(to_dict(_hf_config(ckpt, cfg.model.dtype)), cfg, path, "fix checkpoint.init_from")
         loaded = read_hf_params(ckpt, cfg)
     else:
-        raise CheckpointError(f"checkpoint.init_from={path} is neither a training workdir, an ernie_jax (hf-to-ernie) "
-                              f"nor a Hugging Face directory")
+        raise CheckpointError(
+            f"checkpoint.init_from={path} is neither a training workdir, an ernie_jax (hf-to-ernie) "
+            f"nor a Hugging Face directory"
+        )
     _, loaded_params, loaded_buffers = nnx.split(model_from_params(cfg, loaded), nnx.Param, ...)
-    place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)  # noqa: E731
+    place = lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding)
     out = jax.tree.map(place, nnx.to_pure_dict(loaded_params), params)
     if buffers is None:
         return out

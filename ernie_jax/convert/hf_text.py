@@ -4,6 +4,7 @@ One table (`key_table`) lists every HF tensor with the ernie_jax param it fills:
 pure state dict, an index into the stacked axes, and a layout change. Import and export both walk
 that table, so the two directions cannot disagree. Keys follow ERNIE45_SPEC.md section 8.1.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ TEXT_MODEL_TYPES = ("ernie4_5", "ernie4_5_moe")
 
 # ----------------------------------------------------------------------------- configs
 
+
 def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.json") -> Config:
     """Build our Config (model + moe[, vision]) from an ERNIE 4.5 config.json; a missing key or a
     value of the wrong type is one CheckpointError naming it."""
@@ -38,11 +40,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.js
         return cfg
     except CheckpointError:
         raise
-    except ConfigError as e:   # from the round trip or the cross-field checks: names our key
+    except ConfigError as e:  # from the round trip or the cross-field checks: names our key
         raise CheckpointError(f"{source} describes an invalid model ({e}); fix config.json") from None
     except KeyError as e:
-        raise CheckpointError(f"{source} has no {e.args[0]!r}, which an ERNIE 4.5 config.json needs; "
-                              f"re-download it or add the key") from None
+        raise CheckpointError(
+            f"{source} has no {e.args[0]!r}, which an ERNIE 4.5 config.json needs; "
+            f"re-download it or add the key"
+        ) from None
     except (TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{source} holds a value of the wrong type ({e}); fix config.json") from None
 
@@ -50,31 +54,45 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", source: str = "config.js
 def _text_config_from_hf(hf: dict, *, dtype: str, source: str) -> Config:
     mt = hf.get("model_type")
     if mt not in TEXT_MODEL_TYPES:
-        raise CheckpointError(f"{source}: model_type {mt!r} is not an ERNIE 4.5 text model "
-                              f"(expected one of {', '.join(TEXT_MODEL_TYPES)})")
+        raise CheckpointError(
+            f"{source}: model_type {mt!r} is not an ERNIE 4.5 text model "
+            f"(expected one of {', '.join(TEXT_MODEL_TYPES)})"
+        )
     rope = hf.get("rope_parameters") or {}
     theta = float(rope.get("rope_theta", hf.get("rope_theta", 500000.0)))
     heads = hf["num_attention_heads"]
     model = ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, intermediate_size=hf["intermediate_size"],
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=theta,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf["intermediate_size"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+        rope_theta=theta,
         max_position_embeddings=hf.get("max_position_embeddings", 131072),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), dtype=dtype,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        dtype=dtype,
         mtp_depth=int(hf.get("num_nextn_predict_layers", 0) or 0),
-        pad_token_id=hf.get("pad_token_id") or 0, bos_token_id=hf.get("bos_token_id") or 1,
-        eos_token_id=first_of(hf.get("eos_token_id"), 2), init_std=hf.get("initializer_range", 0.02))
+        pad_token_id=hf.get("pad_token_id") or 0,
+        bos_token_id=hf.get("bos_token_id") or 1,
+        eos_token_id=first_of(hf.get("eos_token_id"), 2),
+        init_std=hf.get("initializer_range", 0.02),
+    )
     moe = MoEConfig()
     if mt == "ernie4_5_moe":
         experts = first_of(hf.get("moe_num_experts"), 0)
         moe = MoEConfig(
-            num_experts=experts, top_k=hf.get("moe_k", 2),
+            num_experts=experts,
+            top_k=hf.get("moe_k", 2),
             intermediate_size=first_of(hf.get("moe_intermediate_size"), 0),
             num_shared_experts=hf.get("moe_num_shared_experts", 0) or 0,
             layer_start=first_of(hf.get("moe_layer_start_index"), 1, min),
             layer_end=first_of(hf.get("moe_layer_end_index"), -1, max),
-            layer_interval=hf.get("moe_layer_interval", 1), norm_min=hf.get("moe_norm_min", 1e-12))
+            layer_interval=hf.get("moe_layer_interval", 1),
+            norm_min=hf.get("moe_norm_min", 1e-12),
+        )
     return Config(model=model, moe=moe)
 
 
@@ -84,22 +102,42 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.vision.enabled:
         return config_to_hf_vl(cfg)
     hf = {
-        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
-        "intermediate_size": m.intermediate_size, "rms_norm_eps": m.rms_norm_eps, "hidden_act": "silu",
-        "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_word_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta}, "rope_theta": m.rope_theta,
-        "use_bias": False, "pad_token_id": m.pad_token_id, "bos_token_id": m.bos_token_id,
-        "eos_token_id": m.eos_token_id, "initializer_range": m.init_std, "dtype": "float32",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.head_dim,
+        "intermediate_size": m.intermediate_size,
+        "rms_norm_eps": m.rms_norm_eps,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_position_embeddings,
+        "tie_word_embeddings": m.tie_word_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_theta": m.rope_theta,
+        "use_bias": False,
+        "pad_token_id": m.pad_token_id,
+        "bos_token_id": m.bos_token_id,
+        "eos_token_id": m.eos_token_id,
+        "initializer_range": m.init_std,
+        "dtype": "float32",
         "num_nextn_predict_layers": m.mtp_depth,
     }
     if e.num_experts:
         end = m.num_layers - 1 if e.layer_end == -1 else e.layer_end
-        hf.update(model_type="ernie4_5_moe", architectures=["Ernie4_5_MoeForCausalLM"], moe_num_experts=e.num_experts,
-                  moe_k=e.top_k, moe_intermediate_size=e.intermediate_size,
-                  moe_num_shared_experts=e.num_shared_experts, moe_layer_start_index=e.layer_start,
-                  moe_layer_end_index=end, moe_layer_interval=e.layer_interval, moe_norm_min=e.norm_min,
-                  moe_use_aux_free=True)
+        hf.update(
+            model_type="ernie4_5_moe",
+            architectures=["Ernie4_5_MoeForCausalLM"],
+            moe_num_experts=e.num_experts,
+            moe_k=e.top_k,
+            moe_intermediate_size=e.intermediate_size,
+            moe_num_shared_experts=e.num_shared_experts,
+            moe_layer_start_index=e.layer_start,
+            moe_layer_end_index=end,
+            moe_layer_interval=e.layer_interval,
+            moe_norm_min=e.norm_min,
+            moe_use_aux_free=True,
+        )
     else:
         hf.update(model_type="ernie4_5", architectures=["Ernie4_5ForCausalLM"])
     return hf
@@ -137,11 +175,17 @@ def _layer_entries(prefix: str, path: tuple, index: tuple, moe: bool, cfg: Confi
             yield Entry(f"{prefix}.mlp.experts.{e}.{p}.weight", mlp + ("experts", p), index + (e,), "T")
     for e in range(cfg.moe.vision_num_experts):
         for p in _FFN:
-            yield Entry(f"{prefix}.mlp.experts.{cfg.moe.num_experts + e}.{p}.weight", mlp + ("vision_experts", p),
-                        index + (e,), "T")
+            yield Entry(
+                f"{prefix}.mlp.experts.{cfg.moe.num_experts + e}.{p}.weight",
+                mlp + ("vision_experts", p),
+                index + (e,),
+                "T",
+            )
     if cfg.moe.num_shared_experts:
         for p in _FFN:
-            yield Entry(f"{prefix}.mlp.shared_experts.{p}.weight", mlp + ("shared_experts", p, "kernel"), index, "T")
+            yield Entry(
+                f"{prefix}.mlp.shared_experts.{p}.weight", mlp + ("shared_experts", p, "kernel"), index, "T"
+            )
 
 
 def key_table(cfg: Config) -> list[Entry]:
@@ -180,13 +224,16 @@ def to_hf(t: np.ndarray, layout: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- reading a HF directory
 
+
 class HFCheckpoint:
     """A Hugging Face model directory: config.json + model.safetensors or sharded + index json."""
 
     def __init__(self, path: str):
-        if is_remote(path):   # safetensors are memory-mapped: they must be on a local disk
-            raise CheckpointError(f"{path}: a Hugging Face directory is read memory-mapped from local disk; copy it "
-                                  f"first (e.g. gcloud storage cp -r {path} /tmp/) and pass the local copy")
+        if is_remote(path):  # safetensors are memory-mapped: they must be on a local disk
+            raise CheckpointError(
+                f"{path}: a Hugging Face directory is read memory-mapped from local disk; copy it "
+                f"first (e.g. gcloud storage cp -r {path} /tmp/) and pass the local copy"
+            )
         self.path = path
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
@@ -216,7 +263,9 @@ class HFCheckpoint:
         if name not in self._files:
             full = os.path.join(self.path, name)
             if not os.path.isfile(full):
-                raise CheckpointError(f"shard {full} named in the index is missing; re-download the checkpoint")
+                raise CheckpointError(
+                    f"shard {full} named in the index is missing; re-download the checkpoint"
+                )
             self._files[name] = SafetensorsFile(full)
         return self._files[name]
 

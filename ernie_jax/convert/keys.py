@@ -1,5 +1,6 @@
 """What both conversion directions and both model families share: one row of a key table (an HF
 tensor <-> the ernie_jax param it fills) and the config-value helper for list-or-scalar fields."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ import dataclasses
 class Entry:
     """HF tensor `key` <-> param at `path`[index]; layout: 'copy' | 'T' (transpose) | 'row' ([1,E] <-> [E]).
     `part` >= 0: the param is row `part` of the HF tensor (the VL bias [2, E] feeds two routers)."""
+
     key: str
     path: tuple[str, ...]
     index: tuple[int, ...]

@@ -15,6 +15,7 @@ The two markers map to single tokens when the tokenizer has them (ERNIE's does),
 Message content is a string or a list of segments ({"text"}, {"image": path}, {"video": [paths]});
 a top-level "images" list is put in front of the first user message.
 """
+
 from __future__ import annotations
 
 from ernie_jax.data.tokenizer import EMBEDDED_DIR
@@ -69,7 +70,7 @@ def render_prompt(messages: list, mode: str, begin: int, images=()) -> list[dict
                 first_user = False
             segs += _segments(m.get("content", ""), False) + [{"text": "\n", "train": False}]
         else:
-            raise ChatError("bad_role")   # assistant turns inside a prompt are rendered by render_chat
+            raise ChatError("bad_role")  # assistant turns inside a prompt are rendered by render_chat
     segs.append({"text": "Assistant: ", "train": False})
     if mode == "no_thinking":
         segs.append({"text": "<think>\n\n</think>\n\n", "train": False})
@@ -96,12 +97,12 @@ def render_chat(messages: list, mode: str, begin: int, end: int, images=()) -> l
     if not isinstance(messages, list):
         raise ChatError("bad_json")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
-        raise ChatError("no_reply")   # nothing to train on
+        raise ChatError("no_reply")  # nothing to train on
     segs, pending = [], []
     for m in messages:
         if isinstance(m, dict) and m.get("role") == "assistant":
             prompt = render_prompt(pending, mode, begin, images if not segs else ())
-            segs += prompt if not segs else prompt[1:]   # one begin marker per conversation
+            segs += prompt if not segs else prompt[1:]  # one begin marker per conversation
             segs += render_answer(m, mode, end)
             pending = []
         else:

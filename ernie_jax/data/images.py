@@ -4,6 +4,7 @@ decode -> RGB -> smart resize (both sides multiples of patch * merge = 28, pixel
 [min_pixels, max_pixels], aspect ratio kept) -> bicubic resize -> scale to [0, 1] -> CLIP mean/std
 -> patches [n, C * 14 * 14] ordered by 2x2 merge windows (the order the ViT and adapter expect).
 """
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,9 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says why (the pipeline skips and counts it)."""
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 6177) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 6177
+) -> tuple[int, int]:
     """Target (h, w): multiples of `factor`, h*w in [min_pixels, max_pixels], aspect ratio kept
     (the rule ERNIE-VL / Qwen2-VL processors use)."""
     if max(height, width) / min(height, width) > 200:
@@ -45,6 +47,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 def load_rgb(path: str, min_side: int = 1):
     """Decode PNG/JPEG/... into an RGB PIL image; ImageError for unreadable, odd-mode or tiny ones."""
     from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(io.BytesIO(as_path(path).read_bytes()) if is_remote(path) else path) as im:
             im.load()
@@ -63,18 +66,28 @@ def patchify(pixels: np.ndarray, patch: int = 14, merge: int = 2) -> np.ndarray:
     t, h, w, c = pixels.shape
     gh, gw = h // patch, w // patch
     x = pixels.reshape(t, gh // merge, merge, patch, gw // merge, merge, patch, c)
-    x = x.transpose(0, 1, 4, 2, 5, 7, 3, 6)          # t, wh, ww, mh, mw, c, ph, pw
+    x = x.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # t, wh, ww, mh, mw, c, ph, pw
     return np.ascontiguousarray(x.reshape(t * gh * gw, c * patch * patch))
 
 
-def preprocess_frames(images: Sequence, *, patch: int = 14, merge: int = 2, min_pixels: int = 56 * 56,
-                      max_pixels: int = 28 * 28 * 6177) -> tuple[np.ndarray, tuple[int, int, int]]:
+def preprocess_frames(
+    images: Sequence,
+    *,
+    patch: int = 14,
+    merge: int = 2,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 6177,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """PIL RGB frames (one for an image) -> (patches [t*gh*gw, 3*p*p] float32, grid (t, gh, gw)).
     All frames take the first frame's target size."""
     from PIL import Image
+
     w0, h0 = images[0].size
     h, w = smart_resize(h0, w0, patch * merge, min_pixels, max_pixels)
-    arr = np.stack([np.asarray(im.resize((w, h), Image.Resampling.BICUBIC), np.float32) for im in images]) / 255.0
+    arr = (
+        np.stack([np.asarray(im.resize((w, h), Image.Resampling.BICUBIC), np.float32) for im in images])
+        / 255.0
+    )
     arr = (arr - CLIP_MEAN) / CLIP_STD
     return patchify(arr, patch, merge), (len(images), h // patch, w // patch)
 

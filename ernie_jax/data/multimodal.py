@@ -14,6 +14,7 @@ the fixed-shape index arrays of `vision_layout`. The loss covers text targets on
 Unreadable images, odd channel layouts, images below the minimum side, missing files and samples
 too long for a row are skipped, counted (`MultimodalStats`) and warned about with the path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,17 +42,18 @@ VISION_KEYS = ("patches", "patch_hw", "frame_ids", "pair_first", "pair_second", 
 @dataclasses.dataclass
 class MultimodalStats:
     """Counts of skipped samples by reason (thread-safe; grain may map in threads)."""
+
     samples: int = 0
     bad_json: int = 0
     bad_image: int = 0
     missing_file: int = 0
     too_long: int = 0
-    bad_role: int = 0           # chat: unknown role, or a system message after the first
-    no_reply: int = 0           # chat: a conversation without an assistant reply
+    bad_role: int = 0  # chat: unknown role, or a system message after the first
+    no_reply: int = 0  # chat: a conversation without an assistant reply
     empty_response: int = 0
-    same_pair: int = 0          # preference: chosen == rejected
+    same_pair: int = 0  # preference: chosen == rejected
     vision_in_text_model: int = 0
-    missing_at_start: int = 0   # samples naming an image file that did not exist when the data was read
+    missing_at_start: int = 0  # samples naming an image file that did not exist when the data was read
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -79,17 +81,42 @@ class MultimodalStats:
 
     def summary(self) -> str:
         """What is known when the data is read; images are decoded (and skipped) as batches are built."""
-        extra = "".join(f", {getattr(self, k)} {k.replace('_', ' ')}" for k in
-                        ("bad_image", "missing_file", "too_long", "bad_role", "no_reply", "empty_response",
-                         "same_pair", "vision_in_text_model") if getattr(self, k))
+        extra = "".join(
+            f", {getattr(self, k)} {k.replace('_', ' ')}"
+            for k in (
+                "bad_image",
+                "missing_file",
+                "too_long",
+                "bad_role",
+                "no_reply",
+                "empty_response",
+                "same_pair",
+                "vision_in_text_model",
+            )
+            if getattr(self, k)
+        )
         missing = f", {self.missing_at_start} naming missing image files" if self.missing_at_start else ""
-        return (f"{self.samples} samples ({self.bad_json} bad JSON skipped{missing}{extra}; samples with unusable "
-                f"images or too long for a row are skipped when read, counted in the data_skipped_* metrics)")
+        return (
+            f"{self.samples} samples ({self.bad_json} bad JSON skipped{missing}{extra}; "
+            f"samples with unusable "
+            f"images or too long for a row are skipped when read, counted in the data_skipped_* metrics)"
+        )
 
     def as_metrics(self) -> dict:
-        return {f"data_skipped_{k}": getattr(self, k) for k in
-                ("bad_json", "bad_image", "missing_file", "too_long", "bad_role", "no_reply", "empty_response",
-                 "same_pair", "vision_in_text_model")}
+        return {
+            f"data_skipped_{k}": getattr(self, k)
+            for k in (
+                "bad_json",
+                "bad_image",
+                "missing_file",
+                "too_long",
+                "bad_role",
+                "no_reply",
+                "empty_response",
+                "same_pair",
+                "vision_in_text_model",
+            )
+        }
 
 
 def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats]:
@@ -100,7 +127,7 @@ def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats
     for path in paths:
         if not as_path(path).is_file():
             raise DataError(f"data.source: {path} is not a file; pass JSONL files (or 'embedded')")
-        base = os.fspath(as_path(shown(path)).parent)   # images are named relative to their JSONL
+        base = os.fspath(as_path(shown(path)).parent)  # images are named relative to their JSONL
         with as_path(path).open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip():
@@ -112,12 +139,15 @@ def read_jsonl(source: str, embedded: str, parse) -> tuple[list, MultimodalStats
                     stats.bad_json += 1
                     continue
                 gone = [f for f in _named_files(obj) if not as_path(join(base, f)).is_file()]
-                if gone:   # kept (sample indices stay stable), skipped and counted when encoded
+                if gone:  # kept (sample indices stay stable), skipped and counted when encoded
                     stats.missing_at_start += 1
                     missing.append(join(base, gone[0]))
     if missing:
-        logging.warning("%d samples name image files that do not exist (e.g. %s); they are skipped",
-                        len(missing), ", ".join(missing[:3]))
+        logging.warning(
+            "%d samples name image files that do not exist (e.g. %s); they are skipped",
+            len(missing),
+            ", ".join(missing[:3]),
+        )
     if not out:
         raise DataError(f"data.source={source} holds no usable sample ({stats.summary()})")
     stats.samples = len(out)
@@ -143,11 +173,13 @@ def _named_files(obj) -> list[str]:
 
 def read_samples(source: str) -> tuple[list[tuple[str, dict]], MultimodalStats]:
     """(base dir, content) for every line of the image-text JSONL files in `source`."""
+
     def parse(base, obj):
         content = obj["content"] if "content" in obj else [{"image": obj["image"]}, {"text": obj["text"]}]
         if not isinstance(content, list) or not content:
             raise ValueError
         return base, content
+
     return read_jsonl(source, EMBEDDED_VL, parse)
 
 
@@ -162,8 +194,12 @@ class SampleEncoder:
         self.cfg, self.tok, self.stats, self.max_patches_row = cfg, tokenizer, stats, max_patches_row
         v, d = cfg.vision, cfg.data
         self.merge, self.patch = v.spatial_merge, v.patch_size
-        self.resize = dict(patch=v.patch_size, merge=v.spatial_merge, min_pixels=d.image_min_pixels,
-                           max_pixels=d.image_max_pixels)
+        self.resize = dict(
+            patch=v.patch_size,
+            merge=v.spatial_merge,
+            min_pixels=d.image_min_pixels,
+            max_pixels=d.image_max_pixels,
+        )
 
     def __call__(self, item):
         base, content, *rest = item
@@ -189,7 +225,11 @@ class SampleEncoder:
             if not v.enabled:
                 self.stats.add("vision_in_text_model")
                 return None
-            files = [seg["image"]] if kind == IMAGE else list(seg["video"] if isinstance(seg["video"], list) else [])
+            files = (
+                [seg["image"]]
+                if kind == IMAGE
+                else list(seg["video"] if isinstance(seg["video"], list) else [])
+            )
             if not files:
                 self.stats.add("bad_json")
                 return None
@@ -199,7 +239,7 @@ class SampleEncoder:
             for name in files:
                 path = join(base, str(name))
                 if not as_path(path).is_file():
-                    self.stats.add("missing_file")   # warned about once, when the data was read
+                    self.stats.add("missing_file")  # warned about once, when the data was read
                     return None
                 try:
                     frames.append(load_rgb(path, min_side=self.cfg.data.image_min_side))
@@ -214,11 +254,14 @@ class SampleEncoder:
                 self.stats.add("bad_image")
                 return None
             n = (t // v.temporal_merge if kind == VIDEO else 1) * (gh // self.merge) * (gw // self.merge)
-            start, ph, end = ((v.image_start_token_id, v.image_token_id, v.image_end_token_id) if kind == IMAGE else
-                              (v.video_start_token_id, v.video_token_id, v.video_end_token_id))
+            start, ph, end = (
+                (v.image_start_token_id, v.image_token_id, v.image_end_token_id)
+                if kind == IMAGE
+                else (v.video_start_token_id, v.video_token_id, v.video_end_token_id)
+            )
             tokens += [start] + [ph] * n + [end]
             types += [TEXT] + [kind] * n + [TEXT]
-            targets += [0] * (n + 1) + [1]     # the end marker is predictable text; placeholders are not
+            targets += [0] * (n + 1) + [1]  # the end marker is predictable text; placeholders are not
             patches.append(pix)
             items.append((kind, t, gh, gw))
             grids.append((t, gh, gw))
@@ -227,16 +270,25 @@ class SampleEncoder:
             types.append(TEXT)
             targets.append(1)
         npatch = sum(len(p) for p in patches)
-        if (len(tokens) > self.cfg.data.seq_len + 1 or npatch > self.max_patches_row
-                or len(items) > self.cfg.data.max_images_per_row):
+        if (
+            len(tokens) > self.cfg.data.seq_len + 1
+            or npatch > self.max_patches_row
+            or len(items) > self.cfg.data.max_images_per_row
+        ):
             self.stats.add("too_long")
             return None
         pos = sample_position_ids(np.array(types), iter(grids), self.merge, self.cfg.vision.temporal_merge)
         dim = 3 * self.patch * self.patch
-        return {"tokens": np.asarray(tokens, np.int32), "types": np.asarray(types, np.int32),
-                "targets": np.asarray(targets, np.int32), "pos3": pos.astype(np.int32),
-                "patches": np.concatenate(patches).astype(np.float32) if patches else np.zeros((0, dim), np.float32),
-                "items": np.asarray(items, np.int32).reshape(-1, 4)}
+        return {
+            "tokens": np.asarray(tokens, np.int32),
+            "types": np.asarray(types, np.int32),
+            "targets": np.asarray(targets, np.int32),
+            "pos3": pos.astype(np.int32),
+            "patches": np.concatenate(patches).astype(np.float32)
+            if patches
+            else np.zeros((0, dim), np.float32),
+            "items": np.asarray(items, np.int32).reshape(-1, 4),
+        }
 
 
 def _row_inputs(ex: dict) -> dict:
@@ -244,9 +296,16 @@ def _row_inputs(ex: dict) -> dict:
     tokens, seg, types = ex["tokens"], ex["tokens_segment_ids"], ex["types"]
     same = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
     target = (types[1:] == TEXT) & (ex["targets"][1:] > 0)
-    return {"input_ids": tokens[:-1], "labels": tokens[1:], "loss_mask": (same & target).astype(np.float32),
-            "positions": ex["pos3"][:-1], "segment_ids": seg[:-1],
-            "_patches": ex["patches"], "_items": ex["items"], "_items_seg": ex["items_segment_ids"]}
+    return {
+        "input_ids": tokens[:-1],
+        "labels": tokens[1:],
+        "loss_mask": (same & target).astype(np.float32),
+        "positions": ex["pos3"][:-1],
+        "segment_ids": seg[:-1],
+        "_patches": ex["patches"],
+        "_items": ex["items"],
+        "_items_seg": ex["items_segment_ids"],
+    }
 
 
 class CollateVision:
@@ -265,17 +324,21 @@ class CollateVision:
                 if seg == 0:
                     continue
                 n = t * h * w
-                chunks[int(kind)].append((batch["_patches"][b, offset:offset + n], (t, h, w)))
+                chunks[int(kind)].append((batch["_patches"][b, offset : offset + n], (t, h, w)))
                 offset += n
         ordered = chunks[IMAGE] + chunks[VIDEO]
         dim = batch["_patches"].shape[-1]
         patches = np.zeros((self.num_patches, dim), np.float32)
         if ordered:
             flat = np.concatenate([p for p, _ in ordered])
-            patches[:len(flat)] = flat
+            patches[: len(flat)] = flat
         grids = np.array([g for _, g in ordered], np.int64).reshape(-1, 3)
-        layout = vision_layout(grids, self.merge, num_patches=self.num_patches,
-                               num_rows=self.num_patches // (self.merge * self.merge))
+        layout = vision_layout(
+            grids,
+            self.merge,
+            num_patches=self.num_patches,
+            num_rows=self.num_patches // (self.merge * self.merge),
+        )
         return {**out, "patches": patches, **layout}
 
 
@@ -294,14 +357,25 @@ def load_multimodal(cfg, reader=None) -> MultimodalData:
     samples, stats = (reader or read_samples)(cfg.data.source)
     ds = grain.MapDataset.source(samples)
     train_idx, eval_idx = _split_indices(len(ds), cfg.data.eval_fraction, cfg.train.seed)
-    pick = lambda idx: grain.MapDataset.range(len(idx)).map(lambda i: ds[int(idx[i])])  # noqa: E731
+    pick = lambda idx: grain.MapDataset.range(len(idx)).map(lambda i: ds[int(idx[i])])
     return MultimodalData(pick(train_idx), pick(eval_idx), tokenizer, stats)
 
 
-def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, cfg, stats: MultimodalStats, *,
-                              seed: int, process_index: int = 0, process_count: int = 1,
-                              repeat: bool = True, encoder=None, row_inputs=None,
-                              extra_lengths: dict | None = None, split: str = "train") -> grain.IterDataset:
+def packed_multimodal_batches(
+    samples: grain.MapDataset,
+    tokenizer: Tokenizer,
+    cfg,
+    stats: MultimodalStats,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+    encoder=None,
+    row_inputs=None,
+    extra_lengths: dict | None = None,
+    split: str = "train",
+) -> grain.IterDataset:
     """Packed batches with input_ids/labels/loss_mask/segment_ids [b, S], positions [b, S, 3] and the
     vision arrays (VISION_KEYS). Each process keeps its contiguous rows and builds their vision arrays."""
     d = cfg.data
@@ -309,35 +383,46 @@ def packed_multimodal_batches(samples: grain.MapDataset, tokenizer: Tokenizer, c
     extra_lengths = extra_lengths or {}
     if d.batch_size % process_count:
         raise DataError(f"data.batch_size={d.batch_size} must be divisible by the {process_count} processes")
-    merge2 = cfg.vision.spatial_merge ** 2
+    merge2 = cfg.vision.spatial_merge**2
     per_row = d.max_patches // d.batch_size
     if cfg.vision.enabled and (per_row < merge2 or d.max_patches % (d.batch_size * merge2)):
-        raise DataError(f"data.max_patches={d.max_patches} must be a multiple of data.batch_size x "
-                        f"{merge2} (the 2x2 merge); raise it")
+        raise DataError(
+            f"data.max_patches={d.max_patches} must be a multiple of data.batch_size x "
+            f"{merge2} (the 2x2 merge); raise it"
+        )
     if not cfg.vision.enabled:
-        per_row = merge2   # text-only model: no sample has patches; a minimal slot keeps the packer happy
+        per_row = merge2  # text-only model: no sample has patches; a minimal slot keeps the packer happy
     encoder = encoder or SampleEncoder(cfg, tokenizer, stats, per_row)
     _require_usable(samples, encoder, stats, d.source, split)
     ds = samples.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
     it = ds.map(encoder).filter(lambda x: x is not None).to_iter_dataset()
-    length = {"tokens": d.seq_len + 1, "types": d.seq_len + 1, "targets": d.seq_len + 1, "pos3": d.seq_len + 1,
-              "patches": per_row, "items": d.max_images_per_row, **extra_lengths}
-    it = grain.experimental.FirstFitPackIterDataset(it, length_struct=length, num_packing_bins=max(8, 2 * d.batch_size),
-                                                    seed=seed)
+    length = {
+        "tokens": d.seq_len + 1,
+        "types": d.seq_len + 1,
+        "targets": d.seq_len + 1,
+        "pos3": d.seq_len + 1,
+        "patches": per_row,
+        "items": d.max_images_per_row,
+        **extra_lengths,
+    }
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct=length, num_packing_bins=max(8, 2 * d.batch_size), seed=seed
+    )
     it = it.map(row_inputs).batch(d.batch_size, drop_remainder=True)
     rows = d.batch_size // process_count
     lo = process_index * rows
     if process_count > 1:
-        it = it.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
+        it = it.map(lambda b: {k: v[lo : lo + rows] for k, v in b.items()})
     if not cfg.vision.enabled:
         return it.map(_text_only)
     return it.map(CollateVision(cfg.vision.spatial_merge, per_row * rows))
 
 
-def _require_usable(samples, encoder, stats: MultimodalStats, source: str, split: str = "train",
-                    probe: int = 64) -> None:
+def _require_usable(
+    samples, encoder, stats: MultimodalStats, source: str, split: str = "train", probe: int = 64
+) -> None:
     """A source whose samples all get skipped would spin forever in a repeating pipeline: encode the
     first few up front and stop with one line when none is usable (the counts stay untouched)."""
     if not len(samples):
@@ -347,11 +432,15 @@ def _require_usable(samples, encoder, stats: MultimodalStats, source: str, split
     after = stats.counts()
     stats.restore(before)
     if not ok:
-        reasons = ", ".join(f"{v - before[k]} {k.replace('_', ' ')}" for k, v in after.items() if v > before[k])
+        reasons = ", ".join(
+            f"{v - before[k]} {k.replace('_', ' ')}" for k, v in after.items() if v > before[k]
+        )
         which = "" if split == "train" else f" {split}"
         fix = "" if split == "train" else " or set data.eval_fraction=0 (no eval)"
-        raise DataError(f"data.source={source}: none of the first {min(probe, len(samples))}{which} samples is "
-                        f"usable ({reasons}); fix the data or raise data.seq_len / data.max_patches{fix}")
+        raise DataError(
+            f"data.source={source}: none of the first {min(probe, len(samples))}{which} samples is "
+            f"usable ({reasons}); fix the data or raise data.seq_len / data.max_patches{fix}"
+        )
 
 
 def check_eval_batches(batches: grain.IterDataset, samples: int, cfg, stats: MultimodalStats) -> None:
@@ -362,11 +451,15 @@ def check_eval_batches(batches: grain.IterDataset, samples: int, cfg, stats: Mul
     stats.restore(before)
     fix = "raise data.eval_fraction or set it to 0 (no eval)"
     if first is None:
-        raise DataError(f"data.eval_fraction={cfg.data.eval_fraction}: the {samples} eval samples fill no batch of "
-                        f"data.batch_size={cfg.data.batch_size} rows; {fix}")
+        raise DataError(
+            f"data.eval_fraction={cfg.data.eval_fraction}: the {samples} eval samples fill no batch of "
+            f"data.batch_size={cfg.data.batch_size} rows; {fix}"
+        )
     if not np.any(first["loss_mask"]):
-        raise DataError(f"data.source={cfg.data.source}: the first eval batch has no target tokens (nothing the "
-                        f"loss scores, e.g. no assistant reply); fix the eval data or {fix}")
+        raise DataError(
+            f"data.source={cfg.data.source}: the first eval batch has no target tokens (nothing the "
+            f"loss scores, e.g. no assistant reply); fix the eval data or {fix}"
+        )
 
 
 def _text_only(batch: dict) -> dict:

@@ -5,6 +5,7 @@ used whole, tokenized lazily, packed first-fit into rows of seq_len+1 tokens wit
 positions (no cross-document attention), shuffled deterministically, sharded per process and
 batched. The grain iterator state goes into every checkpoint, so resume continues at the next batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,11 @@ class CorpusStats:
     skipped_too_long: int = 0
 
     def summary(self) -> str:
-        return (f"{self.documents} documents ({self.skipped_empty} empty, {self.skipped_undecodable} undecodable, "
-                f"{self.skipped_too_long} over-long skipped)")
+        return (
+            f"{self.documents} documents ({self.skipped_empty} empty, "
+            f"{self.skipped_undecodable} undecodable, "
+            f"{self.skipped_too_long} over-long skipped)"
+        )
 
 
 def resolve_paths(source: str) -> list[str]:
@@ -48,7 +52,9 @@ def resolve_paths(source: str) -> list[str]:
     for part in [p.strip() for p in source.split(",") if p.strip()]:
         matches = _glob(part) if any(c in part for c in "*?[") else [part]
         if not matches or not all(as_path(m).is_file() for m in matches):
-            raise DataError(f"data.source: {part} matches no file; pass existing .txt/.jsonl/.array_record paths")
+            raise DataError(
+                f"data.source: {part} matches no file; pass existing .txt/.jsonl/.array_record paths"
+            )
         paths += matches
     if not paths:
         raise DataError("data.source is empty; pass 'embedded' or paths to .txt/.jsonl/.array_record files")
@@ -60,7 +66,7 @@ def _glob(pattern: str) -> list[str]:
     if not is_remote(pattern):
         return sorted(glob.glob(pattern))
     root = as_path(pattern.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0])
-    rest = pattern[len(os.fspath(root)):].lstrip("/")
+    rest = pattern[len(os.fspath(root)) :].lstrip("/")
     return sorted(os.fspath(p) for p in root.glob(rest))
 
 
@@ -68,9 +74,11 @@ def _open_bytes(path: str) -> bytes:
     try:
         data = as_path(path).read_bytes()
         return gzip.decompress(data) if path.endswith(".gz") else data
-    except (OSError, EOFError, zlib.error) as e:   # BadGzipFile is an OSError; a cut-off stream is EOFError
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off stream is EOFError
         what = "is not a complete gzip file" if path.endswith(".gz") else "cannot be read"
-        raise DataError(f"data.source: {path} {what} ({e}); re-create or re-download it, or leave it out") from None
+        raise DataError(
+            f"data.source: {path} {what} ({e}); re-create or re-download it, or leave it out"
+        ) from None
 
 
 def _text_records(path: str) -> Iterator[bytes | None]:
@@ -165,14 +173,17 @@ def _split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray,
     if eval_fraction > 0 and not is_eval.any() and n > 1:
         is_eval[-1] = True
     if is_eval.all():
-        raise DataError(f"data.eval_fraction={eval_fraction} holds out all {n} samples of the data, leaving none "
-                        f"to train on; lower it or add data")
+        raise DataError(
+            f"data.eval_fraction={eval_fraction} holds out all {n} samples of the data, leaving none "
+            f"to train on; lower it or add data"
+        )
     return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 
 @dataclasses.dataclass
 class TextData:
     """The resolved corpus: pieces for train and eval, the tokenizer and what was skipped."""
+
     train: grain.MapDataset
     eval: grain.MapDataset
     tokenizer: Tokenizer
@@ -193,15 +204,26 @@ def load_corpus(data_cfg, seed: int) -> TextData:
         raise DataError(f"data.source={data_cfg.source} holds no usable document ({stats.summary()})")
     ds = sources[0] if len(sources) == 1 else grain.MapDataset.concatenate(sources)
     train_idx, eval_idx = _split_indices(len(ds), data_cfg.eval_fraction, seed)
-    return TextData(train=_select(ds, train_idx), eval=_select(ds, eval_idx), tokenizer=tokenizer, stats=stats)
+    return TextData(
+        train=_select(ds, train_idx), eval=_select(ds, eval_idx), tokenizer=tokenizer, stats=stats
+    )
 
 
 def _select(ds: grain.MapDataset, idx: np.ndarray) -> grain.MapDataset:
     return grain.MapDataset.range(len(idx)).map(lambda i: ds[int(idx[i])])
 
 
-def packed_batches(pieces: grain.MapDataset, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1, repeat: bool = True) -> grain.IterDataset:
+def packed_batches(
+    pieces: grain.MapDataset,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+) -> grain.IterDataset:
     """Packed model batches: dicts of input_ids/labels/positions/segment_ids [b, seq_len] and loss_mask.
 
     Every process builds the same global batch of `batch_size` rows and keeps its own contiguous
@@ -214,13 +236,14 @@ def packed_batches(pieces: grain.MapDataset, tokenizer: Tokenizer, *, seq_len: i
         ds = ds.repeat()
 
     it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), _TokenizeChunks(tokenizer, seq_len + 1))
-    it = grain.experimental.FirstFitPackIterDataset(it, length_struct={"tokens": seq_len + 1},
-                                                    num_packing_bins=max(8, 2 * batch_size), seed=seed)
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={"tokens": seq_len + 1}, num_packing_bins=max(8, 2 * batch_size), seed=seed
+    )
     it = it.map(_to_model_inputs).batch(batch_size, drop_remainder=True)
     if process_count > 1:
         rows = batch_size // process_count
         lo = process_index * rows
-        it = it.map(lambda b: {k: v[lo:lo + rows] for k, v in b.items()})
+        it = it.map(lambda b: {k: v[lo : lo + rows] for k, v in b.items()})
     return it
 
 
@@ -232,14 +255,20 @@ class _TokenizeChunks(grain.experimental.FlatMapTransform):
         self.max_fan_out = PIECE_CHARS_PER_ROW + 1
 
     def flat_map(self, text: str):
-        ids = np.asarray([self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id], np.int32)
-        chunks = [ids[i:i + self.row] for i in range(0, ids.size, self.row)]
+        ids = np.asarray(
+            [self.tokenizer.bos_id] + self.tokenizer.encode(text) + [self.tokenizer.eos_id], np.int32
+        )
+        chunks = [ids[i : i + self.row] for i in range(0, ids.size, self.row)]
         return [{"tokens": c} for c in chunks if c.size > 2]
 
 
 def _to_model_inputs(ex: dict) -> dict:
     tokens, seg, pos = ex["tokens"], ex["tokens_segment_ids"], ex["tokens_positions"]
     same_doc = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
-    return {"input_ids": tokens[:-1].astype(np.int32), "labels": tokens[1:].astype(np.int32),
-            "loss_mask": same_doc.astype(np.float32), "positions": pos[:-1].astype(np.int32),
-            "segment_ids": seg[:-1].astype(np.int32)}
+    return {
+        "input_ids": tokens[:-1].astype(np.int32),
+        "labels": tokens[1:].astype(np.int32),
+        "loss_mask": same_doc.astype(np.float32),
+        "positions": pos[:-1].astype(np.int32),
+        "segment_ids": seg[:-1].astype(np.int32),
+    }

@@ -1,4 +1,5 @@
 """Tokenizers: SentencePiece `tokenizer.model` (as ERNIE ships it) or a `tokenizer.json`."""
+
 from __future__ import annotations
 
 import json
@@ -20,11 +21,13 @@ class Tokenizer:
         self.path = directory
         if as_path(sp_path).is_file():
             import sentencepiece as spm
+
             try:
                 self._sp = spm.SentencePieceProcessor(model_proto=as_path(sp_path).read_bytes())
             except (RuntimeError, OSError) as e:
-                raise DataError(f"{sp_path} is not a SentencePiece model ({e}); point data.tokenizer elsewhere") \
-                    from None
+                raise DataError(
+                    f"{sp_path} is not a SentencePiece model ({e}); point data.tokenizer elsewhere"
+                ) from None
             self.vocab_size = self._sp.get_piece_size()
             self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
             self.pad_id = max(self._sp.pad_id(), 0)
@@ -36,12 +39,16 @@ class Tokenizer:
             try:
                 from tokenizers import Tokenizer as HFTokenizer
             except ImportError:
-                raise DataError(f"{json_path} needs the `tokenizers` package: pip install tokenizers") from None
+                raise DataError(
+                    f"{json_path} needs the `tokenizers` package: pip install tokenizers"
+                ) from None
             try:
                 tok = HFTokenizer.from_str(as_path(json_path).read_text())
             except Exception as e:  # noqa: BLE001 - the Rust loader raises a bare Exception on bad JSON
-                raise DataError(f"{json_path} is not a tokenizers JSON file ({e}); point data.tokenizer at a "
-                                f"directory with a valid tokenizer.json or tokenizer.model") from None
+                raise DataError(
+                    f"{json_path} is not a tokenizers JSON file ({e}); point data.tokenizer at a "
+                    f"directory with a valid tokenizer.json or tokenizer.model"
+                ) from None
             self.vocab_size = tok.get_vocab_size()
             special = _special_ids(directory, tok)
             self.bos_id, self.eos_id, self.pad_id = special
@@ -71,7 +78,9 @@ def _special_ids(directory: str, tok) -> tuple[int, int, int]:
         except (OSError, ValueError) as e:
             raise DataError(f"{cfg_path} is not valid JSON ({e}); fix or remove it") from None
         if not isinstance(cfg, dict):
-            raise DataError(f"{cfg_path} must hold a JSON object (bos_token, eos_token, ...); fix or remove it")
+            raise DataError(
+                f"{cfg_path} must hold a JSON object (bos_token, eos_token, ...); fix or remove it"
+            )
         for k in names:
             v = cfg.get(f"{k}_token")
             if isinstance(v, dict):

@@ -1,4 +1,5 @@
 """Model modules. `build_model(cfg, rngs)` returns the text or the VL model the config describes."""
+
 from __future__ import annotations
 
 from ernie_jax.model.ernie import ErnieForCausalLM

@@ -1,6 +1,7 @@
 """The decoder's attention block: q/k/v/o projections (no bias), interleaved RoPE on q and k,
 grouped-query heads, and the attention function of the configured backend (ops/attention.py),
 context-parallel when the mesh has a context axis (parallel/context.py)."""
+
 from __future__ import annotations
 
 import jax
@@ -18,16 +19,32 @@ from ernie_jax.precision.remat import checkpoint_name
 
 def attention_spec(m: ModelConfig, causal: bool) -> AttentionSpec:
     """The static attention settings of `model.attention*` (0 block sizes: the backend's default)."""
-    return AttentionSpec(backend=m.attention, block_q=m.attention_block_q, block_kv=m.attention_block_kv,
-                         causal=causal, interpret=m.attention_interpret)
+    return AttentionSpec(
+        backend=m.attention,
+        block_q=m.attention_block_q,
+        block_kv=m.attention_block_kv,
+        causal=causal,
+        interpret=m.attention_interpret,
+    )
 
 
 class Attention(nnx.Module):
     """q/k/v/o projections (no bias), interleaved RoPE on q and k, GQA."""
 
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rngs: nnx.Rngs,
-                 std: float, spec: AttentionSpec = AttentionSpec(), dtype=jnp.float32, param_dtype=jnp.float32,
-                 dot_general: DotGeneral = matmul.dot_general):
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        rngs: nnx.Rngs,
+        std: float,
+        spec: AttentionSpec = AttentionSpec(),
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        dot_general: DotGeneral = matmul.dot_general,
+    ):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.spec = spec
         kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general)
@@ -36,8 +53,13 @@ class Attention(nnx.Module):
         self.v_proj = Linear(hidden, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Linear(num_heads * head_dim, hidden, axes=("q_heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array | None = None,
-                 token_index: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        angles: jax.Array,
+        segment_ids: jax.Array | None = None,
+        token_index: jax.Array | None = None,
+    ) -> jax.Array:
         """x [B,S,H], angles [B,S,D/2] (RoPE), segment_ids [B,S] (None: one segment), token_index
         [B,S] (original positions of reordered tokens; None: natural order) -> [B,S,H]."""
         b, s, _ = x.shape

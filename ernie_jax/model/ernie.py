@@ -5,6 +5,7 @@ decoder is: a `prefix` stack of dense layers, a stack of `units` (interval-1 den
 MoE layer, repeated), and a `suffix` stack of dense layers. Each stack is one scan, so compile time
 does not grow with depth. `config.layer_plan` maps global layer indices onto this layout.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,6 +28,7 @@ from ernie_jax.parallel.pipeline import pipeline_apply, schedule_for
 from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
+
 def _dtype(name: str):
     return jnp.dtype(name)
 
@@ -37,13 +39,14 @@ class ModelOutput:
     layers; expert_load [L_moe,E]; mtp_logits [D,B,S,V] or None; hidden [B,S,H] (last hidden state
     before the final norm). With labels, the head runs in chunks and only per-token losses come
     back: label_nll [B,S] (-log p(labels[t])) and mtp_label_nll [D,B,S] (depth d scores labels[t+d+1])."""
+
     logits: Any
     router_losses: dict
     expert_load: Any = None
     dropped_fraction: Any = None
     mtp_logits: Any = None
     hidden: Any = None
-    vision_expert_load: Any = None   # [L_moe, E_vision] for heterogeneous (VL) layers
+    vision_expert_load: Any = None  # [L_moe, E_vision] for heterogeneous (VL) layers
     label_nll: Any = None
     mtp_label_nll: Any = None
 
@@ -51,11 +54,12 @@ class ModelOutput:
 @struct.dataclass
 class BlockContext:
     """What every decoder block reads besides the residual stream; each field is [B,S,...]."""
-    angles: jax.Array                       # [B,S,D/2] RoPE angles
-    token_mask: jax.Array                   # [B,S] bool: real tokens (padding takes no expert slot)
-    modality: jax.Array                     # [B,S] 0 text, 1 vision (heterogeneous MoE routing)
-    segment_ids: jax.Array | None = None    # [B,S] packed documents (None: one per row)
-    token_index: jax.Array | None = None    # [B,S] original positions of reordered tokens (context parallelism)
+
+    angles: jax.Array  # [B,S,D/2] RoPE angles
+    token_mask: jax.Array  # [B,S] bool: real tokens (padding takes no expert slot)
+    modality: jax.Array  # [B,S] 0 text, 1 vision (heterogeneous MoE routing)
+    segment_ids: jax.Array | None = None  # [B,S] packed documents (None: one per row)
+    token_index: jax.Array | None = None  # [B,S] original positions of reordered tokens (context parallelism)
 
 
 class DecoderLayer(nnx.Module):
@@ -63,11 +67,17 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: Config, moe: bool, *, rngs: nnx.Rngs):
         m = cfg.model
-        kw = dict(rngs=rngs, std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
-                  dot_general=linear_dot_general(cfg))
+        kw = dict(
+            rngs=rngs,
+            std=m.init_std,
+            dtype=_dtype(m.dtype),
+            param_dtype=_dtype(m.param_dtype),
+            dot_general=linear_dot_general(cfg),
+        )
         self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
-        self.self_attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
-                                   spec=attention_spec(m, causal=True), **kw)
+        self.self_attn = Attention(
+            m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, spec=attention_spec(m, causal=True), **kw
+        )
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
         if moe:
             p = cfg.precision
@@ -92,7 +102,7 @@ def linear_dot_general(cfg: Config):
     fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "linear", cfg.precision.fp8_amax_history)
     if fp8 is None:
         return matmul.dot_general
-    return fp8 if fp8.recipe == "delayed" else fp8.dot_general   # Linear keeps the delayed state itself
+    return fp8 if fp8.recipe == "delayed" else fp8.dot_general  # Linear keeps the delayed state itself
 
 
 def _stack(n: int, make, rngs: nnx.Rngs):
@@ -100,6 +110,7 @@ def _stack(n: int, make, rngs: nnx.Rngs):
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(r):
         return make(r)
+
     return create(rngs)
 
 
@@ -108,20 +119,25 @@ def _scan_layers(stack, x, ctx, m, in_stage: bool = False, active: jax.Array | N
     stream is pinned batch-sharded at each block boundary (inside a pipeline stage: over the
     batch axes other than `pipeline`). `active` [L] bool: False layers pass x through and report
     zero statistics (padding units of uneven pipeline stages)."""
+
     def apply(layer, x, ctx):
         return layer(constrain_batch(x, in_stage), ctx)
+
     if m.remat != "none":
         apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
     if active is None:
+
         @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
         def body(x, layer, ctx):
             return apply(layer, x, ctx)
+
         return body(x, stack, ctx)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0))
     def masked(x, layer, ctx, on):
         y, stats = apply(layer, x, ctx)
         return jnp.where(on, y, x), jax.tree.map(lambda v: jnp.where(on, v, jnp.zeros_like(v)), stats)
+
     return masked(x, stack, ctx, active)
 
 
@@ -130,9 +146,12 @@ class MoEUnit(nnx.Module):
 
     def __init__(self, cfg: Config, dense_per_unit: int, *, rngs: nnx.Rngs):
         self.model_cfg = cfg.model
-        self.in_stage = schedule_for(cfg) is not None   # units are the pipelined stack when there is one
-        self.dense = _stack(dense_per_unit, lambda r: DecoderLayer(cfg, False, rngs=r), rngs) \
-            if dense_per_unit else None
+        self.in_stage = schedule_for(cfg) is not None  # units are the pipelined stack when there is one
+        self.dense = (
+            _stack(dense_per_unit, lambda r: DecoderLayer(cfg, False, rngs=r), rngs)
+            if dense_per_unit
+            else None
+        )
         self.moe = DecoderLayer(cfg, True, rngs=rngs)
 
     def __call__(self, x, ctx: BlockContext):
@@ -149,9 +168,16 @@ class MTPLayer(nnx.Module):
         pd = _dtype(m.param_dtype)
         self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
-        self.linear_proj = Linear(2 * m.hidden_size, m.hidden_size, axes=("concat", "embed"), rngs=rngs,
-                                  std=m.init_std, dtype=_dtype(m.dtype), param_dtype=pd,
-                                  dot_general=linear_dot_general(cfg))
+        self.linear_proj = Linear(
+            2 * m.hidden_size,
+            m.hidden_size,
+            axes=("concat", "embed"),
+            rngs=rngs,
+            std=m.init_std,
+            dtype=_dtype(m.dtype),
+            param_dtype=pd,
+            dot_general=linear_dot_general(cfg),
+        )
         self.block = DecoderLayer(cfg, False, rngs=rngs)
 
     def __call__(self, h, emb, ctx: BlockContext):
@@ -168,24 +194,46 @@ class ErnieForCausalLM(nnx.Module):
         self.cfg = cfg
         self.plan = plan = layer_plan(cfg)
         dt, pd = _dtype(m.dtype), _dtype(m.param_dtype)
-        self.embed_tokens = Embed(m.vocab_size, m.hidden_size, rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd)
-        dense = lambda r: DecoderLayer(cfg, False, rngs=r)  # noqa: E731
+        self.embed_tokens = Embed(
+            m.vocab_size, m.hidden_size, rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd
+        )
+        dense = lambda r: DecoderLayer(cfg, False, rngs=r)
         self.prefix = _stack(plan.num_prefix, dense, rngs) if plan.num_prefix else None
-        self.units = _stack(plan.num_units, lambda r: MoEUnit(cfg, plan.dense_per_unit, rngs=r), rngs) \
-            if plan.num_units else None
+        self.units = (
+            _stack(plan.num_units, lambda r: MoEUnit(cfg, plan.dense_per_unit, rngs=r), rngs)
+            if plan.num_units
+            else None
+        )
         self.suffix = _stack(plan.num_suffix, dense, rngs) if plan.num_suffix else None
         self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
-        self.lm_head = None if m.tie_word_embeddings else Linear(
-            m.hidden_size, m.vocab_size, axes=("embed", "vocab"), rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd)
+        self.lm_head = (
+            None
+            if m.tie_word_embeddings
+            else Linear(
+                m.hidden_size,
+                m.vocab_size,
+                axes=("embed", "vocab"),
+                rngs=rngs,
+                std=m.init_std,
+                dtype=dt,
+                param_dtype=pd,
+            )
+        )
         self.mtp = _stack(m.mtp_depth, lambda r: MTPLayer(cfg, rngs=r), rngs) if m.mtp_depth else None
 
     def head(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
         return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-                 modality: jax.Array | None = None, labels: jax.Array | None = None) -> ModelOutput:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
+        modality: jax.Array | None = None,
+        labels: jax.Array | None = None,
+    ) -> ModelOutput:
         """input_ids [B,S]; positions [B,S] (default arange) or [B,S,3] (t, h, w: 3D RoPE);
         segment_ids [B,S] (0 = padding, equal ids attend to each other; default one segment);
         inputs_embeds replaces the lookup; modality [B,S] routes 1 = vision tokens to the vision
@@ -199,21 +247,30 @@ class ErnieForCausalLM(nnx.Module):
         if modality is None:
             modality = jnp.zeros((b, s), jnp.int32)
         mtp_ids = self._mtp_input_ids(input_ids) if self.mtp is not None else None
-        mtp_labels = _shifted_labels(labels, m.mtp_depth) if self.mtp is not None and labels is not None else None
+        mtp_labels = (
+            _shifted_labels(labels, m.mtp_depth) if self.mtp is not None and labels is not None else None
+        )
         order = self._token_order(s)
         token_index = None
-        if order is not None:   # context parallelism: load-balanced token order, undone on the outputs
-            take = lambda a, axis=1: None if a is None else jnp.take(a, order, axis=axis)  # noqa: E731
+        if order is not None:  # context parallelism: load-balanced token order, undone on the outputs
+            take = lambda a, axis=1: None if a is None else jnp.take(a, order, axis=axis)
             input_ids, positions, segment_ids, token_mask, modality, inputs_embeds, labels = (
-                take(a) for a in (input_ids, positions, segment_ids, token_mask, modality, inputs_embeds, labels))
+                take(a)
+                for a in (input_ids, positions, segment_ids, token_mask, modality, inputs_embeds, labels)
+            )
             mtp_ids, mtp_labels = take(mtp_ids, 2), take(mtp_labels, 2)
             token_index = jnp.broadcast_to(jnp.asarray(order), (b, s))
         if positions.ndim == 3:
             angles = rope_angles_3d(positions, m.head_dim, m.rope_theta, self.cfg.vision.rope_t_frequencies)
         else:
             angles = rope_angles(positions, m.head_dim, m.rope_theta)
-        ctx = BlockContext(angles=angles, token_mask=token_mask, modality=modality, segment_ids=segment_ids,
-                           token_index=token_index)
+        ctx = BlockContext(
+            angles=angles,
+            token_mask=token_mask,
+            modality=modality,
+            segment_ids=segment_ids,
+            token_index=token_index,
+        )
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
         pipelined = pipelined_stack(self.units is not None)
         stats = None
@@ -228,11 +285,18 @@ class ErnieForCausalLM(nnx.Module):
         out = self._heads(x, mtp_hidden, labels, mtp_labels)
         if order is not None:
             restore = np.argsort(order)
-            out = {k: None if v is None else jnp.take(v, restore, axis=2 if k.startswith("mtp") else 1)
-                   for k, v in out.items()}
+            out = {
+                k: None if v is None else jnp.take(v, restore, axis=2 if k.startswith("mtp") else 1)
+                for k, v in out.items()
+            }
         losses, load, dropped = _summarise_router_stats(stats)
-        return ModelOutput(router_losses=losses, expert_load=load, dropped_fraction=dropped,
-                           vision_expert_load=None if not stats else stats.get("vision_expert_load"), **out)
+        return ModelOutput(
+            router_losses=losses,
+            expert_load=load,
+            dropped_fraction=dropped,
+            vision_expert_load=None if not stats else stats.get("vision_expert_load"),
+            **out,
+        )
 
     def _token_order(self, s: int) -> np.ndarray | None:
         """The load-balanced token order under context parallelism (static), else None."""
@@ -242,12 +306,26 @@ class ErnieForCausalLM(nnx.Module):
         """Logits, or (with labels) per-token losses from the chunked head; MTP likewise."""
         m, shards = self.cfg.model, self.cfg.mesh.context
         if labels is None:
-            return {"logits": self.head(x), "hidden": x, "label_nll": None, "mtp_label_nll": None,
-                    "mtp_logits": None if mtp_hidden is None else self.head(mtp_hidden)}
-        nll = lambda h, lab: chunked_head_cross_entropy(self.head, h, lab, m.logits_chunk, shards)  # noqa: E731
-        mtp = None if mtp_hidden is None else jnp.stack([nll(mtp_hidden[d], mtp_labels[d])
-                                                         for d in range(m.mtp_depth)])
-        return {"logits": None, "hidden": x, "label_nll": nll(x, labels), "mtp_label_nll": mtp, "mtp_logits": None}
+            return {
+                "logits": self.head(x),
+                "hidden": x,
+                "label_nll": None,
+                "mtp_label_nll": None,
+                "mtp_logits": None if mtp_hidden is None else self.head(mtp_hidden),
+            }
+        nll = lambda h, lab: chunked_head_cross_entropy(self.head, h, lab, m.logits_chunk, shards)
+        mtp = (
+            None
+            if mtp_hidden is None
+            else jnp.stack([nll(mtp_hidden[d], mtp_labels[d]) for d in range(m.mtp_depth)])
+        )
+        return {
+            "logits": None,
+            "hidden": x,
+            "label_nll": nll(x, labels),
+            "mtp_label_nll": mtp,
+            "mtp_logits": None,
+        }
 
     def _run_stack(self, stack, x, ctx, pipelined: bool):
         """One scan over a stack, or the pipeline schedule for the pipelined stack when mesh.pipeline > 1."""
@@ -255,19 +333,28 @@ class ErnieForCausalLM(nnx.Module):
         sched = schedule_for(self.cfg) if pipelined else None
         if sched is None:
             return _scan_layers(stack, x, ctx, m)
-        return pipeline_apply(stack, x, ctx, lambda chunk, x_mb, ctx_mb, active: _scan_layers(
-            chunk, x_mb, ctx_mb, m, True, active), sched)
+        return pipeline_apply(
+            stack,
+            x,
+            ctx,
+            lambda chunk, x_mb, ctx_mb, active: _scan_layers(chunk, x_mb, ctx_mb, m, True, active),
+            sched,
+        )
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch (per-token losses of its labels)."""
-        return self(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-                    labels=batch.get("labels"))
+        return self(
+            batch["input_ids"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
+            labels=batch.get("labels"),
+        )
 
     def _mtp_input_ids(self, input_ids):
         """[D,B,S]: depth d reads the embedding of token t+d+1 (shifted left, padded)."""
         depth, pad, s = self.cfg.model.mtp_depth, self.cfg.model.pad_token_id, input_ids.shape[1]
         padded = jnp.pad(input_ids, ((0, 0), (0, depth)), constant_values=pad)
-        return jnp.stack([padded[:, d + 1:d + 1 + s] for d in range(depth)])
+        return jnp.stack([padded[:, d + 1 : d + 1 + s] for d in range(depth)])
 
     def _mtp(self, h, mtp_ids, ctx):
         """Depth d predicts token t+d+2 from h_t and the embedding of token t+d+1; [D,B,S,H]."""
@@ -277,7 +364,8 @@ class ErnieForCausalLM(nnx.Module):
         def body(h, layer, emb, ctx):
             out = layer(h, emb, ctx)
             return out, out
-        _, hidden = body(h, self.mtp, embs, ctx)   # the head stays out of the scan
+
+        _, hidden = body(h, self.mtp, embs, ctx)  # the head stays out of the scan
         return hidden
 
 
@@ -286,7 +374,7 @@ def _shifted_labels(labels, depth: int):
     objective masks those positions)."""
     s = labels.shape[1]
     padded = jnp.pad(labels, ((0, 0), (0, depth)))
-    return jnp.stack([padded[:, d + 1:d + 1 + s] for d in range(depth)])
+    return jnp.stack([padded[:, d + 1 : d + 1 + s] for d in range(depth)])
 
 
 def _summarise_router_stats(stats):
@@ -305,7 +393,7 @@ def router_loss_total(output: ModelOutput, cfg: Config) -> jax.Array:
     e = cfg.moe
     r = output.router_losses
     total = 0.0
-    for prefix in ("", "vision_"):   # per modality, same weights (ERNIE45_SPEC.md section 3)
+    for prefix in ("", "vision_"):  # per modality, same weights (ERNIE45_SPEC.md section 3)
         if prefix + "aux_loss" not in r:
             continue
         total = total + e.aux_loss_weight * r[prefix + "aux_loss"] + e.z_loss_weight * r[prefix + "z_loss"]

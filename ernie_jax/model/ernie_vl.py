@@ -11,6 +11,7 @@ Two entry points:
 - `model.forward(input_ids, positions, segment_ids, patches, layout)`: the jit-friendly core the
   trainer uses, with fixed-shape inputs prepared by the data pipeline.
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,14 @@ from ernie_jax.model.vision import Adapter, VisionTransformer, vision_layout
 
 def vision_token_ids(cfg: Config) -> tuple[int, ...]:
     v = cfg.vision
-    return (v.image_token_id, v.video_token_id, v.image_start_token_id, v.image_end_token_id,
-            v.video_start_token_id, v.video_end_token_id)
+    return (
+        v.image_token_id,
+        v.video_token_id,
+        v.image_start_token_id,
+        v.image_end_token_id,
+        v.video_start_token_id,
+        v.video_end_token_id,
+    )
 
 
 def routing_modality(input_ids: jax.Array, cfg: Config) -> jax.Array:
@@ -35,8 +42,14 @@ def routing_modality(input_ids: jax.Array, cfg: Config) -> jax.Array:
     return jnp.isin(input_ids, jnp.asarray(vision_token_ids(cfg))).astype(jnp.int32)
 
 
-def scatter_vision(embeds: jax.Array, input_ids: jax.Array, rows: jax.Array, image_id: int, video_id: int,
-                   valid: jax.Array | None = None) -> jax.Array:
+def scatter_vision(
+    embeds: jax.Array,
+    input_ids: jax.Array,
+    rows: jax.Array,
+    image_id: int,
+    video_id: int,
+    valid: jax.Array | None = None,
+) -> jax.Array:
     """Write vision rows [M, H] over the placeholder embeddings [B, S, H]: image placeholders take
     rows 0.. in order, video placeholders the rows after all image rows."""
     b, s, h = embeds.shape
@@ -58,9 +71,14 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         self.vision_model = VisionTransformer(cfg, rngs=rngs)
         self.resampler = Adapter(cfg, rngs=rngs)
 
-    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                segment_ids: jax.Array | None = None, patches: jax.Array | None = None,
-                layout: dict | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        patches: jax.Array | None = None,
+        layout: dict | None = None,
+    ) -> ModelOutput:
         """input_ids [B,S]; positions [B,S,3] or [B,S]; patches [N, C*P*P] with `layout` from
         `vision_layout` (arrays, possibly padded). No host work: safe under jit."""
         v = self.cfg.vision
@@ -68,14 +86,30 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         if patches is not None:
             feats = self.vision_model(patches, layout["patch_hw"], layout["frame_ids"])
             rows = self.resampler(feats, layout["pair_first"], layout["pair_second"])
-            embeds = scatter_vision(embeds, input_ids, rows, v.image_token_id, v.video_token_id,
-                                    layout.get("row_valid"))
-        return ErnieForCausalLM.__call__(self, input_ids, positions=positions, segment_ids=segment_ids,
-                                         inputs_embeds=embeds, modality=routing_modality(input_ids, self.cfg))
+            embeds = scatter_vision(
+                embeds, input_ids, rows, v.image_token_id, v.video_token_id, layout.get("row_valid")
+            )
+        return ErnieForCausalLM.__call__(
+            self,
+            input_ids,
+            positions=positions,
+            segment_ids=segment_ids,
+            inputs_embeds=embeds,
+            modality=routing_modality(input_ids, self.cfg),
+        )
 
-    def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                 position_ids=None, pixel_values_videos=None, video_grid_thw=None, attention_mask=None,
-                 video_advance: str = "ernie") -> ModelOutput:
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        position_ids=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        attention_mask=None,
+        video_advance: str = "ernie",
+    ) -> ModelOutput:
         """transformers-style call. pixel_values [sum(t*h*w), C*P*P] (images) and
         pixel_values_videos (videos) with their grids [n, 3]; mm_token_type_ids [B,S] (0 text,
         1 image, 2 video; derived from the placeholder ids when omitted); position_ids [3,B,S]
@@ -87,22 +121,36 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         grids = [g for g in (image_grid_thw, video_grid_thw) if g is not None]
         pix = [p for p in (pixel_values, pixel_values_videos) if p is not None]
         if position_ids is None:
-            positions = build_position_ids(mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
-                                           v.spatial_merge, v.temporal_merge, video_advance)
+            positions = build_position_ids(
+                mm_token_type_ids,
+                image_grid_thw,
+                video_grid_thw,
+                attention_mask,
+                v.spatial_merge,
+                v.temporal_merge,
+                video_advance,
+            )
         else:
             positions = np.moveaxis(np.asarray(position_ids), 0, -1)
         segment_ids = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         patches = layout = None
         if pix:
             patches = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in pix], axis=0)
-            layout = {k: jnp.asarray(a) for k, a in
-                      vision_layout(np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids]),
-                                    v.spatial_merge).items()}
+            layout = {
+                k: jnp.asarray(a)
+                for k, a in vision_layout(
+                    np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids]), v.spatial_merge
+                ).items()
+            }
         return self.forward(jnp.asarray(input_ids), jnp.asarray(positions), segment_ids, patches, layout)
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch (vision keys optional)."""
-        layout = {k: batch[k] for k in ("patch_hw", "frame_ids", "pair_first", "pair_second", "row_valid")
-                  if k in batch} or None
-        return self.forward(batch["input_ids"], batch.get("positions"), batch.get("segment_ids"),
-                            batch.get("patches"), layout)
+        layout = {
+            k: batch[k]
+            for k in ("patch_hw", "frame_ids", "pair_first", "pair_second", "row_valid")
+            if k in batch
+        } or None
+        return self.forward(
+            batch["input_ids"], batch.get("positions"), batch.get("segment_ids"), batch.get("patches"), layout
+        )

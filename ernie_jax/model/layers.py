@@ -3,6 +3,7 @@
 Params live in `param_dtype` (fp32 master copy); math runs in `dtype` (bf16 for training, fp32
 for parity). Every Param carries logical axis names in its `axes` metadata for the sharding rules.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -54,21 +55,38 @@ class Linear(nnx.Module):
     """y = x @ W (+ b) with W [in, out]; the text model has no biases, the ViT/adapter do.
     `dot_general` is replaceable (FP8, quantised matmuls)."""
 
-    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], rngs: nnx.Rngs, std: float,
-                 dtype=jnp.float32, param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general,
-                 bias: bool = False):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        axes: tuple[str, str],
+        rngs: nnx.Rngs,
+        std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        dot_general: DotGeneral = matmul.dot_general,
+        bias: bool = False,
+    ):
         self.dtype = dtype
         self.dot_general = dot_general
         self.kernel = nnx.Param(normal_init(std)(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if bias else None
         # delayed-scaling FP8 keeps amax histories (input, kernel, output gradient) beside the kernel
-        self.fp8_meta = Fp8Meta(jnp.zeros((3, dot_general.history), jnp.float32), axes=("norm", "norm")) \
-            if isinstance(dot_general, DelayedFp8) else None
+        self.fp8_meta = (
+            Fp8Meta(jnp.zeros((3, dot_general.history), jnp.float32), axes=("norm", "norm"))
+            if isinstance(dot_general, DelayedFp8)
+            else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         w = self.kernel[...].astype(self.dtype)
-        dot = self.dot_general if self.fp8_meta is None else self.dot_general.dot_general_with(self.fp8_meta[...])
+        dot = (
+            self.dot_general
+            if self.fp8_meta is None
+            else self.dot_general.dot_general_with(self.fp8_meta[...])
+        )
         y = dot(x, w, (((x.ndim - 1,), (0,)), ((), ())))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
@@ -76,25 +94,36 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding [V, H]; `attend` reuses it as a tied LM head."""
 
-    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self, vocab: int, dim: int, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
         self.dtype = dtype
-        self.embedding = nnx.Param(normal_init(std)(rngs.params(), (vocab, dim), param_dtype),
-                                   axes=("vocab", "embed"))
+        self.embedding = nnx.Param(
+            normal_init(std)(rngs.params(), (vocab, dim), param_dtype), axes=("vocab", "embed")
+        )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         x, e = x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        return matmul.dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())))   # x @ E^T
+        return matmul.dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())))  # x @ E^T
 
 
 class SwiGLU(nnx.Module):
     """down(silu(gate(x)) * up(x)): the dense FFN, the shared experts and the MTP layer FFN."""
 
-    def __init__(self, hidden: int, inter: int, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general):
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        *,
+        rngs: nnx.Rngs,
+        std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        dot_general: DotGeneral = matmul.dot_general,
+    ):
         kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general)
         self.gate_proj = Linear(hidden, inter, axes=("embed", "mlp"), **kw)
         self.up_proj = Linear(hidden, inter, axes=("embed", "mlp"), **kw)

@@ -7,6 +7,7 @@ tensors [E, ...], optional shared experts, and two dispatch implementations behi
 
 Dims: T tokens, H hidden, E experts, K top-k, C capacity, I expert width.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,14 @@ from flax import nnx
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
 from ernie_jax.ops import matmul
-from ernie_jax.ops.moe_dispatch import (assignment_slots, capacity_experts, combine, dispatch,  # noqa: F401
-                                        dropless_experts, expert_capacity, merge_groups, route, split_groups,
-                                        swiglu_experts)
+from ernie_jax.ops.moe_dispatch import (
+    capacity_experts,
+    dropless_experts,
+    expert_capacity,
+    merge_groups,
+    route,
+    split_groups,
+)
 from ernie_jax.parallel.expert import expert_parallel_experts
 from ernie_jax.parallel.mesh import constrain_groups, token_groups
 from ernie_jax.precision.fp8 import DelayedFp8, Fp8Meta
@@ -34,8 +40,9 @@ class Router(nnx.Module):
     """logits = x.f32 @ W [H, E]; kept in fp32 regardless of the compute dtype."""
 
     def __init__(self, hidden: int, num_experts: int, *, rngs: nnx.Rngs, std: float):
-        self.kernel = nnx.Param(normal_init(std)(rngs.params(), (hidden, num_experts), jnp.float32),
-                                axes=("embed", "exp"))
+        self.kernel = nnx.Param(
+            normal_init(std)(rngs.params(), (hidden, num_experts), jnp.float32), axes=("embed", "exp")
+        )
         self.correction_bias = CorrectionBias(jnp.zeros((num_experts,), jnp.float32), axes=("exp",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,16 +52,28 @@ class Router(nnx.Module):
 class Experts(nnx.Module):
     """E SwiGLU experts stored as stacked kernels gate/up [E,H,I] and down [E,I,H]."""
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, *, rngs: nnx.Rngs, std: float,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden: int,
+        inter: int,
+        *,
+        rngs: nnx.Rngs,
+        std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         init = normal_init(std)
         self.dtype = dtype
-        self.gate_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inter), param_dtype),
-                                   axes=("exp", "embed", "mlp"))
-        self.up_proj = nnx.Param(init(rngs.params(), (num_experts, hidden, inter), param_dtype),
-                                 axes=("exp", "embed", "mlp"))
-        self.down_proj = nnx.Param(init(rngs.params(), (num_experts, inter, hidden), param_dtype),
-                                   axes=("exp", "mlp", "embed"))
+        self.gate_proj = nnx.Param(
+            init(rngs.params(), (num_experts, hidden, inter), param_dtype), axes=("exp", "embed", "mlp")
+        )
+        self.up_proj = nnx.Param(
+            init(rngs.params(), (num_experts, hidden, inter), param_dtype), axes=("exp", "embed", "mlp")
+        )
+        self.down_proj = nnx.Param(
+            init(rngs.params(), (num_experts, inter, hidden), param_dtype), axes=("exp", "mlp", "embed")
+        )
 
     def kernels(self):
         return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
@@ -66,7 +85,6 @@ def expert_parallel_mesh():
     if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
         return None
     return mesh
-
 
 
 def local_experts(x, idx, weights, live, kernels, cfg, fp8=None):
@@ -90,15 +108,19 @@ def per_device_experts(x, idx, weights, live, kernels, cfg, fp8, shape):
     if rows * seqs == 1:
         return local_experts(x, idx, weights, live, kernels, cfg, fp8)
     groups = rows * seqs
-    split = lambda a: constrain_groups(split_groups(a, b, s, rows, seqs), axes)  # noqa: E731
+    split = lambda a: constrain_groups(split_groups(a, b, s, rows, seqs), axes)
     # ragged_dot batches only with its kernels batched too: one (broadcast) copy per group, which
     # the partitioner places one per device
     dropless = cfg.dispatch == "dropless"
-    batched = tuple(constrain_groups(jnp.broadcast_to(k, (groups, *k.shape)), axes) for k in kernels) \
-        if dropless else kernels
-    y, kept = jax.vmap(lambda x, i, w, lv, k: local_experts(x, i, w, lv, k, cfg, fp8),
-                       in_axes=(0, 0, 0, 0, 0 if dropless else None))(
-        split(x), split(idx), split(weights), split(live), batched)
+    batched = (
+        tuple(constrain_groups(jnp.broadcast_to(k, (groups, *k.shape)), axes) for k in kernels)
+        if dropless
+        else kernels
+    )
+    y, kept = jax.vmap(
+        lambda x, i, w, lv, k: local_experts(x, i, w, lv, k, cfg, fp8),
+        in_axes=(0, 0, 0, 0, 0 if dropless else None),
+    )(split(x), split(idx), split(weights), split(live), batched)
     return merge_groups(y, b, s, rows, seqs), merge_groups(kept, b, s, rows, seqs)
 
 
@@ -112,27 +134,66 @@ class MoEBlock(nnx.Module):
     dispatch exactly like padding). Shared experts see every token.
     """
 
-    def __init__(self, hidden: int, moe_cfg, *, rngs: nnx.Rngs, std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, dot_general: DotGeneral = matmul.dot_general, fp8=None):
+    def __init__(
+        self,
+        hidden: int,
+        moe_cfg,
+        *,
+        rngs: nnx.Rngs,
+        std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        dot_general: DotGeneral = matmul.dot_general,
+        fp8=None,
+    ):
         self.cfg = moe_cfg
         self.fp8 = fp8  # quantizers for the routed-expert matmuls, or None
         self.gate = Router(hidden, moe_cfg.num_experts, rngs=rngs, std=std)
-        self.experts = Experts(moe_cfg.num_experts, hidden, moe_cfg.intermediate_size, rngs=rngs, std=std,
-                               dtype=dtype, param_dtype=param_dtype)
+        self.experts = Experts(
+            moe_cfg.num_experts,
+            hidden,
+            moe_cfg.intermediate_size,
+            rngs=rngs,
+            std=std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
         if moe_cfg.vision_num_experts:
             self.vision_gate = Router(hidden, moe_cfg.vision_num_experts, rngs=rngs, std=std)
-            self.vision_experts = Experts(moe_cfg.vision_num_experts, hidden, moe_cfg.vision_intermediate_size,
-                                          rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+            self.vision_experts = Experts(
+                moe_cfg.vision_num_experts,
+                hidden,
+                moe_cfg.vision_intermediate_size,
+                rngs=rngs,
+                std=std,
+                dtype=dtype,
+                param_dtype=param_dtype,
+            )
         else:
             self.vision_gate = self.vision_experts = None
         delayed = isinstance(fp8, DelayedFp8)
-        meta = lambda: Fp8Meta(jnp.zeros((DelayedFp8.EXPERT_ROWS, fp8.history), jnp.float32),  # noqa: E731
-                               axes=("norm", "norm"))
+
+        def meta():
+            return Fp8Meta(
+                jnp.zeros((DelayedFp8.EXPERT_ROWS, fp8.history), jnp.float32), axes=("norm", "norm")
+            )
+
         self.fp8_meta = meta() if delayed else None
         self.vision_fp8_meta = meta() if delayed and moe_cfg.vision_num_experts else None
         shared_width = moe_cfg.intermediate_size * moe_cfg.num_shared_experts
-        self.shared_experts = SwiGLU(hidden, shared_width, rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype,
-                                     dot_general=dot_general) if shared_width else None
+        self.shared_experts = (
+            SwiGLU(
+                hidden,
+                shared_width,
+                rngs=rngs,
+                std=std,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                dot_general=dot_general,
+            )
+            if shared_width
+            else None
+        )
         self.dtype = dtype
 
     def groups(self):
@@ -140,10 +201,14 @@ class MoEBlock(nnx.Module):
         cfg = self.cfg
         out = [("", self.gate, self.experts, cfg)]
         if self.vision_gate is not None:
-            vcfg = dataclasses.replace(cfg, num_experts=cfg.vision_num_experts, top_k=cfg.vision_top_k or cfg.top_k,
-                                       intermediate_size=cfg.vision_intermediate_size,
-                                       capacity_factor=cfg.vision_capacity_factor or cfg.capacity_factor,
-                                       group_orthogonal=False)  # ERNIE never groups the vision router
+            vcfg = dataclasses.replace(
+                cfg,
+                num_experts=cfg.vision_num_experts,
+                top_k=cfg.vision_top_k or cfg.top_k,
+                intermediate_size=cfg.vision_intermediate_size,
+                capacity_factor=cfg.vision_capacity_factor or cfg.capacity_factor,
+                group_orthogonal=False,
+            )  # ERNIE never groups the vision router
             out.append(("vision_", self.vision_gate, self.vision_experts, vcfg))
         return out
 
@@ -155,7 +220,7 @@ class MoEBlock(nnx.Module):
         mask = token_mask.reshape(b * s).astype(bool)
         vision = jnp.zeros_like(mask) if modality is None else modality.reshape(b * s) > 0
         y, stats = jnp.zeros_like(xt), {}
-        for prefix, gate, experts, gcfg in self.groups():   # at most two groups, fixed at build time
+        for prefix, gate, experts, gcfg in self.groups():  # at most two groups, fixed at build time
             live = mask & (vision if prefix else ~vision)
             fp8 = self._quantizers(prefix)
             xq = fp8.act_for(0)(xt) if fp8 is not None else xt
@@ -198,7 +263,7 @@ class MoEBlock(nnx.Module):
             "aux_loss": router_losses.aux_balance_loss(probs, unbiased_idx, mask),
             "z_loss": router_losses.z_loss(logits, mask),
             "orth_loss": router_losses.orthogonal_loss(gate.kernel[...], groups),
-            "expert_load": jax.lax.stop_gradient(load),                          # [E] tokens per expert
-            "dropped": jax.lax.stop_gradient(dropped),                           # dropped assignments
+            "expert_load": jax.lax.stop_gradient(load),  # [E] tokens per expert
+            "dropped": jax.lax.stop_gradient(dropped),  # dropped assignments
             "assignments": jnp.sum(maskf) * cfg.top_k,
         }

@@ -5,13 +5,27 @@ summary all read, so a renamed module changes one place.
     param_part(("units", "moe", "mlp", "gate", "kernel"))
     -> ParamPart(component="router", freeze_group="language_model", optimizer_group="router")
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 # the summary's components (summary.py prints them in this order)
-COMPONENTS = ("embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts", "router",
-              "norms", "vision_experts", "vision_router", "vit", "adapter", "mtp")
+COMPONENTS = (
+    "embedding",
+    "lm_head",
+    "attention",
+    "dense_ffn",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norms",
+    "vision_experts",
+    "vision_router",
+    "vit",
+    "adapter",
+    "mtp",
+)
 # the routers of a MoE block (text, vision) and where the stacked MoE blocks keep them
 ROUTERS = ("gate", "vision_gate")
 ROUTER_PATH = ("units", "moe", "mlp")
@@ -19,9 +33,9 @@ ROUTER_PATH = ("units", "moe", "mlp")
 
 @dataclasses.dataclass(frozen=True)
 class ParamPart:
-    component: str         # one of COMPONENTS
-    freeze_group: str      # vit | adapter | vision_experts | language_model (config FREEZE_GROUPS)
-    optimizer_group: str   # router (LR x router_lr_ratio) | no_decay (norms, biases) | decay
+    component: str  # one of COMPONENTS
+    freeze_group: str  # vit | adapter | vision_experts | language_model (config FREEZE_GROUPS)
+    optimizer_group: str  # router (LR x router_lr_ratio) | no_decay (norms, biases) | decay
 
 
 def _names(path) -> list[str]:
@@ -47,8 +61,9 @@ def _freeze_group(names: list[str]) -> str:
 def _optimizer_group(names: list[str]) -> str:
     if len(names) >= 2 and names[-2] in ("gate", "vision_gate") and names[-1] == "kernel":
         return "router"
-    if names[-1] == "bias" or (names[-1] == "weight" and any(n.endswith("norm") or n.startswith("norm")
-                                                             or n == "ln" for n in names)):
+    if names[-1] == "bias" or (
+        names[-1] == "weight" and any(n.endswith("norm") or n.startswith("norm") or n == "ln" for n in names)
+    ):
         return "no_decay"
     return "decay"
 
@@ -72,7 +87,12 @@ def _component(names: list[str]) -> str:
         return "routed_experts"
     if "shared_experts" in names:
         return "shared_experts"
-    if "gate" in names and names[-1] == "kernel" and "mlp" in names and names[names.index("mlp") + 1] == "gate":
+    if (
+        "gate" in names
+        and names[-1] == "kernel"
+        and "mlp" in names
+        and names[names.index("mlp") + 1] == "gate"
+    ):
         return "router"
     if any(n.endswith("norm") or n.endswith("layernorm") for n in names):
         return "norms"

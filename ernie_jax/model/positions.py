@@ -7,6 +7,7 @@ transformers differ for videos (spec 9.5): ERNIE continues at max(all ids) + 1 =
 W'); transformers at s + max(H', W'), ignoring time. `video_advance` picks one; the default
 follows the spec. For images (T' = 1) both agree.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -17,9 +18,14 @@ import numpy as np
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
-def sample_position_ids(token_types: np.ndarray, grids: Iterator[np.ndarray], spatial_merge: int = 2,
-                        temporal_merge: int = 2, start: int = 0,
-                        video_advance: Literal["ernie", "transformers"] = "ernie") -> np.ndarray:
+def sample_position_ids(
+    token_types: np.ndarray,
+    grids: Iterator[np.ndarray],
+    spatial_merge: int = 2,
+    temporal_merge: int = 2,
+    start: int = 0,
+    video_advance: Literal["ernie", "transformers"] = "ernie",
+) -> np.ndarray:
     """token_types [S] (0 text, 1 image, 2 video placeholders) -> positions [S, 3].
 
     `grids` yields the (t, h, w) patch grid of each vision item in order of appearance; each
@@ -36,9 +42,13 @@ def sample_position_ids(token_types: np.ndarray, grids: Iterator[np.ndarray], sp
         tt = t // temporal_merge if kind == VIDEO else 1
         hh, ww = h // spatial_merge, w // spatial_merge
         if tt * hh * ww != n:
-            raise ValueError(f"a {'video' if kind == VIDEO else 'image'} run of {n} placeholder tokens does not "
-                             f"match its grid {(t, h, w)} ({tt * hh * ww} tokens after merging)")
-        g = np.stack(np.meshgrid(np.arange(tt), np.arange(hh), np.arange(ww), indexing="ij"), -1).reshape(-1, 3)
+            raise ValueError(
+                f"a {'video' if kind == VIDEO else 'image'} run of {n} placeholder tokens does not "
+                f"match its grid {(t, h, w)} ({tt * hh * ww} tokens after merging)"
+            )
+        g = np.stack(np.meshgrid(np.arange(tt), np.arange(hh), np.arange(ww), indexing="ij"), -1).reshape(
+            -1, 3
+        )
         out.append(g + pos)
         if kind == VIDEO and video_advance == "ernie":
             pos += max(tt, hh, ww)
@@ -47,21 +57,31 @@ def sample_position_ids(token_types: np.ndarray, grids: Iterator[np.ndarray], sp
     return np.concatenate(out).astype(np.int32) if out else np.zeros((0, 3), np.int32)
 
 
-def position_ids(mm_token_type_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None,
-                 spatial_merge: int = 2, temporal_merge: int = 2,
-                 video_advance: Literal["ernie", "transformers"] = "ernie") -> np.ndarray:
+def position_ids(
+    mm_token_type_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    attention_mask=None,
+    spatial_merge: int = 2,
+    temporal_merge: int = 2,
+    video_advance: Literal["ernie", "transformers"] = "ernie",
+) -> np.ndarray:
     """Batch version: mm_token_type_ids [B, S] -> positions [B, S, 3]. Items are taken in batch-row
     order from `image_grid_thw` / `video_grid_thw`; masked (padding) tokens get position 0."""
     types = np.asarray(mm_token_type_ids)
     b, s = types.shape
     keep = np.ones((b, s), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grid_iters = {IMAGE: iter(np.asarray(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else iter(()),
-                  VIDEO: iter(np.asarray(video_grid_thw).reshape(-1, 3)) if video_grid_thw is not None else iter(())}
+    grid_iters = {
+        IMAGE: iter(np.asarray(image_grid_thw).reshape(-1, 3)) if image_grid_thw is not None else iter(()),
+        VIDEO: iter(np.asarray(video_grid_thw).reshape(-1, 3)) if video_grid_thw is not None else iter(()),
+    }
     out = np.zeros((b, s, 3), np.int32)
     for i in range(b):
         row = types[i][keep[i]]
         grids = _interleave(row, grid_iters)
-        out[i, keep[i]] = sample_position_ids(row, grids, spatial_merge, temporal_merge, video_advance=video_advance)
+        out[i, keep[i]] = sample_position_ids(
+            row, grids, spatial_merge, temporal_merge, video_advance=video_advance
+        )
     return out
 
 
@@ -72,5 +92,7 @@ def _interleave(types: np.ndarray, iters: dict) -> Iterator[np.ndarray]:
                 yield next(iters[kind])
             except StopIteration:
                 name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
-                raise ValueError(f"more {'image' if kind == IMAGE else 'video'} runs in the tokens than rows in "
-                                 f"{name}; pass one grid row per item") from None
+                raise ValueError(
+                    f"more {'image' if kind == IMAGE else 'video'} runs in the tokens than rows in "
+                    f"{name}; pass one grid row per item"
+                ) from None

@@ -1,5 +1,6 @@
 """Rotary position embeddings. ERNIE rotates interleaved pairs (x[2i], x[2i+1]) (GPT-J style),
 not NeoX halves; inv_freq_i = theta^(-2i/D). See ERNIE45_SPEC.md section 2."""
+
 from __future__ import annotations
 
 import jax
@@ -35,8 +36,8 @@ def rope_angles_3d(positions: jax.Array, head_dim: int, theta: float, t_frequenc
     """
     half = head_dim // 2
     i = jnp.arange(half)
-    axis = jnp.where(i >= half - t_frequencies, 0, jnp.where(i % 2 == 0, 1, 2))   # 0 t, 1 h, 2 w
-    pos = jnp.take(positions.astype(jnp.float32), axis, axis=-1)                  # [B, S, D/2]
+    axis = jnp.where(i >= half - t_frequencies, 0, jnp.where(i % 2 == 0, 1, 2))  # 0 t, 1 h, 2 w
+    pos = jnp.take(positions.astype(jnp.float32), axis, axis=-1)  # [B, S, D/2]
     return pos * inv_frequencies(head_dim, theta)
 
 

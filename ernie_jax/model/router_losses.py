@@ -2,6 +2,7 @@
 
 Shapes: T tokens, E experts, K top-k, H hidden. Router kernels are stored [H, E].
 """
+
 from __future__ import annotations
 
 import jax

@@ -6,6 +6,7 @@ merge windows. Which patch belongs to which frame, its (h, w) grid position and 
 pair up over time depend only on `grid_thw`; `vision_layout` computes that on the host (numpy), so
 the jitted model sees fixed-shape index arrays and no Python branching on data.
 """
+
 from __future__ import annotations
 
 import jax
@@ -22,8 +23,9 @@ from ernie_jax.parallel.context import sharded_attention
 from ernie_jax.precision.remat import remat_policy
 
 
-def vision_layout(grid_thw, spatial_merge: int, num_patches: int | None = None,
-                  num_rows: int | None = None) -> dict[str, np.ndarray]:
+def vision_layout(
+    grid_thw, spatial_merge: int, num_patches: int | None = None, num_rows: int | None = None
+) -> dict[str, np.ndarray]:
     """Host-side index arrays for the vision items described by `grid_thw` [n, 3] (t, h, w patches).
 
     patch_hw [N, 2]   (h, w) of every patch, in 2x2-window order (ViT 2D RoPE)
@@ -42,8 +44,13 @@ def vision_layout(grid_thw, spatial_merge: int, num_patches: int | None = None,
             raise ValueError(f"grid_thw row {(t, h, w)}: h and w must be multiples of the spatial merge {m}")
         hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         block = (h // m, m, w // m, m)
-        order = np.stack([hh.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
-                          ww.reshape(block).transpose(0, 2, 1, 3).reshape(-1)], axis=-1)
+        order = np.stack(
+            [
+                hh.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
+                ww.reshape(block).transpose(0, 2, 1, 3).reshape(-1),
+            ],
+            axis=-1,
+        )
         hw.append(np.tile(order, (t, 1)))
         frames.append(np.repeat(np.arange(frame + 1, frame + t + 1), h * w))
         frame += t
@@ -54,18 +61,28 @@ def vision_layout(grid_thw, spatial_merge: int, num_patches: int | None = None,
             first.append(row_offset + a * rows + np.arange(rows))
             second.append(row_offset + b * rows + np.arange(rows))
         row_offset += t * rows
-    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.int64)  # noqa: E731
-    out = {"patch_hw": cat(hw, (0, 2)), "frame_ids": cat(frames, (0,)),
-           "pair_first": cat(first, (0,)), "pair_second": cat(second, (0,))}
+    cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape, np.int64)
+    out = {
+        "patch_hw": cat(hw, (0, 2)),
+        "frame_ids": cat(frames, (0,)),
+        "pair_first": cat(first, (0,)),
+        "pair_second": cat(second, (0,)),
+    }
     out["row_valid"] = np.ones(len(out["pair_first"]), bool)
     n, rows = len(out["frame_ids"]), len(out["pair_first"])
-    for key, size, want in (("patch_hw", n, num_patches), ("frame_ids", n, num_patches),
-                            ("pair_first", rows, num_rows), ("pair_second", rows, num_rows),
-                            ("row_valid", rows, num_rows)):
+    for key, size, want in (
+        ("patch_hw", n, num_patches),
+        ("frame_ids", n, num_patches),
+        ("pair_first", rows, num_rows),
+        ("pair_second", rows, num_rows),
+        ("row_valid", rows, num_rows),
+    ):
         if want is None:
             continue
         if want < size or (key == "patch_hw" and want % (m * m)):
-            raise ValueError(f"cannot pad {key} of length {size} to {want} (too small or not a multiple of {m * m})")
+            raise ValueError(
+                f"cannot pad {key} of length {size} to {want} (too small or not a multiple of {m * m})"
+            )
         pad = [(0, want - size)] + [(0, 0)] * (out[key].ndim - 1)
         out[key] = np.pad(out[key], pad)
     out = {k: v.astype(np.int32) if v.dtype != bool else v for k, v in out.items()}
@@ -80,7 +97,9 @@ class VisionAttention(nnx.Module):
     """Bidirectional MHA inside each frame (one attention segment per frame, so patches of
     different images never mix and no P x P mask exists); fused qkv with bias; 2D half-split RoPE."""
 
-    def __init__(self, dim: int, num_heads: int, *, kw: dict, spec: AttentionSpec = AttentionSpec(causal=False)):
+    def __init__(
+        self, dim: int, num_heads: int, *, kw: dict, spec: AttentionSpec = AttentionSpec(causal=False)
+    ):
         self.num_heads, self.spec = num_heads, spec
         self.qkv = Linear(dim, 3 * dim, axes=("embed", "q_heads"), bias=True, **kw)
         self.proj = Linear(dim, dim, axes=("q_heads", "embed"), bias=True, **kw)
@@ -121,13 +140,21 @@ class VisionTransformer(nnx.Module):
         v, m = cfg.vision, cfg.model
         self.cfg = cfg
         dt, pd = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
-        self.patch_embed = Linear(v.in_channels * v.patch_size ** 2, v.hidden_size, axes=("mlp", "embed"),
-                                  rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd)
+        self.patch_embed = Linear(
+            v.in_channels * v.patch_size**2,
+            v.hidden_size,
+            axes=("mlp", "embed"),
+            rngs=rngs,
+            std=m.init_std,
+            dtype=dt,
+            param_dtype=pd,
+        )
 
         @nnx.split_rngs(splits=v.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(r):
             return VisionBlock(cfg, rngs=r)
+
         self.blocks = make(rngs)
         self.ln = LayerNorm(v.hidden_size, v.layer_norm_eps, param_dtype=pd)
 
@@ -138,12 +165,14 @@ class VisionTransformer(nnx.Module):
 
         def apply(block, x):
             return block(x, angles, frame_ids)
+
         if m.remat != "none":
             apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
 
         @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
         def body(block, x):
             return apply(block, x)
+
         return self.ln(body(self.blocks, x))
 
 
@@ -165,7 +194,7 @@ class Adapter(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         v, m = cfg.vision, cfg.model
-        self.merge = v.spatial_merge ** 2
+        self.merge = v.spatial_merge**2
         spatial = v.hidden_size * self.merge
         kw = dict(rngs=rngs, std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
         self.spatial_linear = AdapterMLP(spatial, spatial, v.layer_norm_eps, kw=kw)

@@ -17,6 +17,7 @@ hand the call to `flash` and say so once in the log.
 
 Dims: B batch, S query length, T key length, N query heads, K kv heads (GQA: K divides N), D head dim.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ AUTO_DENSE_MAX = 512
 class AttentionSpec:
     """Static attention settings: backend, tile sizes (flash and splash), causality, and whether
     Pallas kernels run in interpret mode (any platform, slow: for checking them on a CPU)."""
+
     backend: str = "auto"
     block_q: int = 512
     block_kv: int = 512
@@ -72,8 +74,10 @@ def check_backend(name: str, platform: str, interpret: bool = False) -> str:
     backend = resolve_backend(name, platform)
     need, have = _PLATFORM_OF.get(backend), platform_name(platform)
     if need and need != have and not interpret:
-        raise ConfigError(f"model.attention={name} needs a {need.upper()} but this run is on {have}; "
-                          f"use model.attention=flash (or auto)")
+        raise ConfigError(
+            f"model.attention={name} needs a {need.upper()} but this run is on {have}; "
+            f"use model.attention=flash (or auto)"
+        )
     return backend
 
 
@@ -82,20 +86,30 @@ def resolve(spec: AttentionSpec, platform: str, kv_length: int | None = None) ->
     explicit backend is taken as given (the ahead-of-time compile traces TPU code on a CPU host)."""
     backend = resolve_backend(spec.backend, platform, kv_length)
     bq, bk = DEFAULT_BLOCKS.get(backend, (512, 512))
-    return backend, dataclasses.replace(spec, backend=backend, block_q=spec.block_q or bq,
-                                        block_kv=spec.block_kv or bk)
+    return backend, dataclasses.replace(
+        spec, backend=backend, block_q=spec.block_q or bq, block_kv=spec.block_kv or bk
+    )
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | None = None,
-                          kv_segment_ids: jax.Array | None = None, q_index: jax.Array | None = None,
-                          kv_index: jax.Array | None = None, spec: AttentionSpec = AttentionSpec()) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    q_index: jax.Array | None = None,
+    kv_index: jax.Array | None = None,
+    spec: AttentionSpec = AttentionSpec(),
+) -> jax.Array:
     """q [B,S,N,D], k/v [B,T,K,D]; segment ids [B,S] / [B,T] (None: one segment); token indices
     [B,S] / [B,T] (None: natural order) -> [B,S,N,D]. Softmax statistics are fp32."""
     backend, resolved = resolve(spec, jax.default_backend(), k.shape[1])
     ordered = q_index is None and kv_index is None
     if backend in ("splash", "cudnn") and not ordered:
-        _log_once(f"attention: {backend} takes tokens in natural order only; reordered tokens (context "
-                  f"parallelism) use the flash backend")
+        _log_once(
+            f"attention: {backend} takes tokens in natural order only; reordered tokens (context "
+            f"parallelism) use the flash backend"
+        )
         backend, resolved = resolve(dataclasses.replace(spec, backend="flash"), jax.default_backend())
     spec = resolved
     if backend == "splash":
@@ -105,8 +119,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_id
     qseg, kseg = _segments(q_segment_ids, q), _segments(kv_segment_ids, k)
     if backend == "dense":
         return dense_attention(q, k, v, qseg, kseg, q_index, kv_index, causal=spec.causal)
-    return flash_attention(q, k, v, qseg, kseg, q_index, kv_index, causal=spec.causal, block_q=spec.block_q,
-                           block_kv=spec.block_kv)
+    return flash_attention(
+        q,
+        k,
+        v,
+        qseg,
+        kseg,
+        q_index,
+        kv_index,
+        causal=spec.causal,
+        block_q=spec.block_q,
+        block_kv=spec.block_kv,
+    )
 
 
 def _segments(ids: jax.Array | None, x: jax.Array) -> jax.Array:
@@ -125,7 +149,7 @@ def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_ind
     if causal:
         mask &= q_index[:, :, None] >= kv_index[:, None, :]
     qg = q.reshape(b, s, kvh, n // kvh, d)
-    logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    logits = jnp.einsum("bqkgd,btkd->bkgqt", qg, k, preferred_element_type=jnp.float32) * (d**-0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgqt,btkd->bqkgd", probs, v).reshape(b, s, n, d)
@@ -133,28 +157,31 @@ def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_ind
 
 # ----------------------------------------------------------------------------- TPU: splash
 
+
 def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, causal_offset: int = 0):
     """Splash attention (jax.experimental.pallas.ops.tpu.splash_attention): one MQA kernel per kv
     head, vmapped over batch and kv heads, so GQA never repeats K/V. Lengths are padded to the
     tile size with a padding segment. With `spec.causal`, query i sees keys j <= i + causal_offset
     (a chunk of queries that starts `causal_offset` tokens into the keys)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
     b, s, n, d = q.shape
     t, kvh = k.shape[1], k.shape[2]
     g = n // kvh
     bq, bk = min(spec.block_q, round_up(s, 128)), min(spec.block_kv, round_up(t, 128))
     sp, tp = round_up(s, bq), round_up(t, bk)
     kernel = _splash_kernel(sp, tp, g, spec.causal, causal_offset, bq, bk, spec.interpret)
-    qh = pad_axis(q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4) * jnp.asarray(d ** -0.5, q.dtype), 3, sp)
+    qh = pad_axis(q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4) * jnp.asarray(d**-0.5, q.dtype), 3, sp)
     kh = pad_axis(k.transpose(0, 2, 1, 3), 2, tp)
     vh = pad_axis(v.transpose(0, 2, 1, 3), 2, tp)
     qseg = pad_axis(_segments(q_segment_ids, q).astype(jnp.int32), 1, sp, -1)
     kseg = pad_axis(_segments(kv_segment_ids, k).astype(jnp.int32), 1, tp, -1)
 
-    def one(qh, kh, vh, qseg, kseg):        # q [G,S,D], k/v [T,D]
+    def one(qh, kh, vh, qseg, kseg):  # q [G,S,D], k/v [T,D]
         return kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=qseg, kv=kseg))
+
     per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))
-    out = jax.vmap(per_head)(qh, kh, vh, qseg, kseg)                  # [B,K,G,S,D]
+    out = jax.vmap(per_head)(qh, kh, vh, qseg, kseg)  # [B,K,G,S,D]
     return out[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, d).astype(q.dtype)
 
 
@@ -163,14 +190,25 @@ def _splash_kernel(s: int, t: int, heads: int, causal: bool, offset: int, bq: in
     become constants of that trace (splash caches the numpy mask processing itself)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
     mask = sm.CausalMask((s, t), offset=offset) if causal else sm.FullMask((s, t))
-    blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
-                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    return sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * heads), block_sizes=blocks,
-                                            interpret=interpret)
+    blocks = sk.BlockSizes(
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        block_q_dq=bq,
+        block_kv_dq=bk,
+    )
+    return sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([mask] * heads), block_sizes=blocks, interpret=interpret
+    )
 
 
 # ----------------------------------------------------------------------------- GPU: cuDNN / Pallas
+
 
 def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec):
     """cuDNN fused attention for unpacked bf16/fp16 rows; packed rows (segment ids) and fp32 go
@@ -185,24 +223,35 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec)
 
 def pallas_gpu_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec):
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
     b, s, n, d = q.shape
     if k.shape[1] != s:
         raise ValueError("the Pallas GPU kernel needs as many keys as queries (self-attention)")
     seg = q_segment_ids if q_segment_ids is not None else kv_segment_ids
-    block = min(128, round_up(s, 32))       # a multiple of the 32-row backward tiles
+    block = min(128, round_up(s, 32))  # a multiple of the 32-row backward tiles
     sp = round_up(s, block)
     g = n // k.shape[2]
     kr, vr = (jnp.repeat(x, g, axis=2) for x in (k, v))
-    pad = lambda x: pad_axis(x, 1, sp)  # noqa: E731
+    pad = lambda x: pad_axis(x, 1, sp)
     seg = pad_axis(_segments(seg, q).astype(jnp.int32), 1, sp, -1)
-    blocks = gpu_attention.BlockSizes(block_q=block, block_k=block, block_q_dkv=32, block_kv_dkv=32,
-                                      block_q_dq=32, block_kv_dq=32)
-    out = gpu_attention.mha(pad(q), pad(kr), pad(vr), seg, sm_scale=d ** -0.5, causal=spec.causal,
-                            block_sizes=blocks, interpret=spec.interpret)
+    blocks = gpu_attention.BlockSizes(
+        block_q=block, block_k=block, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32
+    )
+    out = gpu_attention.mha(
+        pad(q),
+        pad(kr),
+        pad(vr),
+        seg,
+        sm_scale=d**-0.5,
+        causal=spec.causal,
+        block_sizes=blocks,
+        interpret=spec.interpret,
+    )
     return out[:, :s]
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 @functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:

@@ -7,6 +7,7 @@ MaxText's vocabulary tiling and ERNIEKit's `loss_subbatch_seqlen`).
 
 Dims: B batch, S sequence, H hidden, V vocabulary, P sequence shards (context parallelism), c chunk.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -23,8 +24,9 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return lse - picked
 
 
-def chunked_head_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
-                               chunk: int, shards: int = 1) -> jax.Array:
+def chunked_head_cross_entropy(
+    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array, chunk: int, shards: int = 1
+) -> jax.Array:
     """CE of `labels` [B,S] under `head(hidden)` ([B,s,H] -> [B,s,V] logits), computed `chunk`
     positions per sequence shard at a time; `shards` > 1 when the sequence is split over devices,
     so every step of the scan works on all shards at once. Returns [B,S] fp32; equal to
@@ -38,7 +40,7 @@ def chunked_head_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: j
     n = -(-local // c)
     pad = n * c - local
 
-    def split(a):   # [B, S, ...] -> [n, B, P*c, ...]: step i takes chunk i of every shard
+    def split(a):  # [B, S, ...] -> [n, B, P*c, ...]: step i takes chunk i of every shard
         a = a.reshape(b, shards, local, *a.shape[2:])
         a = jnp.pad(a, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 3))
         a = a.reshape(b, shards, n, c, *a.shape[3:])
@@ -50,6 +52,7 @@ def chunked_head_cross_entropy(head: Callable[[jax.Array], jax.Array], hidden: j
 
     def body(carry, xs):
         return carry, step(*xs)
-    _, ce = jax.lax.scan(body, None, (split(hidden), split(labels)))        # [n, B, P*c]
+
+    _, ce = jax.lax.scan(body, None, (split(hidden), split(labels)))  # [n, B, P*c]
     ce = jnp.moveaxis(ce.reshape(n, b, shards, c), 0, 2).reshape(b, shards, n * c)[:, :, :local]
     return ce.reshape(b, s)

@@ -15,6 +15,7 @@ segment-id ranges do not overlap. The loops only visit the span of tiles a block
 Dims: B batch, S query length, T key length, K kv heads, G query heads per kv head (GQA: K/V are
 never repeated), D head dim; bq / bk tile lengths.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,14 +26,24 @@ import numpy as np
 
 # Masked logits: finite, so rows stay finite and exp(MASK_VALUE - m) underflows to exactly 0.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_Q_PAD, _KV_PAD = -1, -2            # segment ids of padding rows: they match nothing real
+_Q_PAD, _KV_PAD = -1, -2  # segment ids of padding rows: they match nothing real
 _BIG_INDEX = np.iinfo(np.int32).max
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-                    kv_segment_ids: jax.Array, q_index: jax.Array | None = None,
-                    kv_index: jax.Array | None = None, *, causal: bool = True, block_q: int = 512,
-                    block_kv: int = 512, scale: float | None = None) -> jax.Array:
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_index: jax.Array | None = None,
+    kv_index: jax.Array | None = None,
+    *,
+    causal: bool = True,
+    block_q: int = 512,
+    block_kv: int = 512,
+    scale: float | None = None,
+) -> jax.Array:
     """q [B,S,N,D], k/v [B,T,K,D] (K divides N), segment ids [B,S] / [B,T] (int), token indices
     [B,S] / [B,T] (default 0..S-1 / 0..T-1; used only when `causal`) -> [B,S,N,D] in q's dtype.
     Logits, softmax statistics and accumulators are fp32 whatever the input dtype."""
@@ -41,7 +52,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
     if n % kvh:
         raise ValueError(f"{n} query heads are not a multiple of {kvh} kv heads")
     g = n // kvh
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if q_index is None:
         q_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if kv_index is None:
@@ -49,17 +60,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax
     bq, bk = _block(block_q, s), _block(block_kv, t)
     sp, tp = round_up(s, bq), round_up(t, bk)
     # head-major layouts, so every tile product is a plain batched matmul over (B, K)
-    qh = pad_axis(q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4), 3, sp)      # [B,K,G,S,D]
-    kh = pad_axis(k.transpose(0, 2, 1, 3), 2, tp)                                   # [B,K,T,D]
+    qh = pad_axis(q.reshape(b, s, kvh, g, d).transpose(0, 2, 3, 1, 4), 3, sp)  # [B,K,G,S,D]
+    kh = pad_axis(k.transpose(0, 2, 1, 3), 2, tp)  # [B,K,T,D]
     vh = pad_axis(v.transpose(0, 2, 1, 3), 2, tp)
     qseg = pad_axis(q_segment_ids.astype(jnp.int32), 1, sp, _Q_PAD)
     kseg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, tp, _KV_PAD)
     qidx = pad_axis(q_index.astype(jnp.int32), 1, sp, -1)
     kidx = pad_axis(kv_index.astype(jnp.int32), 1, tp, _BIG_INDEX)
+
     # the scale is applied to q outside the custom VJP, so autodiff carries it into dq; rows go
     # one at a time, so a tile is one row's [K,G,bq,bk] and stays in cache whatever the batch
     def row(args):
         return _flash(*(a[None] for a in args), causal, bq, bk)[0]
+
     out = jax.lax.map(row, (qh * jnp.asarray(scale, qh.dtype), kh, vh, qseg, kseg, qidx, kidx))
     return out[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, n, d)
 
@@ -82,7 +95,7 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-SKIP, MASKED, FULL = 0, 1, 2      # tile kinds: hidden, partly visible, wholly visible
+SKIP, MASKED, FULL = 0, 1, 2  # tile kinds: hidden, partly visible, wholly visible
 
 
 def tile_kinds(qseg, kseg, qidx, kidx, causal: bool, bq: int, bk: int) -> jax.Array:
@@ -92,8 +105,8 @@ def tile_kinds(qseg, kseg, qidx, kidx, causal: bool, bq: int, bk: int) -> jax.Ar
     qs, ks = qseg.reshape(b, -1, bq), kseg.reshape(b, -1, bk)
     q_lo, q_hi = qs.min(-1)[:, :, None], qs.max(-1)[:, :, None]
     k_lo, k_hi = ks.min(-1)[:, None, :], ks.max(-1)[:, None, :]
-    need = (q_lo <= k_hi) & (k_lo <= q_hi)                       # segment-id ranges overlap
-    full = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)       # one segment on both sides
+    need = (q_lo <= k_hi) & (k_lo <= q_hi)  # segment-id ranges overlap
+    full = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)  # one segment on both sides
     if causal:
         qi, ki = qidx.reshape(b, -1, bq), kidx.reshape(b, -1, bk)
         need &= qi.max(-1)[:, :, None] >= ki.min(-1)[:, None, :]
@@ -131,7 +144,7 @@ def _blocks(x: jax.Array, axis: int, size: int, transpose: bool = False) -> jax.
     one contiguous slab: [n,B,K,...,size,D]; `transpose` puts D right after B,K ([n,B,K,D,...,size]),
     a pre-transposed operand for the tile matmuls."""
     n = x.shape[axis] // size
-    x = jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
+    x = jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1 :]), axis, 0)
     return jnp.moveaxis(x, -1, 3) if transpose else x
 
 
@@ -142,6 +155,7 @@ def _f32(x):
 # Layouts: q-side tiles [B,K,G,bq,D] (q, dout) and [B,K,D,G,bq] (transposed); key-side tiles
 # [B,K,bk,D] (k, v) and [B,K,D,bk] (transposed); per-row statistics [B,K,G,bq]. Operands are
 # pre-transposed once (O(S) copies) so that every tile product is a contiguous matmul.
+
 
 def _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk):
     """softmax(q k^T) v with q already scaled: (out [B,K,G,S,D] in q's dtype, lse [B,K,G,S] fp32)."""
@@ -158,22 +172,30 @@ def _forward(qh, kh, vh, qseg, kseg, qidx, kidx, causal, bq, bk):
             def compute(carry, masked):
                 m, denom, acc = carry
                 mask = _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal) if masked else None
-                s = _masked(jnp.einsum("bkgqd,bkdt->bkgqt", qi, kt_t[j], preferred_element_type=jnp.float32), mask)
+                s = _masked(
+                    jnp.einsum("bkgqd,bkdt->bkgqt", qi, kt_t[j], preferred_element_type=jnp.float32), mask
+                )
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])
                 corr = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkgqt,bktd->bkgqd", p.astype(vh.dtype), v_t[j], preferred_element_type=jnp.float32)
+                pv = jnp.einsum(
+                    "bkgqt,bktd->bkgqd", p.astype(vh.dtype), v_t[j], preferred_element_type=jnp.float32
+                )
                 return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + pv
+
             return _visit(kinds[i, j], compute, carry)
 
-        init = (jnp.full((b, kvh, g, bq), MASK_VALUE, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
-                jnp.zeros((b, kvh, g, bq, d), jnp.float32))
+        init = (
+            jnp.full((b, kvh, g, bq), MASK_VALUE, jnp.float32),
+            jnp.zeros((b, kvh, g, bq), jnp.float32),
+            jnp.zeros((b, kvh, g, bq, d), jnp.float32),
+        )
         lo, hi = _span(kinds[i] != SKIP)
         m, denom, acc = jax.lax.fori_loop(lo, hi, kv_tile, init)
-        denom = jnp.where(denom == 0, 1.0, denom)     # a block that sees no tile at all
+        denom = jnp.where(denom == 0, 1.0, denom)  # a block that sees no tile at all
         return (acc / denom[..., None]).astype(qh.dtype), m + jnp.log(denom)
 
-    out, lse = jax.lax.map(q_block, jnp.arange(sp // bq))   # [nq, B,K,G,bq,(D)]
+    out, lse = jax.lax.map(q_block, jnp.arange(sp // bq))  # [nq, B,K,G,bq,(D)]
     return jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, sp, d), jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, sp)
 
 
@@ -185,7 +207,7 @@ def _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk
     tp = kh.shape[2]
     nq, nk = sp // bq, tp // bk
     kinds = tile_kinds(qseg, kseg, qidx, kidx, causal, bq, bk)
-    delta = jnp.sum(_f32(dout) * _f32(out), axis=-1)                                  # [B,K,G,S]
+    delta = jnp.sum(_f32(dout) * _f32(out), axis=-1)  # [B,K,G,S]
     q_t, qT_t = _blocks(qh, 3, bq), _blocks(qh, 3, bq, transpose=True)
     do_t, doT_t = _blocks(dout, 3, bq), _blocks(dout, 3, bq, transpose=True)
     lse_t, delta_t = _blocks(lse, 3, bq), _blocks(delta, 3, bq)
@@ -198,17 +220,23 @@ def _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk
         def q_tile(i, carry):
             def compute(carry, masked):
                 dk, dv = carry
-                mask = _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal, keys_first=True) \
-                    if masked else None
+                mask = (
+                    _tile_mask(qseg_t[i], kseg_t[j], qidx_t[i], kidx_t[j], causal, keys_first=True)
+                    if masked
+                    else None
+                )
                 s_t = jnp.einsum("bktd,bkdgq->bktgq", k_t[j], qT_t[i], preferred_element_type=jnp.float32)
                 p_t = jnp.exp(_masked(s_t, mask) - lse_t[i][:, :, None])
-                dv = dv + jnp.einsum("bktgq,bkgqd->bktd", p_t.astype(dout.dtype), do_t[i],
-                                     preferred_element_type=jnp.float32)
+                dv = dv + jnp.einsum(
+                    "bktgq,bkgqd->bktd", p_t.astype(dout.dtype), do_t[i], preferred_element_type=jnp.float32
+                )
                 dp_t = jnp.einsum("bktd,bkdgq->bktgq", v_t[j], doT_t[i], preferred_element_type=jnp.float32)
                 ds_t = (p_t * (dp_t - delta_t[i][:, :, None])).astype(qh.dtype)
                 dk = dk + jnp.einsum("bktgq,bkgqd->bktd", ds_t, q_t[i], preferred_element_type=jnp.float32)
                 return dk, dv
+
             return _visit(kinds[i, j], compute, carry)
+
         zeros = jnp.zeros((b, kvh, bk, d), jnp.float32)
         lo, hi = _span(kinds[:, j] != SKIP)
         return jax.lax.fori_loop(lo, hi, q_tile, (zeros, zeros))
@@ -222,12 +250,14 @@ def _backward(qh, kh, vh, qseg, kseg, qidx, kidx, out, lse, dout, causal, bq, bk
                 dp = jnp.einsum("bkgqd,bkdt->bkgqt", do_t[i], vt_t[j], preferred_element_type=jnp.float32)
                 ds = (p * (dp - delta_t[i][..., None])).astype(kh.dtype)
                 return dq + jnp.einsum("bkgqt,bktd->bkgqd", ds, k_t[j], preferred_element_type=jnp.float32)
+
             return _visit(kinds[i, j], compute, dq)
+
         lo, hi = _span(kinds[i] != SKIP)
         return jax.lax.fori_loop(lo, hi, kv_tile, jnp.zeros((b, kvh, g, bq, d), jnp.float32))
 
-    dk, dv = jax.lax.map(kv_block, jnp.arange(nk))                  # [nk, B,K,bk,D]
-    dq = jax.lax.map(q_block, jnp.arange(nq))                       # [nq, B,K,G,bq,D]
+    dk, dv = jax.lax.map(kv_block, jnp.arange(nk))  # [nk, B,K,bk,D]
+    dq = jax.lax.map(q_block, jnp.arange(nq))  # [nq, B,K,G,bq,D]
     dk = jnp.moveaxis(dk, 0, 2).reshape(b, kvh, tp, d)
     dv = jnp.moveaxis(dv, 0, 2).reshape(b, kvh, tp, d)
     dq = jnp.moveaxis(dq, 0, 3).reshape(b, kvh, g, sp, d)

@@ -7,6 +7,7 @@ tokens, shared by the MoE block (model/moe.py) and the expert-parallel transport
 
 Dims: T tokens, H hidden, E experts, K top-k, C capacity, I expert width.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,15 +31,16 @@ def route(logits: jax.Array, bias: jax.Array, top_k: int, norm_min: float):
     return probs, idx, weights
 
 
-def dropless_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None,
-                     live: jax.Array | None = None) -> jax.Array:
+def dropless_experts(
+    x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None, live: jax.Array | None = None
+) -> jax.Array:
     """Every live assignment is computed: sort by expert, ragged_dot per expert group, unsort,
     combine. Tokens with live=False (padding, the other modality) sort past the last group, where
     ragged_dot does no work and returns zeros."""
     gate, up, down = kernels
     t, k = idx.shape
     num_experts = gate.shape[0]
-    flat_expert = idx.reshape(-1)                                     # [T*K], token-major
+    flat_expert = idx.reshape(-1)  # [T*K], token-major
     if live is not None:
         flat_expert = jnp.where(jnp.repeat(live.astype(bool), k), flat_expert, num_experts)
     order = jnp.argsort(flat_expert, stable=True)
@@ -76,7 +78,9 @@ def dispatch(x: jax.Array, expert_km, slot, num_experts: int, capacity: int) -> 
     t = x.shape[0]
     token = jnp.tile(jnp.arange(t), expert_km.shape[0] // t)
     buf = jnp.zeros((num_experts, capacity, x.shape[-1]), x.dtype)
-    return checkpoint_name(buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop"), "moe_dispatch")
+    return checkpoint_name(
+        buf.at[expert_km, slot].set(jnp.take(x, token, axis=0), mode="drop"), "moe_dispatch"
+    )
 
 
 def swiglu_experts(buf: jax.Array, gate, up, down, fp8=None) -> jax.Array:
@@ -96,8 +100,9 @@ def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Ar
     return jnp.einsum("tkh,tk->th", ys, (weights * keep.reshape(k, t).T).astype(ys.dtype))
 
 
-def capacity_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, mask: jax.Array, kernels,
-                     capacity: int, fp8=None):
+def capacity_experts(
+    x: jax.Array, idx: jax.Array, weights: jax.Array, mask: jax.Array, kernels, capacity: int, fp8=None
+):
     """Fixed buffers [E, C, H] on one device; padding tokens take no slot. Returns (y [T,H], kept [T,K])."""
     num_experts = kernels[0].shape[0]
     live = jnp.broadcast_to(mask.astype(bool)[:, None], idx.shape)

@@ -16,6 +16,7 @@ picked by the shard index with `lax.switch`, so the TPU kernel only visits the t
 
 Dims: B batch, S sequence (global), C context shards, N/K heads, D head dim.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,10 @@ def load_balanced_order(seq_len: int, context: int) -> np.ndarray:
     """perm [S]: position p of the reordered sequence holds original token perm[p]. Shard r (the
     r-th block of S / C positions) holds chunks r and 2C-1-r of 2C equal chunks."""
     if seq_len % (2 * context):
-        raise ConfigError(f"data.seq_len={seq_len} is not divisible by 2 x mesh.context = {2 * context} "
-                          f"(each context shard holds two equal chunks); change data.seq_len or mesh.context")
+        raise ConfigError(
+            f"data.seq_len={seq_len} is not divisible by 2 x mesh.context = {2 * context} "
+            f"(each context shard holds two equal chunks); change data.seq_len or mesh.context"
+        )
     chunk = seq_len // (2 * context)
     order = []
     for r in range(context):
@@ -55,8 +58,14 @@ def context_mesh():
     return mesh
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-              token_index: jax.Array | None, spec: AttentionSpec) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    token_index: jax.Array | None,
+    spec: AttentionSpec,
+) -> jax.Array:
     """Self-attention q [B,S,N,D], k/v [B,S,K,D] under the mesh set with `jax.set_mesh` (if any):
     context-parallel when it has a context axis, else each device attends its own rows and heads.
     `token_index` [B,S]: original positions of reordered tokens (None: natural order)."""
@@ -66,8 +75,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     return sharded_attention(q, k, v, segment_ids, token_index, spec)
 
 
-def sharded_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
-                      token_index: jax.Array | None, spec: AttentionSpec) -> jax.Array:
+def sharded_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    token_index: jax.Array | None,
+    spec: AttentionSpec,
+) -> jax.Array:
     """Self-attention with each device attending its own rows and heads (no sequence split); a
     plain call without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -88,7 +103,7 @@ def _local_attention(q, k, v, segment_ids, token_index, spec, mesh):
     batch, heads = _layout(mesh, q, k)
     act, tok = P(batch, None, heads, None), P(batch, None)
     args, specs = [q, k, v], [act, act, act]
-    for extra in (segment_ids, token_index):   # optional [B,S] vectors
+    for extra in (segment_ids, token_index):  # optional [B,S] vectors
         if extra is not None:
             args.append(extra)
             specs.append(tok)
@@ -99,6 +114,7 @@ def _local_attention(q, k, v, segment_ids, token_index, spec, mesh):
         seg = rest.pop(0) if has_seg else None
         idx = rest.pop(0) if has_idx else None
         return dot_product_attention(q, k, v, seg, seg, idx, idx, spec)
+
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=act, check_vma=False)(*args)
 
 
@@ -114,8 +130,9 @@ def context_parallel_attention(q, k, v, segment_ids, token_index, spec: Attentio
     act, tok = P(batch, CONTEXT_AXIS, heads, None), P(batch, CONTEXT_AXIS)
     backend, spec = resolve(spec, jax.default_backend(), s)
     local = functools.partial(_splash_local if backend == "splash" else _gathered_local, spec=spec, context=c)
-    return jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, tok, tok), out_specs=act,
-                         check_vma=False)(q, k, v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32))
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(act, act, act, tok, tok), out_specs=act, check_vma=False
+    )(q, k, v, segment_ids.astype(jnp.int32), token_index.astype(jnp.int32))
 
 
 def _divisible_axes(mesh, axes, size: int):
@@ -149,7 +166,19 @@ def _splash_local(q, k, v, seg, idx, *, spec, context):
         for part, chunk_id in enumerate((r, 2 * context - 1 - r)):
             rows = slice(part * chunk, (part + 1) * chunk)
             end = (chunk_id + 1) * chunk if spec.causal else s
-            outs.append(splash_attention(q[:, rows], k_nat[:, :end], v_nat[:, :end], seg[:, rows], seg_nat[:, :end],
-                                         spec, causal_offset=chunk_id * chunk))
+            outs.append(
+                splash_attention(
+                    q[:, rows],
+                    k_nat[:, :end],
+                    v_nat[:, :end],
+                    seg[:, rows],
+                    seg_nat[:, :end],
+                    spec,
+                    causal_offset=chunk_id * chunk,
+                )
+            )
         return jnp.concatenate(outs, axis=1)
-    return jax.lax.switch(jax.lax.axis_index(CONTEXT_AXIS), [functools.partial(shard, r) for r in range(context)])
+
+    return jax.lax.switch(
+        jax.lax.axis_index(CONTEXT_AXIS), [functools.partial(shard, r) for r in range(context)]
+    )

@@ -10,6 +10,7 @@ moves token copies to the devices that own the chosen experts and brings the res
   [E_local, C, H] (C from the group's token count), reduce-scatter the partial outputs.
 Assignments beyond capacity are dropped and reported as not kept.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,18 +33,34 @@ def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh, fp8=None)
     batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     tok2, tok1, exp = P(batch, None), P(batch), P("expert", None, None)
     local = _all_to_all_local if cfg.transport == "all_to_all" else _allgather_local
-    fn = functools.partial(local, num_experts=cfg.num_experts, top_k=cfg.top_k, factor=cfg.capacity_factor,
-                           ep=mesh.shape["expert"])
+    fn = functools.partial(
+        local,
+        num_experts=cfg.num_experts,
+        top_k=cfg.top_k,
+        factor=cfg.capacity_factor,
+        ep=mesh.shape["expert"],
+    )
     if isinstance(fp8, BoundExperts):
         axes, devices = tuple(mesh.axis_names), mesh.size
 
         def with_history(*args):
             *arrays, hist = args
             return fn(*arrays, fp8=ShardedBoundExperts(hist, axes, devices))
-        return jax.shard_map(with_history, mesh=mesh, in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp, P()),
-                             out_specs=(tok2, tok2), check_vma=False)(x, idx, weights, mask, *kernels, fp8.hist)
-    return jax.shard_map(functools.partial(fn, fp8=fp8), mesh=mesh, in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp),
-                         out_specs=(tok2, tok2), check_vma=False)(x, idx, weights, mask, *kernels)
+
+        return jax.shard_map(
+            with_history,
+            mesh=mesh,
+            in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp, P()),
+            out_specs=(tok2, tok2),
+            check_vma=False,
+        )(x, idx, weights, mask, *kernels, fp8.hist)
+    return jax.shard_map(
+        functools.partial(fn, fp8=fp8),
+        mesh=mesh,
+        in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp),
+        out_specs=(tok2, tok2),
+        check_vma=False,
+    )(x, idx, weights, mask, *kernels)
 
 
 def _all_to_all_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_k, factor, ep, fp8):
@@ -52,7 +69,7 @@ def _all_to_all_local(x, idx, weights, mask, gate, up, down, *, num_experts, top
     live = jnp.broadcast_to(mask.astype(bool)[:, None], idx.shape)
     expert_km, slot, keep = assignment_slots(idx, live, num_experts, cap)
     buf = dispatch(x, expert_km, slot, num_experts, cap).reshape(ep, num_experts // ep, cap, h)
-    buf = jax.lax.all_to_all(buf, "expert", 0, 0)                   # [source, E_local, C, H]
+    buf = jax.lax.all_to_all(buf, "expert", 0, 0)  # [source, E_local, C, H]
     out = swiglu_experts(buf, gate, up, down, fp8=fp8)
     out = jax.lax.all_to_all(out, "expert", 0, 0).reshape(num_experts, cap, h)
     return combine(out, expert_km, slot, keep, weights), keep.reshape(top_k, t).T
@@ -70,7 +87,7 @@ def _allgather_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_
     live = maskg.astype(bool)[:, None] & mine
     expert_km, slot, keep = assignment_slots(jnp.where(mine, local_idx, 0), live, e_local, cap)
     out = swiglu_experts(dispatch(xg, expert_km, slot, e_local, cap), gate, up, down, fp8=fp8)
-    partial = combine(out, expert_km, slot, keep, wg)               # only this device's experts
+    partial = combine(out, expert_km, slot, keep, wg)  # only this device's experts
     y = jax.lax.psum_scatter(partial, "expert", scatter_dimension=0, tiled=True)
     kept = jax.lax.psum(keep.reshape(top_k, -1).T.astype(jnp.int32), "expert") > 0
     return y, jax.lax.dynamic_slice_in_dim(kept, me * t, t, axis=0)

@@ -7,6 +7,7 @@ model code. Stacked layers add leading axes; they stay unsharded except the pipe
 outside that stack is split over `pipeline` like FSDP (embed dims) and batch-wise (activations), so
 stages hold and compute only their share of it.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ MESH_AXES = ("data", "fsdp", "context", "tensor", "expert", "pipeline")
 
 # logical axis -> mesh axes (in order of preference); MaxText-style, one place for the whole model.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert", "pipeline"),   # activations: every non-model axis splits the batch
+    "batch": ("data", "fsdp", "expert", "pipeline"),  # activations: every non-model axis splits the batch
     "vocab": ("tensor",),
     # ZeRO-3 by sharding: over fsdp, over the context shards (which hold the same batch rows, as in
     # MaxText) and over pipeline where the layer axis is not
@@ -48,23 +49,33 @@ def mesh_shape(m: MeshConfig, num_devices: int) -> dict[str, int]:
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if free:
         if num_devices % fixed:
-            raise ConfigError(f"mesh: fixed axes use {fixed} devices, which does not divide the {num_devices} "
-                              f"available; change the mesh sizes")
+            raise ConfigError(
+                f"mesh: fixed axes use {fixed} devices, which does not divide the {num_devices} "
+                f"available; change the mesh sizes"
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
         layout = " x ".join(f"{a}={s}" for a, s in sizes.items())
-        raise ConfigError(f"mesh {layout} uses {math.prod(sizes.values())} devices but {num_devices} are available; "
-                          f"make the product equal or set one axis to -1")
+        raise ConfigError(
+            f"mesh {layout} uses {math.prod(sizes.values())} devices but {num_devices} are available; "
+            f"make the product equal or set one axis to -1"
+        )
     return sizes
 
 
 def check_mesh_fits_model(cfg: Config, sizes: dict[str, int]) -> None:
     if cfg.moe.num_experts and cfg.moe.num_experts % sizes["expert"]:
-        raise ConfigError(f"moe.num_experts={cfg.moe.num_experts} is not divisible by mesh.expert={sizes['expert']}")
+        raise ConfigError(
+            f"moe.num_experts={cfg.moe.num_experts} is not divisible by mesh.expert={sizes['expert']}"
+        )
     if sizes["context"] != cfg.mesh.context:
-        raise ConfigError(f"mesh.context={cfg.mesh.context} but the mesh has {sizes['context']} context shards")
+        raise ConfigError(
+            f"mesh.context={cfg.mesh.context} but the mesh has {sizes['context']} context shards"
+        )
     if sizes["pipeline"] != cfg.mesh.pipeline:
-        raise ConfigError(f"mesh.pipeline={cfg.mesh.pipeline} but the mesh has {sizes['pipeline']} pipeline stages")
+        raise ConfigError(
+            f"mesh.pipeline={cfg.mesh.pipeline} but the mesh has {sizes['pipeline']} pipeline stages"
+        )
 
 
 def build_mesh(cfg: Config, devices=None) -> Mesh:
@@ -75,8 +86,9 @@ def build_mesh(cfg: Config, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                    layer_axis: str | None = None) -> P:
+def logical_to_spec(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, layer_axis: str | None = None
+) -> P:
     """PartitionSpec for a param with logical `axes` (trailing dims) and `shape` (maybe stacked);
     `layer_axis` shards the first stacked (layer) dim.
 
@@ -135,11 +147,14 @@ def data_parallel_size(mesh: Mesh) -> int:
 def activation_batch_axes(mesh, in_stage: bool = False) -> tuple[str, ...]:
     """The mesh axes (size > 1) that split an activation's batch dim. Inside a pipeline stage,
     `pipeline` is the stage axis, so the stage's microbatch splits over the other axes only."""
-    return tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1 and not (in_stage and a == "pipeline"))
+    return tuple(
+        a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1 and not (in_stage and a == "pipeline")
+    )
 
 
-def token_groups(batch: int, seq_len: int,
-                 skip: tuple[str, ...] = ("pipeline",)) -> tuple[int, int, tuple[str, ...]]:
+def token_groups(
+    batch: int, seq_len: int, skip: tuple[str, ...] = ("pipeline",)
+) -> tuple[int, int, tuple[str, ...]]:
     """(row shards, sequence shards, their mesh axes) that activations [B, S, ...] of this shape
     are split into under the mesh set with `jax.set_mesh` ((1, 1, ()) without one): the batch
     axes that divide B, but those in `skip` (`pipeline`: MoE layers run inside pipeline stages),
@@ -189,5 +204,7 @@ def constrain_batch(x, in_stage: bool = False):
 
 def place_batch(batch: dict, mesh: Mesh, batch_dim: int) -> dict:
     """Process-local numpy batch -> global arrays split over the data-parallel mesh axes."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_dim), v)
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, batch_dim), v)
+        for k, v in batch.items()
+    }

@@ -21,6 +21,7 @@ total. Backward is autodiff through the scan; the parameters keep their global l
 state, so checkpoints do not depend on the pipeline layout (R > 1 costs one all-to-all of the
 pipelined weights over the pipeline axis per step to regroup them by stage).
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,8 +57,10 @@ class Schedule:
 
     def describe(self, units: int | None = None) -> str:
         kind = "gpipe" if self.repeats == 1 else f"circular x{self.repeats}"
-        text = (f"pipeline {kind}: {self.stages} stages, {self.microbatches} microbatches, "
-                f"{self.iterations} iterations, bubble {self.bubble_fraction:.1%}")
+        text = (
+            f"pipeline {kind}: {self.stages} stages, {self.microbatches} microbatches, "
+            f"{self.iterations} iterations, bubble {self.bubble_fraction:.1%}"
+        )
         chunks = self.stages * self.repeats
         if units is not None and units % chunks:
             per = -(-units // chunks)
@@ -81,9 +84,11 @@ def check_pipeline_batch(cfg, mesh) -> None:
     per_stage = math.prod(mesh.shape[a] for a in activation_batch_axes(mesh, in_stage=True))
     micro = cfg.data.batch_size // sched.microbatches
     if micro % per_stage:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} / pipeline.microbatches={sched.microbatches} = "
-                          f"{micro} rows per microbatch, not divisible by mesh data x fsdp x expert = {per_stage}; "
-                          f"use fewer microbatches or a larger batch")
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} / pipeline.microbatches={sched.microbatches} = "
+            f"{micro} rows per microbatch, not divisible by mesh data x fsdp x expert = {per_stage}; "
+            f"use fewer microbatches or a larger batch"
+        )
 
 
 def _mesh_has_pipeline() -> bool:
@@ -98,8 +103,12 @@ def _constrain(x: jax.Array, *lead: str | None) -> jax.Array:
     if not _mesh_has_pipeline():
         return x
     mesh = jax.sharding.get_abstract_mesh()
-    named = {"stage": PIPELINE_AXIS, "batch": activation_batch_axes(mesh, in_stage=True) or None,
-             "all_batch": activation_batch_axes(mesh) or None, None: None}
+    named = {
+        "stage": PIPELINE_AXIS,
+        "batch": activation_batch_axes(mesh, in_stage=True) or None,
+        "all_batch": activation_batch_axes(mesh) or None,
+        None: None,
+    }
     spec = P(*(named[d] for d in lead), *([P.UNCONSTRAINED] * (x.ndim - len(lead))))
     return jax.lax.with_sharding_constraint(x, spec)
 
@@ -116,46 +125,54 @@ def from_microbatches(a: jax.Array) -> jax.Array:
 
 def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, sched: Schedule):
     """Run the stacked module `stack` (leading axis U = R*S*L) over x [B, ...] with a pytree `ctx`
-    of per-row context arrays ([B, ...] each). `apply_chunk(chunk_module, x_mb, ctx_mb) -> (y_mb, stats)` applies
+    of per-row context arrays ([B, ...] each).
+    `apply_chunk(chunk_module, x_mb, ctx_mb) -> (y_mb, stats)` applies
     one chunk of L units. Returns (y [B, ...], stats with a leading axis U in layer order)."""
     s_, m_, r_ = sched.stages, sched.microbatches, sched.repeats
     graphdef, weights = nnx.split(stack)
     units = jax.tree.leaves(weights)[0].shape[0]
     per_chunk = -(-units // (s_ * r_))
-    padded = per_chunk * s_ * r_      # uneven stages: trailing padding units that pass x through
+    padded = per_chunk * s_ * r_  # uneven stages: trailing padding units that pass x through
 
-    def by_stage(w):   # [U, ...] -> [S, R, L, ...], stage axis on the pipeline devices
+    def by_stage(w):  # [U, ...] -> [S, R, L, ...], stage axis on the pipeline devices
         if padded > units:
             w = jnp.concatenate([w, jnp.zeros((padded - units, *w.shape[1:]), w.dtype)])
         w = w.reshape(r_, s_, per_chunk, *w.shape[1:]).swapaxes(0, 1)
         return _constrain(w, "stage")
+
     weights = jax.tree.map(by_stage, weights)
     active = by_stage(jnp.ones((units,), bool)) if padded > units else None
 
     # every stage may need any microbatch: gathered over the pipeline axis, split over the others
-    xs = _constrain(to_microbatches(x, m_), None, "batch")        # [M, mb, ...]
+    xs = _constrain(to_microbatches(x, m_), None, "batch")  # [M, mb, ...]
     ctxs = jax.tree.map(lambda c: _constrain(to_microbatches(c, m_), None, "batch"), ctx)
 
     def stage(w, on, r, x_mb, ctx_mb):
         chunk = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], w))
         return apply_chunk(chunk, x_mb, ctx_mb, None if on is None else on[r])
+
     spmd = PIPELINE_AXIS if _mesh_has_pipeline() else None
-    run_stages = functools.partial(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0), spmd_axis_name=spmd), weights, active)
+    run_stages = functools.partial(
+        jax.vmap(stage, in_axes=(0, 0, 0, 0, 0), spmd_axis_name=spmd), weights, active
+    )
 
     stage_ids = jnp.arange(s_)
-    ctx_at = lambda m: jax.tree.map(lambda c: jnp.take(c, m, axis=0), ctxs)   # noqa: E731  [S, mb, ...]
+    ctx_at = lambda m: jax.tree.map(lambda c: jnp.take(c, m, axis=0), ctxs)  # [S, mb, ...]
     state0 = _constrain(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
-    _, stats_shape = jax.eval_shape(run_stages, jnp.zeros((s_,), jnp.int32), state0,
-                                    ctx_at(jnp.zeros((s_,), jnp.int32)))
+    _, stats_shape = jax.eval_shape(
+        run_stages, jnp.zeros((s_,), jnp.int32), state0, ctx_at(jnp.zeros((s_,), jnp.int32))
+    )
     stats0 = jax.tree.map(lambda a: jnp.zeros((s_, r_) + a.shape[1:], a.dtype), stats_shape)
 
     def iteration(carry, t):
         state, loop_buf, outputs, stats_acc = carry
-        k = t - stage_ids                                         # work item on each stage
+        k = t - stage_ids  # work item on each stage
         valid = (k >= 0) & (k < r_ * m_)
         kc = jnp.clip(k, 0, r_ * m_ - 1)
         mb, rep = kc % m_, kc // m_
-        first = xs[mb[0]] if r_ == 1 else jnp.where(rep[0] == 0, xs[mb[0]], loop_buf[mb[0]])  # fresh or looped
+        first = (
+            xs[mb[0]] if r_ == 1 else jnp.where(rep[0] == 0, xs[mb[0]], loop_buf[mb[0]])
+        )  # fresh or looped
         state = state.at[0].set(first)
         out, stats = run_stages(rep, state, ctx_at(mb))
         out = _constrain(out, "stage", "batch")
@@ -163,12 +180,15 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
         if r_ > 1:
             loop_buf = loop_buf.at[m_last].set(jnp.where(v_last, last, loop_buf[m_last]))
         outputs = outputs.at[m_last].set(jnp.where(v_last & (r_last == r_ - 1), last, outputs[m_last]))
-        hit = (rep[:, None] == jnp.arange(r_)) & valid[:, None]                     # [S, R]
+        hit = (rep[:, None] == jnp.arange(r_)) & valid[:, None]  # [S, R]
         # `where`, not a product: a bubble stage's statistics must not leak in, even as inf/NaN
         stats_acc = jax.tree.map(
-            lambda acc, v: acc + jnp.where(hit.reshape(hit.shape + (1,) * (v.ndim - 1)), v[:, None],
-                                           0).astype(acc.dtype),
-            stats_acc, stats)
+            lambda acc, v: (
+                acc + jnp.where(hit.reshape(hit.shape + (1,) * (v.ndim - 1)), v[:, None], 0).astype(acc.dtype)
+            ),
+            stats_acc,
+            stats,
+        )
         state = _constrain(jnp.roll(out, 1, axis=0), "stage", "batch")
         return (state, loop_buf, outputs, stats_acc), None
 

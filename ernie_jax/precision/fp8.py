@@ -13,6 +13,7 @@ Recipes (`precision.fp8_recipe`):
   the cotangent of its history row (the quantizers' custom VJPs emit it, forward and backward
   tensors alike) and `update_histories` rolls it in after the optimizer step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,9 +63,11 @@ def qdq_blocks(w: jax.Array, dtype=E4M3) -> jax.Array:
 
 def _straight_through(q: Callable[[jax.Array], jax.Array]):
     """Quantize in the forward pass; pass the gradient through unchanged."""
+
     @jax.custom_vjp
     def f(x):
         return q(x)
+
     f.defvjp(lambda x: (q(x), None), lambda _, g: (g,))
     return f
 
@@ -105,8 +108,9 @@ class Fp8:
 
     def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         """Drop-in jax.lax.dot_general for Linear: rhs is the [in, out] kernel."""
-        y = jax.lax.dot_general(self.act(lhs), self.weight(rhs), dimension_numbers,
-                                preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(
+            self.act(lhs), self.weight(rhs), dimension_numbers, preferred_element_type=jnp.float32
+        )
         return self.out(y).astype(lhs.dtype)
 
     def __hash__(self):
@@ -172,6 +176,7 @@ class DelayedFp8:
     """Delayed-scaling quantizers. A Linear keeps a history [3, H] (input, kernel, output gradient);
     an expert group keeps [8, H]: inputs x and h, kernels gate/up/down, output gradients gate/up/down
     (rows ACT_X, ACT_H, W0..W2, OUT0..OUT2)."""
+
     recipe = "delayed"
     ACT_X, ACT_H, W0, OUT0 = 0, 1, 2, 5
     EXPERT_ROWS = 8
@@ -181,9 +186,14 @@ class DelayedFp8:
 
     def dot_general_with(self, hist: jax.Array):
         def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-            y = jax.lax.dot_general(qdq_delayed(lhs, hist[0]), qdq_delayed(rhs, hist[1]), dimension_numbers,
-                                    preferred_element_type=jnp.float32)
+            y = jax.lax.dot_general(
+                qdq_delayed(lhs, hist[0]),
+                qdq_delayed(rhs, hist[1]),
+                dimension_numbers,
+                preferred_element_type=jnp.float32,
+            )
             return grad_e5m2_delayed(y, hist[2]).astype(lhs.dtype)
+
         return dot_general
 
     def bind(self, hist: jax.Array) -> "BoundExperts":
@@ -270,10 +280,12 @@ grad_e5m2_delayed_sharded.defvjp(_grad_sharded_fwd, _grad_sharded_bwd)
 def update_histories(buffers: dict, amax: dict) -> dict:
     """After the step: roll each Fp8Meta history and put this step's amax (the cotangent's slot 0,
     max over micro-batches) in front. Other buffers pass through."""
+
     def roll(path, old, new):
         if "fp8_meta" not in jax.tree_util.keystr(path):
             return old
         return jnp.concatenate([new[..., :1], old[..., :-1]], axis=-1)
+
     return jax.tree_util.tree_map_with_path(roll, buffers, amax)
 
 

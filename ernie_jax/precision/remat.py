@@ -5,6 +5,7 @@ Activations are tagged with `checkpoint_name` where they are produced: `qkv` (q,
 `expert_out` (expert outputs), `mlp_out` (dense FFN output). `named` saves exactly
 `model.remat_names` (or offloads them to host memory with `model.remat_offload`).
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,7 +28,10 @@ def remat_policy(name: str, names: tuple[str, ...] = (), offload: bool = False):
     if name == "named":
         if offload:
             return cp.save_and_offload_only_these_names(
-                names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
-                offload_src="device", offload_dst="pinned_host")
+                names_which_can_be_saved=[],
+                names_which_can_be_offloaded=list(names),
+                offload_src="device",
+                offload_dst="pinned_host",
+            )
         return cp.save_only_these_names(*names)
     raise ValueError(f"unknown remat policy {name}")

@@ -1,5 +1,6 @@
 """The jitted train / eval steps as the loop runs them: under the mesh, the state's layout pinned,
 compiled once per batch layout and refused before running when the step cannot fit the device."""
+
 from __future__ import annotations
 
 import jax
@@ -28,8 +29,10 @@ def jit_train_step(step_fn, state, mesh) -> MeshJit:
     """jit with the state's layout pinned on the way out, so step k+1 takes step k's output as is
     (no drift of optimizer-moment shardings, no recompiles); metrics come back replicated."""
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    return MeshJit(jax.jit(step_fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-                           donate_argnums=0), mesh)
+    return MeshJit(
+        jax.jit(step_fn, out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=0),
+        mesh,
+    )
 
 
 class CompiledTrainStep:

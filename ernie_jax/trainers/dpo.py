@@ -13,6 +13,7 @@ plus sft_loss_ratio x NLL of the chosen response. Reference log-probs come eithe
 of the starting policy (`dpo.reference: copy`, `ref_params` in the train state) or from one pass over
 the data before training, cached in the workdir (`cached`).
 """
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,15 @@ from flax import nnx
 
 from ernie_jax.config import Config
 from ernie_jax.data.chat import EMBEDDED_PREFERENCE, ChatError, markers, render_answer, render_prompt
-from ernie_jax.data.multimodal import (MultimodalStats, SampleEncoder, _row_inputs, check_eval_batches,
-                                       load_multimodal, packed_multimodal_batches, read_jsonl)
+from ernie_jax.data.multimodal import (
+    MultimodalStats,
+    SampleEncoder,
+    _row_inputs,
+    check_eval_batches,
+    load_multimodal,
+    packed_multimodal_batches,
+    read_jsonl,
+)
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model.ernie import router_loss_total
 from ernie_jax.parallel.mesh import place_batch
@@ -44,7 +52,8 @@ def read_preferences(source: str):
         if not isinstance(prompt, list):
             raise ValueError
         chosen, rejected, images = obj["chosen"], obj["rejected"], list(obj.get("images") or [])
-        return next(counter), base, prompt, chosen, rejected, images   # ids 0..n-1 over usable lines
+        return next(counter), base, prompt, chosen, rejected, images  # ids 0..n-1 over usable lines
+
     return read_jsonl(source, EMBEDDED_PREFERENCE, parse)
 
 
@@ -69,7 +78,7 @@ class PairEncoder:
             self.stats.add(e.reason)
             return None
         parts = []
-        for segs in answers:   # stop at the first unusable part: one skip is counted once
+        for segs in answers:  # stop at the first unusable part: one skip is counted once
             parts.append(self.encode((base, segs, False)))
             if parts[-1] is None:
                 return None
@@ -78,10 +87,12 @@ class PairEncoder:
             self.stats.add("too_long")
             return None
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        out["part"] = np.concatenate([np.full(len(p["tokens"]), i + 1, np.int32) for i, p in enumerate(parts)])
+        out["part"] = np.concatenate(
+            [np.full(len(p["tokens"]), i + 1, np.int32) for i, p in enumerate(parts)]
+        )
         out["example"] = np.full(n, ex_id, np.int32)
         ref = np.zeros(n, np.float32)
-        if self.cache is not None:   # the cached pair sums sit on each part's first target token
+        if self.cache is not None:  # the cached pair sums sit on each part's first target token
             offset = 0
             for i, p in enumerate(parts):
                 first = offset + int(np.argmax(p["targets"][1:] > 0)) + 1
@@ -107,7 +118,7 @@ def pair_sums(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax
     ids = (jnp.arange(b)[:, None] * s + segment_ids).reshape(-1)
     sums = jax.ops.segment_sum(values.reshape(-1), ids, num_segments=b * s).reshape(b, s)
     k = (s - 1) // 2
-    return sums[:, 1:2 * k + 1:2], sums[:, 2:2 * k + 2:2]
+    return sums[:, 1 : 2 * k + 1 : 2], sums[:, 2 : 2 * k + 2 : 2]
 
 
 def preference_loss(z: jax.Array, beta: float, loss_type: str, label_smoothing: float) -> jax.Array:
@@ -115,7 +126,9 @@ def preference_loss(z: jax.Array, beta: float, loss_type: str, label_smoothing: 
         return (z - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "hinge":
         return jax.nn.relu(1.0 - beta * z)
-    return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * z) - label_smoothing * jax.nn.log_sigmoid(-beta * z)
+    return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * z) - label_smoothing * jax.nn.log_sigmoid(
+        -beta * z
+    )
 
 
 def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
@@ -133,8 +146,12 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
         pc_n, pr_n, rc_n, rr_n = pc / safe_c, pr / safe_r, rc / safe_c, rr / safe_r
     elif d.normalize_logps:
         mean_len = (nc + nr) / 2
-        pc_n, pr_n, rc_n, rr_n = pc * mean_len / safe_c, pr * mean_len / safe_r, rc * mean_len / safe_c, \
-            rr * mean_len / safe_r
+        pc_n, pr_n, rc_n, rr_n = (
+            pc * mean_len / safe_c,
+            pr * mean_len / safe_r,
+            rc * mean_len / safe_c,
+            rr * mean_len / safe_r,
+        )
     else:
         pc_n, pr_n, rc_n, rr_n = pc, pr, rc, rr
     z = (pc_n - pr_n) - (rc_n - rr_n)
@@ -147,12 +164,18 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     reward_c, reward_r = d.beta * (pc_n - rc_n), d.beta * (pr_n - rr_n)
     response_tokens = jnp.maximum(jnp.sum((nc + nr) * valid), 1.0)
     metrics = {
-        "loss": total, "dpo_loss": pref, "router_loss": router, **out.router_losses,
-        "lm_loss": sft, "tokens": jnp.sum(nc * valid),          # chosen-response NLL (eval reports its ppl)
-        "reward_chosen": jnp.sum(reward_c * valid) / pairs, "reward_rejected": jnp.sum(reward_r * valid) / pairs,
+        "loss": total,
+        "dpo_loss": pref,
+        "router_loss": router,
+        **out.router_losses,
+        "lm_loss": sft,
+        "tokens": jnp.sum(nc * valid),  # chosen-response NLL (eval reports its ppl)
+        "reward_chosen": jnp.sum(reward_c * valid) / pairs,
+        "reward_rejected": jnp.sum(reward_r * valid) / pairs,
         "reward_accuracy": jnp.sum((reward_c > reward_r) * valid) / pairs,
         "reward_margin": jnp.sum((reward_c - reward_r) * valid) / pairs,
-        "kl_proxy": jnp.sum(((rc + rr) - (pc + pr)) * valid) / response_tokens,   # mean log(ref / policy) per token
+        "kl_proxy": jnp.sum(((rc + rr) - (pc + pr)) * valid)
+        / response_tokens,  # mean log(ref / policy) per token
         "pairs": valid.sum(),
     }
     if out.dropped_fraction is not None:
@@ -172,24 +195,39 @@ class DPOTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.data = load_multimodal(cfg, reader=read_preferences)
-        self.per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else \
-            cfg.vision.spatial_merge ** 2
+        self.per_row = (
+            cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else cfg.vision.spatial_merge**2
+        )
         self.cache = None
-        self.batches(self.data.train, cfg.data.shuffle_seed, True)   # both splits checked before any compute
+        self.batches(self.data.train, cfg.data.shuffle_seed, True)  # both splits checked before any compute
         if len(self.data.eval):
-            check_eval_batches(self.batches(self.data.eval, 1, False, split="eval"), len(self.data.eval), cfg,
-                               self.data.stats)
+            check_eval_batches(
+                self.batches(self.data.eval, 1, False, split="eval"),
+                len(self.data.eval),
+                cfg,
+                self.data.stats,
+            )
 
     def batches(self, samples, seed: int, repeat: bool, cache=None, split: str = "train"):
         enc = PairEncoder(self.cfg, self.data.tokenizer, self.data.stats, self.per_row, cache)
-        return packed_multimodal_batches(samples, self.data.tokenizer, self.cfg, self.data.stats, seed=seed,
-                                         repeat=repeat, process_index=jax.process_index(),
-                                         process_count=jax.process_count(), encoder=enc,
-                                         row_inputs=pair_row_inputs,
-                                         split=split,
-                                         extra_lengths={"part": self.cfg.data.seq_len + 1,
-                                                        "example": self.cfg.data.seq_len + 1,
-                                                        "ref": self.cfg.data.seq_len + 1})
+        return packed_multimodal_batches(
+            samples,
+            self.data.tokenizer,
+            self.cfg,
+            self.data.stats,
+            seed=seed,
+            repeat=repeat,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            encoder=enc,
+            row_inputs=pair_row_inputs,
+            split=split,
+            extra_lengths={
+                "part": self.cfg.data.seq_len + 1,
+                "example": self.cfg.data.seq_len + 1,
+                "ref": self.cfg.data.seq_len + 1,
+            },
+        )
 
     def prepare(self, graphdef, state, mesh, workdir: str, fresh: bool) -> dict:
         """The Task's iterators; with a cached reference, first compute (fresh run) or load the
@@ -201,12 +239,16 @@ class DPOTask:
                 if jax.process_index() == 0:
                     buf = io.BytesIO()
                     np.savez(buf, ref=self.cache)
-                    write_atomic(path, buf.getvalue())   # a kill mid-write leaves the old file or none
+                    write_atomic(path, buf.getvalue())  # a kill mid-write leaves the old file or none
             else:
                 self.cache = read_reference_cache(path, self.data.stats.samples)
-        fields = {"train_iter": iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))}
+        fields = {
+            "train_iter": iter(self.batches(self.data.train, self.cfg.data.shuffle_seed, True, self.cache))
+        }
         if len(self.data.eval):
-            fields["eval_batches"] = lambda: iter(self.batches(self.data.eval, 1, False, self.cache, split="eval"))
+            fields["eval_batches"] = lambda: iter(
+                self.batches(self.data.eval, 1, False, self.cache, split="eval")
+            )
         return fields
 
 
@@ -225,8 +267,10 @@ def reference_inputs(forward, state: dict, micro: dict) -> dict:
 
 def read_reference_cache(path: str, samples: int) -> np.ndarray:
     """The cached reference log-prob sums of a resumed run: [samples, 2], finite, or one clear error."""
-    fix = ("a resumed cached-reference DPO run needs the reference log-probs computed at its start; restore the "
-           "file from a backup or start again in a new --workdir")
+    fix = (
+        "a resumed cached-reference DPO run needs the reference log-probs computed at its start; restore the "
+        "file from a backup or start again in a new --workdir"
+    )
     if not as_path(path).is_file():
         raise CheckpointError(f"{path} is missing: {fix}")
     try:
@@ -235,8 +279,10 @@ def read_reference_cache(path: str, samples: int) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - zip, pickle and key errors all mean a damaged file
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}): {fix}") from None
     if cache.shape != (samples, 2) or not np.all(np.isfinite(cache)):
-        raise CheckpointError(f"{path} holds {cache.shape} values (finite: {bool(np.all(np.isfinite(cache)))}) but "
-                              f"the data has {samples} pairs: it belongs to other data or is damaged; {fix}")
+        raise CheckpointError(
+            f"{path} holds {cache.shape} values (finite: {bool(np.all(np.isfinite(cache)))}) but "
+            f"the data has {samples} pairs: it belongs to other data or is damaged; {fix}"
+        )
     return cache
 
 
@@ -248,14 +294,16 @@ def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
     def logps(params, buffers, batch):
         out = nnx.merge(graphdef, params, buffers).apply_batch(batch)
         return reference_logps(out, batch) * batch["loss_mask"]
+
     cache = np.zeros((dpo.data.stats.samples, 2), np.float32)
     for samples in (dpo.data.train, dpo.data.eval):
         if not len(samples):
             continue
         for batch in dpo.batches(samples, 0, False):
             with jax.set_mesh(mesh):
-                lp = np.asarray(jax.device_get(logps(state["params"], state["buffers"],
-                                                     place_batch(batch, mesh, 0))))
+                lp = np.asarray(
+                    jax.device_get(logps(state["params"], state["buffers"], place_batch(batch, mesh, 0)))
+                )
             seg, ex = batch["segment_ids"], batch["example"]
             for b in range(seg.shape[0]):
                 for s in np.unique(seg[b][seg[b] > 0]):
@@ -267,9 +315,16 @@ def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
 def dpo_task(cfg: Config) -> Task:
     dpo = DPOTask(cfg)
     copy = cfg.dpo.reference == "copy"
-    return Task(objective=dpo_objective, train_iter=None, eval_batches=None, vocab_size=dpo.data.tokenizer.vocab_size,
-                stats=dpo.data.stats, init_state=frozen_reference if copy else None,
-                batch_inputs=reference_inputs if copy else None, prepare=dpo.prepare,
-                description=f"preference data: {dpo.data.stats.summary()}, {len(dpo.data.train)} train / "
-                            f"{len(dpo.data.eval)} eval pairs, {cfg.dpo.loss_type} loss, beta {cfg.dpo.beta}, "
-                            f"reference {cfg.dpo.reference}")
+    return Task(
+        objective=dpo_objective,
+        train_iter=None,
+        eval_batches=None,
+        vocab_size=dpo.data.tokenizer.vocab_size,
+        stats=dpo.data.stats,
+        init_state=frozen_reference if copy else None,
+        batch_inputs=reference_inputs if copy else None,
+        prepare=dpo.prepare,
+        description=f"preference data: {dpo.data.stats.summary()}, {len(dpo.data.train)} train / "
+        f"{len(dpo.data.eval)} eval pairs, {cfg.dpo.loss_type} loss, beta {cfg.dpo.beta}, "
+        f"reference {cfg.dpo.reference}",
+    )

@@ -1,6 +1,7 @@
 """What keeps a run from being lost: signals stop it cleanly, non-finite steps are counted and stop
 it after a run of them, a save in flight finishes before an error propagates, and a checkpoint with
 non-finite params is never written."""
+
 from __future__ import annotations
 
 import signal
@@ -34,8 +35,11 @@ class StopFlag:
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                              if jnp.issubdtype(x.dtype, jnp.inexact)]))
+    return jnp.all(
+        jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        )
+    )
 
 
 class SkipCounter:
@@ -58,10 +62,12 @@ class SkipCounter:
             else:
                 self.in_a_row = 0
             if self.in_a_row >= self.max_in_a_row:
-                self.message = (f"loss or gradients not finite for {self.in_a_row} steps in a row (steps "
-                                f"{self.first}-{self.first + self.in_a_row - 1}, updates skipped; "
-                                f"train.max_skipped_steps={self.max_in_a_row}): lower optimizer.learning_rate, "
-                                f"raise optimizer.warmup_steps or check the data")
+                self.message = (
+                    f"loss or gradients not finite for {self.in_a_row} steps in a row (steps "
+                    f"{self.first}-{self.first + self.in_a_row - 1}, updates skipped; "
+                    f"train.max_skipped_steps={self.max_in_a_row}): lower optimizer.learning_rate, "
+                    f"raise optimizer.warmup_steps or check the data"
+                )
                 raise TrainingError(self.message)
 
 

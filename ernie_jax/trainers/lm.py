@@ -1,6 +1,7 @@
 """The language-modelling objective every LM trainer shares: next-token CE (fp32, masked) + router
 terms + MTP loss, and the task over packed multimodal-pipeline batches that pretraining (image-text)
 and SFT (chats) both train with it; only their loss masks differ."""
+
 from __future__ import annotations
 
 import jax
@@ -28,7 +29,9 @@ def mtp_token_nll(out: ModelOutput, labels: jax.Array) -> jax.Array | None:
     s = labels.shape[1]
     depth = out.mtp_logits.shape[0]
     padded = jnp.pad(labels, ((0, 0), (0, depth)))
-    return jnp.stack([token_cross_entropy(out.mtp_logits[d], padded[:, d + 1:d + 1 + s]) for d in range(depth)])
+    return jnp.stack(
+        [token_cross_entropy(out.mtp_logits[d], padded[:, d + 1 : d + 1 + s]) for d in range(depth)]
+    )
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -77,15 +80,24 @@ def multimodal_lm_task(cfg: Config, data, encoder=None, description: str = ""):
     """A task over packed multimodal-pipeline batches of `data` (image-text samples, or chats with a
     chat `encoder`) with the LM objective; text targets only."""
     kw = dict(process_index=jax.process_index(), process_count=jax.process_count(), encoder=encoder)
-    train_iter = iter(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats,
-                                                seed=cfg.data.shuffle_seed, **kw))
+    train_iter = iter(
+        packed_multimodal_batches(
+            data.train, data.tokenizer, cfg, data.stats, seed=cfg.data.shuffle_seed, **kw
+        )
+    )
     eval_batches = None
     if len(data.eval):
-        eval_data = packed_multimodal_batches(data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False,
-                                              split="eval", **kw)
+        eval_data = packed_multimodal_batches(
+            data.eval, data.tokenizer, cfg, data.stats, seed=1, repeat=False, split="eval", **kw
+        )
         check_eval_batches(eval_data, len(data.eval), cfg, data.stats)
-        eval_batches = lambda: iter(eval_data)  # noqa: E731
-    return Task(objective=lm_objective, train_iter=train_iter, eval_batches=eval_batches,
-                vocab_size=data.tokenizer.vocab_size, stats=data.stats,
-                description=description or f"data: {data.stats.summary()}, {len(data.train)} train / "
-                                           f"{len(data.eval)} eval samples")
+        eval_batches = lambda: iter(eval_data)
+    return Task(
+        objective=lm_objective,
+        train_iter=train_iter,
+        eval_batches=eval_batches,
+        vocab_size=data.tokenizer.vocab_size,
+        stats=data.stats,
+        description=description
+        or f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval samples",
+    )

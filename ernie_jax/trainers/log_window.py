@@ -1,5 +1,6 @@
 """The metrics of the steps since the last log line: summed on the device, read once per log line,
 turned into one row (averages over the steps that updated, skipped steps, throughput, MFU)."""
+
 from __future__ import annotations
 
 import time
@@ -14,13 +15,13 @@ class LogWindow:
         self.peak_total = peak_flops * num_devices
         self.sums, self.count = None, 0
         self.t_log = time.perf_counter()
-        self.t_first = None          # when the first step (compile included) had finished
+        self.t_first = None  # when the first step (compile included) had finished
         self.first_step = 0
 
     def add(self, step: int, metrics: dict) -> None:
         self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
         self.count += 1
-        if self.t_first is None:     # throughput is timed from the end of the first (compiling) step
+        if self.t_first is None:  # throughput is timed from the end of the first (compiling) step
             jax.block_until_ready(metrics)
             self.t_first = self.t_log = time.perf_counter()
             self.first_step = step

@@ -4,6 +4,7 @@ check the settings, build or restore the state, compile, then step / log / eval 
 Trainers plug in through `Task` (trainers/task.py: data, objective, hooks); the loop itself knows
 nothing of the loss or of any trainer's extra state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,14 @@ from ernie_jax.trainers.guards import SkipCounter, StopFlag, all_finite, finish_
 from ernie_jax.trainers.log_window import LogWindow
 from ernie_jax.trainers.memory import out_of_memory
 from ernie_jax.trainers.profiling import StepProfiler, use_compile_cache
-from ernie_jax.trainers.startup import (announce, check_run_settings, check_vocab, check_workdir, open_checkpoints,
-                                        starting_state)
+from ernie_jax.trainers.startup import (
+    announce,
+    check_run_settings,
+    check_vocab,
+    check_workdir,
+    open_checkpoints,
+    starting_state,
+)
 from ernie_jax.trainers.state import make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
 from ernie_jax.trainers.task import Task
@@ -35,9 +42,16 @@ from ernie_jax.trainers.task import Task
 __all__ = ["run", "Loop"]
 
 
-def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet: bool = False,
-        log_dir: str | None = None, tags: dict | None = None, step_offset: int = 0,
-        keep_optimizer_from: str | None = None) -> dict:
+def run(
+    cfg: Config,
+    workdir: str,
+    task_factory: Callable[[Config], Task],
+    quiet: bool = False,
+    log_dir: str | None = None,
+    tags: dict | None = None,
+    step_offset: int = 0,
+    keep_optimizer_from: str | None = None,
+) -> dict:
     """Train `cfg` in `workdir`; returns the last logged metrics (+ "stopped" when a signal ended it).
     Stages use `log_dir` (one metrics.jsonl for the whole recipe), `tags` (e.g. the stage name) and
     `step_offset` (logged steps continue across stages). One run at a time holds a workdir."""
@@ -53,30 +67,50 @@ def run(cfg: Config, workdir: str, task_factory: Callable[[Config], Task], quiet
         tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
         start = starting_state(cfg, task, ckpt, tx, mesh, console, keep_optimizer_from)
         if task.prepare is not None:
-            task = dataclasses.replace(task, **task.prepare(start.graphdef, start.state, mesh, workdir,
-                                                            fresh=not start.resumed))
+            task = dataclasses.replace(
+                task, **task.prepare(start.graphdef, start.state, mesh, workdir, fresh=not start.resumed)
+            )
         if start.resumed:
             task.train_iter.set_state(start.data_state)
         peak = announce(cfg, task, mesh, workdir, log_dir, console)
-        train_step = jit_train_step(make_train_step(start.graphdef, cfg, tx, task.objective, cfg.train.steps,
-                                                    task.batch_inputs), start.state, mesh)
+        train_step = jit_train_step(
+            make_train_step(start.graphdef, cfg, tx, task.objective, cfg.train.steps, task.batch_inputs),
+            start.state,
+            mesh,
+        )
         eval_step = jax.jit(make_eval_step(start.graphdef, cfg, task.objective, task.batch_inputs))
-        loop = Loop(cfg, task, ckpt, mesh, console,
-                    train_step=CompiledTrainStep(train_step, cfg, jax.devices()[0], console.say),
-                    eval_step=MeshJit(eval_step, mesh),
-                    writer=MetricsWriter(log_dir or workdir, cfg.log, config=to_dict(cfg),
-                                         resume_step=step_offset + int(start.state["step"]),
-                                         run_name=as_path(shown(workdir)).name),
-                    window=LogWindow(cfg.optimizer.grad_accum_steps * cfg.data.batch_size * cfg.data.seq_len,
-                                     train_flops_per_token(cfg, cfg.data.seq_len), peak, len(jax.devices())),
-                    profiler=StepProfiler(cfg.train.profile_steps, join(workdir, "profile"), console.say),
-                    tags=tags or {}, step_offset=step_offset)
+        loop = Loop(
+            cfg,
+            task,
+            ckpt,
+            mesh,
+            console,
+            train_step=CompiledTrainStep(train_step, cfg, jax.devices()[0], console.say),
+            eval_step=MeshJit(eval_step, mesh),
+            writer=MetricsWriter(
+                log_dir or workdir,
+                cfg.log,
+                config=to_dict(cfg),
+                resume_step=step_offset + int(start.state["step"]),
+                run_name=as_path(shown(workdir)).name,
+            ),
+            window=LogWindow(
+                cfg.optimizer.grad_accum_steps * cfg.data.batch_size * cfg.data.seq_len,
+                train_flops_per_token(cfg, cfg.data.seq_len),
+                peak,
+                len(jax.devices()),
+            ),
+            profiler=StepProfiler(cfg.train.profile_steps, join(workdir, "profile"), console.say),
+            tags=tags or {},
+            step_offset=step_offset,
+        )
         return loop.run(start.state)
 
 
 @dataclasses.dataclass
 class Loop:
     """Steps, log lines, evals and saves of one run, with the guards that keep it from being lost."""
+
     cfg: Config
     task: Task
     ckpt: Checkpointer
@@ -103,8 +137,11 @@ class Loop:
                 while step < cfg.train.steps and not flag.stop:
                     step += 1
                     self.profiler.before(step)
-                    batch = place_batch(_next_step_batch(task.train_iter, cfg.optimizer.grad_accum_steps),
-                                        self.mesh, batch_dim=1)
+                    batch = place_batch(
+                        _next_step_batch(task.train_iter, cfg.optimizer.grad_accum_steps),
+                        self.mesh,
+                        batch_dim=1,
+                    )
                     state, metrics = self.train_step(state, batch)
                     self.profiler.after(step, metrics)
                     self.window.add(step, metrics)
@@ -118,19 +155,22 @@ class Loop:
                         self.check_skips(step)
                         self.save(state, step)
                 if start >= cfg.train.steps and task.eval_batches is not None:
-                    # resumed after the last step (e.g. a stage whose summary was not written): report its eval
+                    # resumed after the last step (e.g. a stage whose summary was not written):
+                    # report its eval
                     self.last = {}
                     self.eval(state, start, note=" (resumed at the end)")
                 if flag.stop:
                     self.ckpt.wait()
-                    self.console.say(f"stopped by signal after step {step}; checkpoint saved in {self.ckpt.directory}")
+                    self.console.say(
+                        f"stopped by signal after step {step}; checkpoint saved in {self.ckpt.directory}"
+                    )
         except jax.errors.JaxRuntimeError as e:
-            finish_saves(self.ckpt)   # a save in flight still completes: no step is lost
+            finish_saves(self.ckpt)  # a save in flight still completes: no step is lost
             if not is_out_of_memory(e):
                 raise
             raise out_of_memory(e, cfg, step) from None
         except Exception:
-            finish_saves(self.ckpt)   # e.g. eval data that fails mid-run: the steps saved so far stay
+            finish_saves(self.ckpt)  # e.g. eval data that fails mid-run: the steps saved so far stay
             raise
         finally:
             self.profiler.stop(step)
@@ -141,8 +181,10 @@ class Loop:
     def log(self, step: int) -> None:
         row = self.window.row(step)
         if row["skipped_steps"]:
-            self.console.say(f"warning: {row['skipped_steps']} of the last {self.window.window_steps} steps skipped "
-                             f"(non-finite loss or gradients; {self.skips.total} in this run): params left unchanged")
+            self.console.say(
+                f"warning: {row['skipped_steps']} of the last {self.window.window_steps} steps skipped "
+                f"(non-finite loss or gradients; {self.skips.total} in this run): params left unchanged"
+            )
         if hasattr(self.task.stats, "as_metrics"):
             row.update(self.task.stats.as_metrics())
         self.console.progress(step, self.cfg.train.steps, row, self.window.eta(step, self.cfg.train.steps))
@@ -157,9 +199,11 @@ class Loop:
         self.last = {**self.last, **ev}
 
     def save(self, state: dict, step: int) -> None:
-        if not bool(all_finite(state["params"])):   # one pass over the params, at save time only
-            self.console.say(f"warning: params are not finite at step {step}; checkpoint not written "
-                             f"(the newest one is kept)")
+        if not bool(all_finite(state["params"])):  # one pass over the params, at save time only
+            self.console.say(
+                f"warning: params are not finite at step {step}; checkpoint not written "
+                f"(the newest one is kept)"
+            )
             return
         self.ckpt.save(step, state, self.task.train_iter.get_state(), self.config_dict)
 
@@ -170,8 +214,10 @@ class Loop:
         except TrainingError:
             self.ckpt.wait()
             saved = self.ckpt.steps()
-            raise TrainingError(f"{self.skips.message}; the newest checkpoint is "
-                                f"{f'step {saved[-1]}' if saved else 'none'} in {self.ckpt.directory}") from None
+            raise TrainingError(
+                f"{self.skips.message}; the newest checkpoint is "
+                f"{f'step {saved[-1]}' if saved else 'none'} in {self.ckpt.directory}"
+            ) from None
 
 
 def _next_step_batch(it, accum: int) -> dict:

@@ -5,6 +5,7 @@ arguments, temporaries, outputs not aliased to donated inputs) is compared with 
 has (its allocator limit on accelerators; on the CPU the host's available memory, shared by all
 local devices). An allocation failure while a step runs gets the same one-line advice.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,9 +40,12 @@ def available_bytes(device) -> tuple[int | None, str]:
 
 def advice(cfg: Config) -> str:
     d = cfg.data
-    return (f"at data.seq_len={d.seq_len} x data.batch_size={d.batch_size} (x optimizer.grad_accum_steps="
-            f"{cfg.optimizer.grad_accum_steps}): lower data.seq_len or data.batch_size, use model.attention=flash, "
-            f"model.remat=full, or split the sequence with mesh.context")
+    return (
+        f"at data.seq_len={d.seq_len} x data.batch_size={d.batch_size} (x optimizer.grad_accum_steps="
+        f"{cfg.optimizer.grad_accum_steps}): lower data.seq_len or data.batch_size, "
+        f"use model.attention=flash, "
+        f"model.remat=full, or split the sequence with mesh.context"
+    )
 
 
 def check_fits(compiled, cfg: Config, device) -> int:
@@ -49,8 +53,10 @@ def check_fits(compiled, cfg: Config, device) -> int:
     need = step_bytes(compiled)
     have, source = available_bytes(device)
     if have is not None and need > have * 1.05:
-        raise ResourceError(f"out of memory: the compiled train step needs {need / 1e9:.1f} GB per device but "
-                            f"{have / 1e9:.1f} GB are available ({source}) {advice(cfg)}")
+        raise ResourceError(
+            f"out of memory: the compiled train step needs {need / 1e9:.1f} GB per device but "
+            f"{have / 1e9:.1f} GB are available ({source}) {advice(cfg)}"
+        )
     return need
 
 

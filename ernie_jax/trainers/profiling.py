@@ -1,4 +1,5 @@
 """Operational options: a jax.profiler trace of chosen steps, and JAX's persistent compilation cache."""
+
 from __future__ import annotations
 
 import jax
@@ -38,5 +39,7 @@ class StepProfiler:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self.active = False
-            self.say(f"profile of steps {self.started}-{step} written to {self.directory} "
-                     f"(tensorboard --logdir {self.directory}, or the .trace.json.gz in Perfetto)")
+            self.say(
+                f"profile of steps {self.started}-{step} written to {self.directory} "
+                f"(tensorboard --logdir {self.directory}, or the .trace.json.gz in Perfetto)"
+            )

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: chat JSONL rendered in the ERNIE 4.5 format, loss on assistant tokens only,
 packed with segment ids, text or multimodal (images in user turns) through the multimodal pipeline.
 The objective is the pretraining LM objective: only the loss mask differs."""
+
 from __future__ import annotations
 
 from ernie_jax.config import Config
@@ -16,6 +17,7 @@ def read_conversations(source: str):
         if not isinstance(messages, list):
             raise ValueError
         return base, messages, list(obj.get("images") or [])
+
     return read_jsonl(source, EMBEDDED_CHAT, parse)
 
 
@@ -39,7 +41,13 @@ class ChatEncoder:
 
 def sft_task(cfg: Config) -> Task:
     data = load_multimodal(cfg, reader=read_conversations)
-    per_row = cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else cfg.vision.spatial_merge ** 2
-    return multimodal_lm_task(cfg, data, encoder=ChatEncoder(cfg, data.tokenizer, data.stats, per_row),
-                           description=f"chat data: {data.stats.summary()}, {len(data.train)} train / "
-                                       f"{len(data.eval)} eval conversations, mode {cfg.data.chat_mode}")
+    per_row = (
+        cfg.data.max_patches // cfg.data.batch_size if cfg.vision.enabled else cfg.vision.spatial_merge**2
+    )
+    return multimodal_lm_task(
+        cfg,
+        data,
+        encoder=ChatEncoder(cfg, data.tokenizer, data.stats, per_row),
+        description=f"chat data: {data.stats.summary()}, {len(data.train)} train / "
+        f"{len(data.eval)} eval conversations, mode {cfg.data.chat_mode}",
+    )

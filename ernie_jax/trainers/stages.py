@@ -13,6 +13,7 @@ proportional to its weight, from a seeded stream that depends only on the step (
 stage has a text source, its held-out text loss is logged as `text_eval_loss`, so stages can be
 compared on text (stages.json lists each stage's final value).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,15 +64,25 @@ def mixture_task(cfg: Config, mixture) -> Task:
     for src in mixture:
         sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind=src.kind, source=src.source))
         tasks.append(task_for(sub))
-    it = MixtureIterator([t.train_iter for t in tasks], [s.weight for s in mixture], cfg.data.shuffle_seed,
-                         cfg.optimizer.grad_accum_steps)
+    it = MixtureIterator(
+        [t.train_iter for t in tasks],
+        [s.weight for s in mixture],
+        cfg.data.shuffle_seed,
+        cfg.optimizer.grad_accum_steps,
+    )
     text = [t for t, s in zip(tasks, mixture) if s.kind == "text" and t.eval_batches is not None]
     mixed = next((t for t in tasks if t.eval_batches is not None), None)
     desc = "; ".join(f"{s.kind} x{s.weight:g}: {t.description}" for s, t in zip(mixture, tasks))
     stats = next((t.stats for t in tasks if t.stats is not None), None)
-    return Task(objective=tasks[0].objective, train_iter=it, eval_batches=mixed.eval_batches if mixed else None,
-                vocab_size=max(t.vocab_size for t in tasks), description=desc, stats=stats,
-                extra_evals={"text_eval": text[0].eval_batches} if text else {})
+    return Task(
+        objective=tasks[0].objective,
+        train_iter=it,
+        eval_batches=mixed.eval_batches if mixed else None,
+        vocab_size=max(t.vocab_size for t in tasks),
+        description=desc,
+        stats=stats,
+        extra_evals={"text_eval": text[0].eval_batches} if text else {},
+    )
 
 
 def _stage_dir(workdir: str, k: int, stage: StageConfig) -> str:
@@ -114,20 +125,39 @@ def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
             out.append(done[stage.name])
         else:
             if not quiet:
-                print(f"== stage {k + 1}/{len(cfg.stages)}: {stage.name} ({stage.steps} steps) ==", flush=True)
+                print(
+                    f"== stage {k + 1}/{len(cfg.stages)}: {stage.name} ({stage.steps} steps) ==", flush=True
+                )
             factory = (lambda c, m=stage.mixture: mixture_task(c, m)) if stage.mixture else task_for
             keep = prev if stage.optimizer_state == "keep" and prev is not None else None
-            last = run(scfg, sdir, factory, quiet=quiet, log_dir=workdir, tags={"stage": stage.name},
-                       step_offset=offset, keep_optimizer_from=keep)
+            last = run(
+                scfg,
+                sdir,
+                factory,
+                quiet=quiet,
+                log_dir=workdir,
+                tags={"stage": stage.name},
+                step_offset=offset,
+                keep_optimizer_from=keep,
+            )
             if last.get("stopped"):
                 return out
-            row = {"stage": stage.name, "steps": stage.steps, "end_step": offset + stage.steps,
-                   **{k2: float(last[k2]) for k2 in ("eval_loss", "text_eval_loss", "lm_loss") if k2 in last}}
-            if "text_eval_loss" not in row and not stage.mixture and scfg.data.kind == "text" and "eval_loss" in row:
+            row = {
+                "stage": stage.name,
+                "steps": stage.steps,
+                "end_step": offset + stage.steps,
+                **{k2: float(last[k2]) for k2 in ("eval_loss", "text_eval_loss", "lm_loss") if k2 in last},
+            }
+            if (
+                "text_eval_loss" not in row
+                and not stage.mixture
+                and scfg.data.kind == "text"
+                and "eval_loss" in row
+            ):
                 row["text_eval_loss"] = row["eval_loss"]
             out.append(row)
             results = [r for r in results if r["stage"] != stage.name] + [row]
-            write_atomic(summary_path, json.dumps(results, indent=2))   # never a half-written summary
+            write_atomic(summary_path, json.dumps(results, indent=2))  # never a half-written summary
         prev, offset = sdir, offset + stage.steps
     if not quiet:
         for r in out:

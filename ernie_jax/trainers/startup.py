@@ -1,5 +1,6 @@
 """Everything before the first step: the workdir, the task's data, device-dependent settings, and the
 starting state (resumed, initialised from another model, or fresh), each checked before any compute."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,14 +32,17 @@ def check_workdir(workdir: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror or e}); pass a directory you can "
-                          f"write") from None
+        raise ConfigError(
+            f"--workdir {workdir} is not writable ({e.strerror or e}); pass a directory you can write"
+        ) from None
 
 
 def check_vocab(task: Task, cfg: Config) -> None:
     if task.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"tokenizer has {task.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-                        f"set model.vocab_size>={task.vocab_size} or use a matching tokenizer")
+        raise DataError(
+            f"tokenizer has {task.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size>={task.vocab_size} or use a matching tokenizer"
+        )
 
 
 def open_checkpoints(workdir: str, cfg: Config) -> Checkpointer:
@@ -54,8 +58,10 @@ def check_run_settings(cfg: Config, mesh, platform: str) -> None:
     """Settings that depend on the devices, checked before any compute: the batch splits over the
     data-parallel axes and pipeline microbatches, and the attention backend exists on `platform`."""
     if cfg.data.batch_size % data_parallel_size(mesh):
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
-                          f"{data_parallel_size(mesh)} (mesh data x fsdp x expert x pipeline)")
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be divisible by the data-parallel size "
+            f"{data_parallel_size(mesh)} (mesh data x fsdp x expert x pipeline)"
+        )
     check_pipeline_batch(cfg, mesh)
     check_backend(cfg.model.attention, platform, cfg.model.attention_interpret)
 
@@ -64,22 +70,25 @@ def check_run_settings(cfg: Config, mesh, platform: str) -> None:
 class Start:
     graphdef: object
     state: dict
-    data_state: object = None     # the train iterator's state when resumed
+    data_state: object = None  # the train iterator's state when resumed
     resumed: bool = False
 
 
-def starting_state(cfg: Config, task: Task, ckpt: Checkpointer, tx, mesh, console: Console,
-                   keep_optimizer_from: str | None) -> Start:
+def starting_state(
+    cfg: Config, task: Task, ckpt: Checkpointer, tx, mesh, console: Console, keep_optimizer_from: str | None
+) -> Start:
     """The newest readable checkpoint, else `checkpoint.init_from`, else a fresh init; the task's extra
     state (init_state) is part of all three."""
     had_steps = bool(ckpt.steps())
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
-    if task.init_state is not None:   # before the restore: its entries are part of the checkpoint
+    if task.init_state is not None:  # before the restore: its entries are part of the checkpoint
         state.update(task.init_state(state))
     restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
     if had_steps and restored is None:
-        console.say(f"warning: every checkpoint in {ckpt.directory} is damaged (set aside as <step>.damaged-*); "
-                    f"starting from scratch")
+        console.say(
+            f"warning: every checkpoint in {ckpt.directory} is damaged (set aside as <step>.damaged-*); "
+            f"starting from scratch"
+        )
     if restored is not None:
         step0, state, data_state = restored
         console.say(f"resumed from {ckpt.directory} at step {step0}")
@@ -90,7 +99,7 @@ def starting_state(cfg: Config, task: Task, ckpt: Checkpointer, tx, mesh, consol
         if keep_optimizer_from:
             state["opt_state"] = kept_optimizer_state(keep_optimizer_from, state["opt_state"])
             note += "; optimizer moments kept, schedule restarted"
-        if task.init_state is not None:   # e.g. DPO's reference: the params just loaded
+        if task.init_state is not None:  # e.g. DPO's reference: the params just loaded
             state.update(task.init_state(state))
         console.say(f"initialised params from {cfg.checkpoint.init_from}{note}")
     return Start(graphdef, state)
@@ -102,8 +111,11 @@ def initial_params(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str
         parts, n, left_out = state_from_workdir(path, cfg, state)
         total = len(jax.tree.leaves(state["params"])) + len(jax.tree.leaves(state["buffers"]))
         notes = [f"{total - n} new tensors keep their initialisation"] if n != total else []
-        notes += [f"{left_out} tensors of the source this model does not have left out (e.g. MTP layers)"] \
-            if left_out else []
+        notes += (
+            [f"{left_out} tensors of the source this model does not have left out (e.g. MTP layers)"]
+            if left_out
+            else []
+        )
         note = f" ({'; '.join(notes)})" if notes else ""
         return parts["params"], parts["buffers"], note
     params, buffers = params_from_pretrained(path, cfg, state["params"], state["buffers"])
@@ -116,13 +128,19 @@ def announce(cfg: Config, task: Task, mesh, workdir: str, log_dir: str | None, c
     peak, peak_src = device_peak_flops(jnp.dtype(cfg.model.dtype))
     counts = count_params(cfg)
     devices = jax.devices()
-    console.say(f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-                f"processes: {jax.process_count()}, mesh: {describe(mesh)}")
+    console.say(
+        f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
+        f"processes: {jax.process_count()}, mesh: {describe(mesh)}"
+    )
     if schedule_for(cfg) is not None:
         console.say(schedule_for(cfg).describe(layer_plan(cfg).pipelined_depth))
-    console.say(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
-                f"{task.description}")
+    console.say(
+        f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active; "
+        f"{task.description}"
+    )
     logs = "" if not log_dir else f", metrics to {shown(log_dir)}"
-    console.say(f"writing to {shown(workdir)} (checkpoints/{logs or ', metrics.jsonl, tb/'}); "
-                f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
+    console.say(
+        f"writing to {shown(workdir)} (checkpoints/{logs or ', metrics.jsonl, tb/'}); "
+        f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})"
+    )
     return peak

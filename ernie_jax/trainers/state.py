@@ -3,6 +3,7 @@
 params are the trainable nnx.Param leaves (fp32 master copy); buffers are every other variable
 (the routing correction bias): the optimizer never sees them, pure update rules change them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -40,33 +41,41 @@ def lr_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
             prog = jnp.clip((step - start) / decay_steps, 0.0, 1.0)
             after = floor + (peak - floor) * (1.0 - jnp.sqrt(prog))
         return jnp.where(step < warm, warmup, after)
+
     return schedule
 
 
 def param_groups(params: dict, freeze: tuple[str, ...] = ()) -> dict:
     """'frozen' (parts in `freeze`: no update, no optimizer state), 'router' (gate kernels, LR x
     router_lr_ratio), 'no_decay' (norm weights, biases), 'decay' (the rest)."""
+
     def label(path, _):
         part = param_part(path)
         return "frozen" if part.freeze_group in freeze else part.optimizer_group
+
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(o: OptimizerConfig, total_steps: int, freeze: tuple[str, ...] = ()) -> optax.GradientTransformation:
+def make_optimizer(
+    o: OptimizerConfig, total_steps: int, freeze: tuple[str, ...] = ()
+) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW per group (router LR scaled, norms without weight decay);
     frozen parts get `set_to_zero` (their moments are never allocated)."""
     sched = lr_schedule(o, total_steps)
 
     def adamw(lr, wd):
         return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=wd)
+
     groups = {
         "decay": adamw(sched, o.weight_decay),
         "no_decay": adamw(sched, 0.0),
         "router": adamw(lambda s: sched(s) * o.router_lr_ratio, o.weight_decay),
         "frozen": optax.set_to_zero(),
     }
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
-                       optax.multi_transform(groups, lambda p: param_groups(p, tuple(freeze))))
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+        optax.multi_transform(groups, lambda p: param_groups(p, tuple(freeze))),
+    )
 
 
 def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
@@ -80,8 +89,11 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: Me
     params, not left to XLA, which replicates zeros); other leaves (counters) are replicated.
     `params` may be arrays or ShapeDtypeStructs with shardings."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    by_path = {tuple(p): x.sharding for p, x in jax.tree_util.tree_leaves_with_path(params)
-               if isinstance(x.sharding, NamedSharding)}
+    by_path = {
+        tuple(p): x.sharding
+        for p, x in jax.tree_util.tree_leaves_with_path(params)
+        if isinstance(x.sharding, NamedSharding)
+    }
 
     def sharding_of(path, leaf):
         for k in range(len(path)):
@@ -89,6 +101,7 @@ def opt_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: Me
             if s is not None and len(s.spec) <= leaf.ndim:
                 return s
         return replicated
+
     return jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(tx.init, params))
 
 
@@ -97,34 +110,43 @@ def init_opt_state(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
     return jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
 
 
-def abstract_train_state(cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-                         mesh: Mesh) -> tuple[Any, TrainState]:
+def abstract_train_state(
+    cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[Any, TrainState]:
     """(graphdef, the train state as ShapeDtypeStructs with their shardings): what
     `init_train_state` would build, without allocating it (ahead-of-time compilation)."""
     graphdef, params, buffers = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, ...)
-    sds = lambda tree, sh: jax.tree.map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    sds = lambda tree, sh: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
+    )
     params = sds(nnx.to_pure_dict(params), state_shardings(params, mesh))
     buffers = sds(nnx.to_pure_dict(buffers), state_shardings(buffers, mesh))
     opt = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)  # noqa: E731
-    return graphdef, {"step": scalar((), jnp.int32), "params": params, "buffers": buffers,
-                      "opt_state": sds(opt, opt_state_shardings(tx, params, mesh)),
-                      "rng": scalar((2,), jnp.uint32)}
+    scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    return graphdef, {
+        "step": scalar((), jnp.int32),
+        "params": params,
+        "buffers": buffers,
+        "opt_state": sds(opt, opt_state_shardings(tx, params, mesh)),
+        "rng": scalar((2,), jnp.uint32),
+    }
 
 
-def init_train_state(cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-                     mesh: Mesh) -> tuple[Any, TrainState]:
+def init_train_state(
+    cfg: Config, make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation, mesh: Mesh
+) -> tuple[Any, TrainState]:
     """Initialise directly into the mesh layout: params/buffers by the logical-axis rules, optimizer
     moments inherit the param shardings, scalars are replicated."""
-    graphdef, abstract_params, abstract_buffers = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))),
-                                                            nnx.Param, ...)
+    graphdef, abstract_params, abstract_buffers = nnx.split(
+        nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, ...
+    )
     shardings = (state_shardings(abstract_params, mesh), state_shardings(abstract_buffers, mesh))
 
     def init():
         _, params, buffers = split_model(make_model(nnx.Rngs(cfg.train.seed)))
         return params, buffers
+
     params, buffers = jax.jit(init, out_shardings=shardings)()
     replicated = NamedSharding(mesh, PartitionSpec())
     state = {

@@ -8,6 +8,7 @@ A step whose loss, gradients or updates are not finite changes nothing (params, 
 routing biases and FP8 histories stay as they were; the step counter and the data move on): its
 metrics read 0 with `skipped` 1, and the loop counts and stops on a run of them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -36,8 +37,11 @@ def _forward(graphdef, params, buffers, batch):
 def load_statistics(load: jax.Array) -> dict:
     """Per-MoE-layer expert load [L, E] -> min/max over the mean and coefficient of variation, each [L]."""
     mean = jnp.maximum(load.mean(-1), 1e-9)
-    return {"expert_load_min": load.min(-1) / mean, "expert_load_max": load.max(-1) / mean,
-            "expert_load_cv": load.std(-1) / mean}
+    return {
+        "expert_load_min": load.min(-1) / mean,
+        "expert_load_max": load.max(-1) / mean,
+        "expert_load_cv": load.std(-1) / mean,
+    }
 
 
 def _post_step_rules(cfg: Config, params: dict, buffers: dict, loads: dict) -> tuple[dict, dict]:
@@ -48,18 +52,27 @@ def _post_step_rules(cfg: Config, params: dict, buffers: dict, loads: dict) -> t
         return params, buffers
     for name in ROUTERS:
         path = ROUTER_PATH + (name,)
-        if name not in loads or name not in _get(params, ROUTER_PATH) or \
-                param_part(path + ("kernel",)).freeze_group in cfg.train.freeze:
+        if (
+            name not in loads
+            or name not in _get(params, ROUTER_PATH)
+            or param_part(path + ("kernel",)).freeze_group in cfg.train.freeze
+        ):
             continue
-        groups = e.top_k if e.group_orthogonal and name == "gate" else 1   # grouped orthogonality: text only
+        groups = e.top_k if e.group_orthogonal and name == "gate" else 1  # grouped orthogonality: text only
         if e.orth_mode == "decoupled" and e.orth_loss_weight > 0:
             kernel = _get(params, path + ("kernel",))
-            params = _replace(params, path + ("kernel",),
-                              router_losses.orthogonal_update(kernel, e.orth_loss_weight, groups))
+            params = _replace(
+                params,
+                path + ("kernel",),
+                router_losses.orthogonal_update(kernel, e.orth_loss_weight, groups),
+            )
         if e.bias_update_rate > 0:
             bias = _get(buffers, path + ("correction_bias",))
-            buffers = _replace(buffers, path + ("correction_bias",),
-                               router_losses.correction_bias_update(bias, loads[name], e.bias_update_rate))
+            buffers = _replace(
+                buffers,
+                path + ("correction_bias",),
+                router_losses.correction_bias_update(bias, loads[name], e.bias_update_rate),
+            )
     return params, buffers
 
 
@@ -77,8 +90,13 @@ def _detach_language_model(grads: dict, batch: dict, cfg: Config) -> dict:
     """modality_detach: a micro-batch holding vision tokens trains only ViT, adapter and vision experts."""
     has_vision = jnp.any(jnp.isin(batch["input_ids"], jnp.asarray(vision_token_ids(cfg))))
     return jax.tree_util.tree_map_with_path(
-        lambda p, g: jnp.where(has_vision, jnp.zeros_like(g), g) if param_part(p).freeze_group == "language_model"
-        else g, grads)
+        lambda p, g: (
+            jnp.where(has_vision, jnp.zeros_like(g), g)
+            if param_part(p).freeze_group == "language_model"
+            else g
+        ),
+        grads,
+    )
 
 
 def _replace(tree: dict, path: tuple, value) -> dict:
@@ -92,9 +110,14 @@ def _where(keep_new: jax.Array, new, old):
     return jax.tree.map(lambda a, b: jnp.where(keep_new, a, b), new, old)
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, objective: Objective,
-                    total_steps: int, batch_inputs: BatchInputs | None = None
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    graphdef,
+    cfg: Config,
+    tx: optax.GradientTransformation,
+    objective: Objective,
+    total_steps: int,
+    batch_inputs: BatchInputs | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`batch_inputs(forward, state, micro)`: the task's extra inputs from the state (trainers/task.py)."""
     schedule = lr_schedule(cfg.optimizer, total_steps)
 
@@ -127,15 +150,21 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
             if cfg.train.modality_detach:
                 grads = _detach_language_model(grads, micro, cfg)
             acc_loss, acc_grads, acc_metrics, acc_load, acc_amax = acc
-            summed = jax.tree.map(jnp.add, (acc_loss, acc_grads, acc_metrics, acc_load), (loss, grads, metrics, load))
+            summed = jax.tree.map(
+                jnp.add, (acc_loss, acc_grads, acc_metrics, acc_load), (loss, grads, metrics, load)
+            )
             amax = None if amax is None else jax.tree.map(jnp.maximum, acc_amax, amax)
             return (*summed, amax), None
 
         first = with_task_inputs(state, buffers, jax.tree.map(lambda x: x[0], batch))
-        (loss_shape, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(grad_fn, params, buffers, first)
+        (loss_shape, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(
+            grad_fn, params, buffers, first
+        )
         grads_shape, amax_shape = grads_shape if fp8_state else (grads_shape, None)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             (loss_shape, grads_shape, metrics_shape, load_shape, amax_shape))
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            (loss_shape, grads_shape, metrics_shape, load_shape, amax_shape),
+        )
         (loss, grads, metrics, load, amax), _ = jax.lax.scan(micro_step, zeros, batch)
         n = batch["input_ids"].shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
@@ -151,24 +180,36 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, obj
             metrics.update(load_statistics(load["gate"]))
         if "vision_gate" in load:
             metrics.update({"vision_" + k: v for k, v in load_statistics(load["vision_gate"]).items()})
-        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(optax.tree.norm(updates))
-        params, buffers, opt_state = _where(finite, (new_params, new_buffers, opt_state),
-                                            (params, buffers, state["opt_state"]))
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(optax.tree.norm(updates))
+        )
+        params, buffers, opt_state = _where(
+            finite, (new_params, new_buffers, opt_state), (params, buffers, state["opt_state"])
+        )
         metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        new_state = {**state, "step": state["step"] + 1, "params": params, "buffers": buffers,
-                     "opt_state": opt_state}
+        new_state = {
+            **state,
+            "step": state["step"] + 1,
+            "params": params,
+            "buffers": buffers,
+            "opt_state": opt_state,
+        }
         return new_state, metrics
 
     return step
 
 
-def make_eval_step(graphdef, cfg: Config, objective: Objective,
-                   batch_inputs: BatchInputs | None = None) -> Callable[[TrainState, dict], dict]:
+def make_eval_step(
+    graphdef, cfg: Config, objective: Objective, batch_inputs: BatchInputs | None = None
+) -> Callable[[TrainState, dict], dict]:
     def step(state: TrainState, batch: dict) -> dict:
         if batch_inputs is not None:
-            batch = batch_inputs(lambda params, b: _forward(graphdef, params, state["buffers"], b), state, batch)
+            batch = batch_inputs(
+                lambda params, b: _forward(graphdef, params, state["buffers"], b), state, batch
+            )
         out = _forward(graphdef, state["params"], state["buffers"], batch)
         _, metrics = objective(out, batch, cfg)
         return {"lm_loss": metrics["lm_loss"], "tokens": metrics["tokens"]}
+
     return step

@@ -13,6 +13,7 @@ step (`step.py`) never learn its name. Hooks, all optional:
   before the first step; returns Task fields to replace (DPO with a cached reference builds its
   iterators here, after one pass of the starting model over the data).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,13 +22,15 @@ from typing import Any, Callable, Iterator
 
 @dataclasses.dataclass
 class Task:
-    objective: Callable                  # (model output, batch, cfg) -> (loss, named scalars)
-    train_iter: Any                      # grain iterator with get_state/set_state, yields micro-batches
+    objective: Callable  # (model output, batch, cfg) -> (loss, named scalars)
+    train_iter: Any  # grain iterator with get_state/set_state, yields micro-batches
     eval_batches: Callable[[], Iterator] | None
     vocab_size: int
     description: str
-    stats: Any = None                    # data-side counters (skipped samples), logged with metrics
-    extra_evals: dict = dataclasses.field(default_factory=dict)   # name -> eval batch factory, logged name_loss
+    stats: Any = None  # data-side counters (skipped samples), logged with metrics
+    extra_evals: dict = dataclasses.field(
+        default_factory=dict
+    )  # name -> eval batch factory, logged name_loss
     init_state: Callable[[dict], dict] | None = None
     batch_inputs: Callable[[Callable, dict, dict], dict] | None = None
     prepare: Callable[..., dict] | None = None

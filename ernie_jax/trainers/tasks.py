@@ -1,4 +1,5 @@
 """`data.kind` -> the trainer's task: the one table the CLI and the stage recipe read."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -10,10 +11,10 @@ from ernie_jax.trainers.sft import sft_task
 from ernie_jax.trainers.task import Task
 
 TASKS: dict[str, Callable[[Config], Task]] = {
-    "text": text_pretraining_task,          # packed text, LM objective
-    "multimodal": multimodal_pretraining_task,   # packed image-text, LM objective on text targets
-    "chat": sft_task,                       # chats, loss on assistant tokens
-    "preference": dpo_task,                 # preference pairs, DPO / IPO / hinge
+    "text": text_pretraining_task,  # packed text, LM objective
+    "multimodal": multimodal_pretraining_task,  # packed image-text, LM objective on text targets
+    "chat": sft_task,  # chats, loss on assistant tokens
+    "preference": dpo_task,  # preference pairs, DPO / IPO / hinge
 }
 
 

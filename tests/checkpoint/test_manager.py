@@ -1,4 +1,5 @@
 """Checkpointer: damaged steps fall back quietly (one warning, no tracebacks from orbax's threads)."""
+
 import os
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def test_damaged_manifest_without_checksums_falls_back_without_tracebacks(tmp_pa
     os.remove(os.path.join(directory, "2", CHECKSUMS))
     with open(os.path.join(directory, "2", "state", "manifest.ocdbt"), "wb") as f:
         f.write(os.urandom(100))
-    r = subprocess.run([sys.executable, "-c", RESTORE, directory], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", RESTORE, directory], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert any(n.startswith("2.damaged-") for n in os.listdir(directory))
     assert "Traceback" not in r.stderr and "never retrieved" not in r.stderr, r.stderr[-1500:]

@@ -1,4 +1,5 @@
 """fp32 logits of converted tiny transformers models match ours to 1e-5 (ERNIE45 spec sections 2, 8)."""
+
 import dataclasses
 
 import jax.numpy as jnp
@@ -43,9 +44,14 @@ def test_logits_match_transformers(tmp_path, case, dispatch):
     if dispatch == "capacity":
         cfg = ours.cfg
         # capacity factor E/k gives every expert room for all tokens: nothing is dropped
-        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
-            cfg.moe, dispatch="capacity", capacity_factor=cfg.moe.num_experts / cfg.moe.top_k))
+        cfg = dataclasses.replace(
+            cfg,
+            moe=dataclasses.replace(
+                cfg.moe, dispatch="capacity", capacity_factor=cfg.moe.num_experts / cfg.moe.top_k
+            ),
+        )
         from flax import nnx
+
         ours = model_from_params(cfg, nnx.to_pure_dict(nnx.state(ours)))
     rng = np.random.default_rng(0)
     for b, s in [(2, 7), (1, 16)]:
@@ -67,6 +73,7 @@ def test_bias_changes_selection(tmp_path):
     bias = np.asarray(ours.units.moe.mlp.gate.correction_bias[...])
     assert np.abs(bias).max() > 0.1
     from flax import nnx
+
     st = nnx.to_pure_dict(nnx.state(ours))
     st["units"]["moe"]["mlp"]["gate"]["correction_bias"] = np.zeros_like(bias)
     unbiased = model_from_params(ours.cfg, st)
@@ -77,6 +84,7 @@ def test_bias_changes_selection(tmp_path):
 @pytest.mark.parametrize("kw", [dict(moe=False, tie=False), dict(shared=2, start=2, interval=2, layers=5)])
 def test_export_round_trip(tmp_path, kw):
     import transformers as T
+
     hf, path = make_hf_model(tmp_path, **kw)
     ours = ernie_jax.load_pretrained(path, dtype="float32")
     out = str(tmp_path / "exported")

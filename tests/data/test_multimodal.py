@@ -1,5 +1,6 @@
 """Image preprocessing and the multimodal pipeline: HF-equal patches, bad images skipped and
 counted, text-only targets, resumable iterator state."""
+
 import json
 import os
 
@@ -21,9 +22,11 @@ def test_smart_resize_bounds_and_factor():
 
 def test_patches_match_transformers_processor():
     from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
-        Ernie4_5_VLMoeImageProcessorPil)
+        Ernie4_5_VLMoeImageProcessorPil,
+    )
+
     rng = np.random.default_rng(0)
-    img = Image.fromarray(rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8))   # already a multiple of 28
+    img = Image.fromarray(rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8))  # already a multiple of 28
     ref = Ernie4_5_VLMoeImageProcessorPil()(images=[img], return_tensors="np")
     ours, grid = preprocess_frames([img])
     assert tuple(ref["image_grid_thw"][0]) == grid == (1, 4, 6)
@@ -38,7 +41,7 @@ def test_patchify_window_order():
 
 def test_sample_frames_even_and_uniform():
     assert sample_frames(10, 4) == [0, 3, 6, 9]
-    assert sample_frames(7, 16) == [0, 1, 2, 4, 5, 6][:len(sample_frames(7, 16))]
+    assert sample_frames(7, 16) == [0, 1, 2, 4, 5, 6][: len(sample_frames(7, 16))]
     assert len(sample_frames(7, 16)) == 6
     assert sample_frames(1, 16) == [0, 0]
 
@@ -50,22 +53,29 @@ def _write_set(tmp_path):
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(tmp_path / "tiny.png")
     Image.fromarray(rng.random((28, 28)).astype(np.float32), "F").save(tmp_path / "float.tiff")
-    lines = [{"content": [{"image": "ok.png"}, {"text": "a digit"}]},
-             {"image": "ok.jpg", "text": "a photo"},
-             {"content": [{"video": ["ok.png", "ok.png", "ok.png"]}, {"text": "a clip"}]},
-             {"content": [{"image": "corrupt.png"}, {"text": "x"}]},
-             {"content": [{"image": "tiny.png"}, {"text": "x"}]},
-             {"content": [{"image": "float.tiff"}, {"text": "x"}]},
-             {"content": [{"image": "missing.png"}, {"text": "x"}]},
-             {"content": [{"text": "word " * 400}]}]
+    lines = [
+        {"content": [{"image": "ok.png"}, {"text": "a digit"}]},
+        {"image": "ok.jpg", "text": "a photo"},
+        {"content": [{"video": ["ok.png", "ok.png", "ok.png"]}, {"text": "a clip"}]},
+        {"content": [{"image": "corrupt.png"}, {"text": "x"}]},
+        {"content": [{"image": "tiny.png"}, {"text": "x"}]},
+        {"content": [{"image": "float.tiff"}, {"text": "x"}]},
+        {"content": [{"image": "missing.png"}, {"text": "x"}]},
+        {"content": [{"text": "word " * 400}]},
+    ]
     path = tmp_path / "set.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
     return str(path)
 
 
 def _cfg(source, **extra):
-    sets = [f"data.source={source}", "data.batch_size=2", "data.max_patches=256", "data.seq_len=64",
-            "data.eval_fraction=0"] + [f"{k}={v}" for k, v in extra.items()]
+    sets = [
+        f"data.source={source}",
+        "data.batch_size=2",
+        "data.max_patches=256",
+        "data.seq_len=64",
+        "data.eval_fraction=0",
+    ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config("configs/tiny_vl.yaml", sets)
 
 
@@ -90,10 +100,10 @@ def test_batch_layout_and_text_only_targets(tmp_path):
     v = cfg.vision
     assert b["positions"].shape == (2, 64, 3) and b["patches"].shape == (256, 588)
     placeholder = np.isin(b["labels"], [v.image_token_id, v.video_token_id])
-    assert not (b["loss_mask"] * placeholder).any()            # vision targets carry no loss
+    assert not (b["loss_mask"] * placeholder).any()  # vision targets carry no loss
     assert b["loss_mask"].sum() > 0
     n_img = (b["input_ids"] == v.image_token_id).sum() + (b["input_ids"] == v.video_token_id).sum()
-    assert b["row_valid"].sum() == n_img                        # one adapter row per placeholder
+    assert b["row_valid"].sum() == n_img  # one adapter row per placeholder
     assert (b["frame_ids"] > 0).sum() == 4 * n_img if not (b["input_ids"] == v.video_token_id).any() else True
 
 
@@ -127,7 +137,7 @@ def test_start_up_counts_missing_files_and_bad_images_warn_once(tmp_path, caplog
     assert "0 unusable images" not in summary and "counted in the data_skipped_* metrics" in summary
     assert any("missing.png" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    for _ in range(3):   # three epochs over the set: one warning per bad file, counts go on
+    for _ in range(3):  # three epochs over the set: one warning per bad file, counts go on
         list(packed_multimodal_batches(data.train, data.tokenizer, cfg, data.stats, seed=0, repeat=False))
     corrupt = [r for r in caplog.records if "corrupt.png" in r.getMessage()]
     assert len(corrupt) == 1 and data.stats.bad_image >= 9

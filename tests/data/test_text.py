@@ -16,11 +16,19 @@ def _data_cfg(**kw):
 
 def test_bad_records_are_skipped_and_counted(tmp_path):
     txt = tmp_path / "a.txt"
-    txt.write_bytes(b"first document here\n\nsecond one\n\n   \n\n\xff\xfe broken \xc3\n\n" + b"x" * 500 + b"\n")
+    txt.write_bytes(
+        b"first document here\n\nsecond one\n\n   \n\n\xff\xfe broken \xc3\n\n" + b"x" * 500 + b"\n"
+    )
     jl = tmp_path / "b.jsonl.gz"
     with gzip.open(jl, "wt") as f:
-        f.write(json.dumps({"text": "json doc"}) + "\n{not json\n" + json.dumps({"other": 1}) + "\n"
-                + json.dumps({"text": ""}) + "\n")
+        f.write(
+            json.dumps({"text": "json doc"})
+            + "\n{not json\n"
+            + json.dumps({"other": 1})
+            + "\n"
+            + json.dumps({"text": ""})
+            + "\n"
+        )
     docs, stats = read_documents(f"{txt},{jl}", max_doc_chars=100)
     assert docs == ["first document here", "second one", "json doc"]
     assert (stats.skipped_undecodable, stats.skipped_too_long, stats.skipped_empty) == (3, 1, 2)
@@ -54,7 +62,9 @@ def test_packing_never_crosses_documents_and_resumes_exactly():
         # positions restart at each document
         starts = np.diff(seg, axis=1, prepend=0) != 0
         assert np.all(b["positions"][starts & (seg > 0)] == 0)
-        np.testing.assert_array_equal(b["labels"][:, :-1][mask[:, :-1] > 0], b["input_ids"][:, 1:][mask[:, :-1] > 0])
+        np.testing.assert_array_equal(
+            b["labels"][:, :-1][mask[:, :-1] > 0], b["input_ids"][:, 1:][mask[:, :-1] > 0]
+        )
     state = it.get_state()
     want = next(it)
     it2 = iter(ds)
@@ -68,8 +78,10 @@ def test_process_slices_tile_the_global_batch():
     data = load_corpus(_data_cfg(seq_len=64), 0)
     kw = dict(seq_len=64, batch_size=4, seed=5)
     whole = next(iter(packed_batches(data.train, data.tokenizer, **kw)))
-    parts = [next(iter(packed_batches(data.train, data.tokenizer, process_index=i, process_count=2, **kw)))
-             for i in range(2)]
+    parts = [
+        next(iter(packed_batches(data.train, data.tokenizer, process_index=i, process_count=2, **kw)))
+        for i in range(2)
+    ]
     for k in whole:
         np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
     with pytest.raises(DataError, match="divisible by the 3 processes"):

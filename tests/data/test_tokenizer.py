@@ -16,10 +16,13 @@ def test_embedded_sentencepiece_round_trip():
 def test_tokenizer_json_directory(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers, trainers
+
     tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(["in the beginning was the word"] * 20,
-                           trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tk.train_from_iterator(
+        ["in the beginning was the word"] * 20,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]),
+    )
     tk.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(str(tmp_path))
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)

@@ -11,9 +11,18 @@ from ernie_jax.model.ernie import ErnieForCausalLM, layer_plan
 
 
 def _cfg(*overrides):
-    return load_config("configs/tiny_moe.yaml", ["model.num_layers=3", "model.hidden_size=64", "model.vocab_size=128",
-                                                 "model.intermediate_size=96", "moe.intermediate_size=32",
-                                                 "moe.dispatch=dropless", *overrides])
+    return load_config(
+        "configs/tiny_moe.yaml",
+        [
+            "model.num_layers=3",
+            "model.hidden_size=64",
+            "model.vocab_size=128",
+            "model.intermediate_size=96",
+            "moe.intermediate_size=32",
+            "moe.dispatch=dropless",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.parametrize("moe", ["8", "0"])
@@ -38,17 +47,21 @@ def test_trace_size_does_not_grow_with_depth():
         graphdef, state = nnx.split(model)
         jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.ones((1, 8), jnp.int32)).logits)(state)
         return len(jaxpr.jaxpr.eqns)
+
     assert eqns(3) == eqns(12)
 
 
 def test_layer_plan_covers_every_layer_once():
     for start, interval, n in [(1, 1, 28), (3, 1, 54), (1, 2, 7), (0, 2, 6), (2, 3, 11)]:
-        cfg = load_config("configs/tiny_moe.yaml", [f"model.num_layers={n}", f"moe.layer_start={start}",
-                                                    f"moe.layer_interval={interval}"])
+        cfg = load_config(
+            "configs/tiny_moe.yaml",
+            [f"model.num_layers={n}", f"moe.layer_start={start}", f"moe.layer_interval={interval}"],
+        )
         plan = layer_plan(cfg)
         seen = {plan.locate(i) for i in range(n)}
         assert len(seen) == n
         from ernie_jax.config import is_moe_layer
+
         for i in range(n):
             stack, _, slot = plan.locate(i)
             assert (stack == "units" and slot == plan.dense_per_unit) == is_moe_layer(i, n, cfg.moe)
@@ -75,10 +88,17 @@ def test_bf16_compute_keeps_fp32_params_and_remat_matches():
     assert model(ids).logits.dtype == jnp.bfloat16
 
     def grads(remat, names=()):
-        c = dataclasses.replace(_cfg(), model=dataclasses.replace(_cfg().model, remat=remat, remat_names=names))
+        c = dataclasses.replace(
+            _cfg(), model=dataclasses.replace(_cfg().model, remat=remat, remat_names=names)
+        )
         m = ErnieForCausalLM(c, rngs=nnx.Rngs(0))
         return nnx.grad(lambda m: jnp.mean(m(ids).logits ** 2))(m)
+
     ref = jax.tree.leaves(grads("none"))
-    for policy, names in [("full", ()), ("save_qkv_recompute_mlp", ()), ("named", ("attn_out", "expert_out"))]:
+    for policy, names in [
+        ("full", ()),
+        ("save_qkv_recompute_mlp", ()),
+        ("named", ("attn_out", "expert_out")),
+    ]:
         for a, b in zip(ref, jax.tree.leaves(grads(policy, names))):
             np.testing.assert_allclose(a, b, atol=1e-6)

@@ -1,4 +1,3 @@
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +8,14 @@ from ernie_jax.model.moe import MoEBlock, capacity_experts, expert_capacity, rou
 
 
 def _block(dispatch="dropless", factor=1.0, shared=1, e=8, k=2, seed=0):
-    cfg = MoEConfig(num_experts=e, top_k=k, intermediate_size=16, num_shared_experts=shared, dispatch=dispatch,
-                    capacity_factor=factor)
+    cfg = MoEConfig(
+        num_experts=e,
+        top_k=k,
+        intermediate_size=16,
+        num_shared_experts=shared,
+        dispatch=dispatch,
+        capacity_factor=factor,
+    )
     return MoEBlock(24, cfg, rngs=nnx.Rngs(seed), std=0.3)
 
 
@@ -19,10 +24,11 @@ def _reference(block, x):
     cfg = block.cfg
     xt = np.asarray(x.reshape(-1, x.shape[-1]), np.float64)
     gate, up, down = [np.asarray(k, np.float64) for k in block.experts.kernels()]
-    probs, idx, w = route(block.gate(jnp.asarray(xt, jnp.float32)), block.gate.correction_bias[...], cfg.top_k,
-                          cfg.norm_min)
+    probs, idx, w = route(
+        block.gate(jnp.asarray(xt, jnp.float32)), block.gate.correction_bias[...], cfg.top_k, cfg.norm_min
+    )
     out = np.zeros_like(xt)
-    silu = lambda a: a / (1 + np.exp(-a))  # noqa: E731
+    silu = lambda a: a / (1 + np.exp(-a))
     for t in range(xt.shape[0]):
         for j in range(cfg.top_k):
             e = int(idx[t, j])
@@ -47,9 +53,10 @@ def test_capacity_equals_dropless_with_room_and_grads_match():
     def loss(block):
         y, _ = block(x, mask)
         return jnp.sum(jnp.sin(y))
+
     np.testing.assert_allclose(a(x, mask)[0], b(x, mask)[0], atol=1e-5)
     ga, gb = nnx.grad(loss)(a), nnx.grad(loss)(b)
-    for la, lb in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):   # fp32, summed in another order
+    for la, lb in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):  # fp32, summed in another order
         np.testing.assert_allclose(la, lb, atol=1e-5 * max(1.0, float(jnp.abs(lb).max())))
 
 
@@ -70,12 +77,12 @@ def test_capacity_drops_count_and_shared_still_applies():
     fully_dropped = np.where(~np.asarray(kept).any(-1))[0]
     assert fully_dropped.size > 0
     t = fully_dropped[0]
-    np.testing.assert_allclose(y[0, t], block.shared_experts(xt[t:t + 1])[0], atol=1e-5)
+    np.testing.assert_allclose(y[0, t], block.shared_experts(xt[t : t + 1])[0], atol=1e-5)
 
 
 def test_padding_takes_no_capacity_and_no_load():
-    padded = _block("capacity", factor=1.0)      # T=16 -> capacity 4
-    real_only = _block("capacity", factor=2.0)   # T=8  -> capacity 4, same weights (same seed)
+    padded = _block("capacity", factor=1.0)  # T=16 -> capacity 4
+    real_only = _block("capacity", factor=2.0)  # T=8  -> capacity 4, same weights (same seed)
     x = jax.random.normal(jax.random.key(3), (1, 16, 24))
     mask = jnp.arange(16)[None] < 8
     y_pad, stats = padded(x, mask)
@@ -92,8 +99,9 @@ def test_bias_changes_selection_not_weights():
     _, idx_b, w_b = route(logits, jnp.array([0.0, 0.0, 5.0, 0.0]), 2, 1e-12)
     assert sorted(np.asarray(idx_b[0]).tolist()) == [0, 2]
     p = np.asarray(probs[0])
-    np.testing.assert_allclose(sorted(np.asarray(w_b[0])), sorted([p[0] / (p[0] + p[2]), p[2] / (p[0] + p[2])]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        sorted(np.asarray(w_b[0])), sorted([p[0] / (p[0] + p[2]), p[2] / (p[0] + p[2])]), rtol=1e-6
+    )
 
 
 def test_dispatch_functions_are_jittable_without_python_loops():
@@ -105,7 +113,9 @@ def test_dispatch_functions_are_jittable_without_python_loops():
 
 
 def _mesh(**axes):
-    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+    return jax.make_mesh(
+        tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes)
+    )
 
 
 def test_capacity_is_per_device_under_a_mesh():
@@ -120,7 +130,9 @@ def test_capacity_is_per_device_under_a_mesh():
     for r in range(2):
         row = []
         for c in range(2):
-            yp, sp = block(x[2 * r:2 * r + 2, 8 * c:8 * c + 8], mask[2 * r:2 * r + 2, 8 * c:8 * c + 8])
+            yp, sp = block(
+                x[2 * r : 2 * r + 2, 8 * c : 8 * c + 8], mask[2 * r : 2 * r + 2, 8 * c : 8 * c + 8]
+            )
             row.append(yp)
             dropped += float(sp["dropped"])
         parts.append(jnp.concatenate(row, axis=1))
@@ -141,4 +153,5 @@ def test_dispatch_buffers_stay_per_device_under_data_parallelism():
         with jax.set_mesh(mesh):
             x = jax.device_put(x, jax.NamedSharding(mesh, jax.P("data")))
             return grad.lower(block, x).compile().memory_analysis().temp_size_in_bytes
+
     assert temp(8, _mesh(data=8)) < 1.5 * temp(1, None)

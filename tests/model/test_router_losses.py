@@ -1,4 +1,5 @@
 """Router terms against direct numpy implementations of the formulas in ERNIE45_SPEC.md section 3."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,19 +45,19 @@ def test_aux_loss(data):
 def test_z_loss(data):
     logits, mask = data
     lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-    ref = np.sum(lse ** 2 * mask) / mask.sum()
+    ref = np.sum(lse**2 * mask) / mask.sum()
     np.testing.assert_allclose(rl.z_loss(jnp.asarray(logits), jnp.asarray(mask)), ref, rtol=1e-5)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_orthogonal_loss(groups):
     rng = np.random.default_rng(1)
-    kernel = rng.normal(size=(16, 8))          # [H, E]
+    kernel = rng.normal(size=(16, 8))  # [H, E]
     w = kernel.T / np.linalg.norm(kernel.T, axis=-1, keepdims=True)
     e = 8 // groups
     ref = 0.0
     for g in range(groups):
-        wg = w[g * e:(g + 1) * e]
+        wg = w[g * e : (g + 1) * e]
         ref += np.sum((wg @ wg.T - np.eye(e)) ** 2)
     ref /= groups * e * e
     np.testing.assert_allclose(rl.orthogonal_loss(jnp.asarray(kernel, jnp.float32), groups), ref, rtol=1e-5)
@@ -67,7 +68,7 @@ def test_orthogonal_loss(groups):
 
 def test_orthogonal_update_descends_and_matches_grad():
     rng = np.random.default_rng(2)
-    kernel = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32)   # stacked over 3 layers
+    kernel = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32)  # stacked over 3 layers
     new = rl.orthogonal_update(kernel, rate=0.5)
     g = jax.grad(rl.orthogonal_loss)(kernel[1])
     np.testing.assert_allclose(new[1], kernel[1] - 0.5 * g, rtol=1e-6, atol=1e-7)

@@ -1,13 +1,20 @@
 """The backend dispatcher: resolution per platform, one-line errors, and the Pallas kernels (TPU
 splash, GPU flash) in interpret mode on the CPU against the dense reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ernie_jax.errors import ConfigError
-from ernie_jax.ops.attention import (AttentionSpec, check_backend, dense_attention, dot_product_attention,
-                                     resolve_backend, splash_attention)
+from ernie_jax.ops.attention import (
+    AttentionSpec,
+    check_backend,
+    dense_attention,
+    dot_product_attention,
+    resolve_backend,
+    splash_attention,
+)
 from tests.ops.test_flash_attention import _inputs
 
 
@@ -19,8 +26,10 @@ def test_auto_picks_the_platform_kernel():
     assert resolve_backend("auto", "tpu", 128) == "splash"
 
 
-@pytest.mark.parametrize("name,platform,words", [("splash", "cpu", "needs a TPU"), ("cudnn", "cpu", "needs a GPU"),
-                                                  ("magic", "cpu", "is not a backend")])
+@pytest.mark.parametrize(
+    "name,platform,words",
+    [("splash", "cpu", "needs a TPU"), ("cudnn", "cpu", "needs a GPU"), ("magic", "cpu", "is not a backend")],
+)
 def test_backend_errors_name_the_setting(name, platform, words):
     with pytest.raises(ConfigError, match=words) as e:
         check_backend(name, platform)
@@ -28,11 +37,12 @@ def test_backend_errors_name_the_setting(name, platform, words):
 
 
 def _compare(spec, q, k, v, seg, tol=2e-5):
-    f = lambda q, k, v: dot_product_attention(q, k, v, seg, seg, spec=spec)  # noqa: E731
-    r = lambda q, k, v: dense_attention(q, k, v, seg, seg, causal=spec.causal)  # noqa: E731
+    f = lambda q, k, v: dot_product_attention(q, k, v, seg, seg, spec=spec)
+    r = lambda q, k, v: dense_attention(q, k, v, seg, seg, causal=spec.causal)
     w = jnp.asarray(np.random.default_rng(2).normal(size=q.shape), jnp.float32)
-    (of, gf), (od, gd) = (jax.jit(jax.value_and_grad(lambda *a: jnp.sum(g(*a) * w), argnums=(0, 1, 2)))(q, k, v)
-                          for g in (f, r))
+    (of, gf), (od, gd) = (
+        jax.jit(jax.value_and_grad(lambda *a: jnp.sum(g(*a) * w), argnums=(0, 1, 2)))(q, k, v) for g in (f, r)
+    )
     np.testing.assert_allclose(of, od, rtol=tol)
     for a, b in zip(gf, gd):
         np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
@@ -40,8 +50,14 @@ def _compare(spec, q, k, v, seg, tol=2e-5):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_splash_in_interpret_mode_equals_dense(causal):
-    q, k, v, seg = _inputs(1, 150, 4, 2, 64)         # GQA, packed, padded to the 128 tile
-    _compare(AttentionSpec(backend="splash", block_q=128, block_kv=128, causal=causal, interpret=True), q, k, v, seg)
+    q, k, v, seg = _inputs(1, 150, 4, 2, 64)  # GQA, packed, padded to the 128 tile
+    _compare(
+        AttentionSpec(backend="splash", block_q=128, block_kv=128, causal=causal, interpret=True),
+        q,
+        k,
+        v,
+        seg,
+    )
 
 
 def test_pallas_gpu_kernel_in_interpret_mode_equals_dense():
@@ -52,13 +68,17 @@ def test_pallas_gpu_kernel_in_interpret_mode_equals_dense():
 
 def test_dense_and_flash_agree_through_the_dispatcher():
     q, k, v, seg = _inputs(2, 40, 4, 2, 16)
-    out = dot_product_attention(q, k, v, seg, seg, spec=AttentionSpec(backend="flash", block_q=16, block_kv=16))
+    out = dot_product_attention(
+        q, k, v, seg, seg, spec=AttentionSpec(backend="flash", block_q=16, block_kv=16)
+    )
     ref = dot_product_attention(q, k, v, seg, seg, spec=AttentionSpec(backend="dense"))
     np.testing.assert_allclose(out, ref, atol=1e-5)
     # no segment ids means one segment per row
-    np.testing.assert_allclose(dot_product_attention(q, k, v, spec=AttentionSpec(backend="flash")),
-                               dense_attention(q, k, v, jnp.zeros((2, 40), jnp.int32), jnp.zeros((2, 40), jnp.int32)),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        dot_product_attention(q, k, v, spec=AttentionSpec(backend="flash")),
+        dense_attention(q, k, v, jnp.zeros((2, 40), jnp.int32), jnp.zeros((2, 40), jnp.int32)),
+        atol=1e-5,
+    )
 
 
 def test_splash_causal_offset_is_a_chunk_of_the_full_mask():

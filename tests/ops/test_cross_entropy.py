@@ -1,4 +1,5 @@
 """The chunked LM head + cross-entropy equals the unchunked one (fp32: losses and grads, rel 1e-6)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +17,23 @@ def test_chunked_equals_full(s, chunk, shards):
     weights = jnp.asarray(rng.random((2, s)), jnp.float32)
 
     def loss(h, w, chunked):
-        head = lambda x: x @ w   # noqa: E731
-        ce = chunked_head_cross_entropy(head, h, labels, chunk, shards) if chunked else \
-            token_cross_entropy(head(h), labels)
+        head = lambda x: x @ w
+        ce = (
+            chunked_head_cross_entropy(head, h, labels, chunk, shards)
+            if chunked
+            else token_cross_entropy(head(h), labels)
+        )
         return jnp.sum(ce * weights), ce
-    (v1, ce1), g1 = jax.jit(jax.value_and_grad(lambda h, w: loss(h, w, True), argnums=(0, 1), has_aux=True))(h, w)
-    (v0, ce0), g0 = jax.jit(jax.value_and_grad(lambda h, w: loss(h, w, False), argnums=(0, 1), has_aux=True))(h, w)
+
+    (v1, ce1), g1 = jax.jit(jax.value_and_grad(lambda h, w: loss(h, w, True), argnums=(0, 1), has_aux=True))(
+        h, w
+    )
+    (v0, ce0), g0 = jax.jit(jax.value_and_grad(lambda h, w: loss(h, w, False), argnums=(0, 1), has_aux=True))(
+        h, w
+    )
     np.testing.assert_allclose(ce1, ce0, rtol=1e-6)
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    for a, b in zip(g1, g0):   # relative to the gradient's norm: fp32 reassociation moves single entries
+    for a, b in zip(g1, g0):  # relative to the gradient's norm: fp32 reassociation moves single entries
         assert np.linalg.norm(a - b) <= 1e-6 * np.linalg.norm(b), np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
@@ -34,7 +43,10 @@ def test_no_full_logits_in_the_compiled_step():
     h = jnp.zeros((b, s, hdim), jnp.float32)
     w = jnp.zeros((hdim, v), jnp.float32)
     labels = jnp.zeros((b, s), jnp.int32)
-    f = jax.jit(jax.grad(lambda h, w: chunked_head_cross_entropy(lambda x: x @ w, h, labels, 256).sum(),
-                         argnums=(0, 1)))
+    f = jax.jit(
+        jax.grad(
+            lambda h, w: chunked_head_cross_entropy(lambda x: x @ w, h, labels, 256).sum(), argnums=(0, 1)
+        )
+    )
     temp = f.lower(h, w).compile().memory_analysis().temp_size_in_bytes
     assert temp < b * s * v * 4 / 4, temp

@@ -1,5 +1,6 @@
 """Shared set-up of the sharded-equals-single-device tests: a tiny model's state as pure dicts,
 placed on a mesh by the rules table (or left on one device when mesh is None)."""
+
 import jax
 from flax import nnx
 
@@ -20,7 +21,9 @@ def model_state(cfg, mesh=None):
 
 def place_batch(batch: dict, mesh=None) -> dict:
     """[B, S] arrays split over the batch axes of `mesh` (unchanged without one)."""
-    return batch if mesh is None else {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
+    return (
+        batch if mesh is None else {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in batch.items()}
+    )
 
 
 def run(fn, mesh, *args):

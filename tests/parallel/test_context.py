@@ -1,6 +1,7 @@
 """Context parallelism: the load-balanced order, and sharded == single device (fp32 losses and
 grads) for context x data, context x expert x data (both transports), 3D positions, and with the
 pipeline."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,13 +16,22 @@ from ernie_jax.trainers.lm import lm_objective
 from tests.parallel.sharded import model_state, place_batch, run
 
 BATCH, SEQ = 8, 32
-BASE = ["model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0", f"data.batch_size={BATCH}",
-        f"data.seq_len={SEQ}", "model.num_layers=2", "model.attention=flash", "model.attention_block_q=8",
-        "model.attention_block_kv=8", "model.logits_chunk=4"]
+BASE = [
+    "model.dtype=float32",
+    "moe.dispatch=capacity",
+    "moe.capacity_factor=4.0",
+    f"data.batch_size={BATCH}",
+    f"data.seq_len={SEQ}",
+    "model.num_layers=2",
+    "model.attention=flash",
+    "model.attention_block_q=8",
+    "model.attention_block_kv=8",
+    "model.logits_chunk=4",
+]
 
 
 def test_load_balanced_order():
-    order = load_balanced_order(16, 2)     # 4 chunks of 4: shard 0 holds chunks 0 and 3, shard 1 chunks 1 and 2
+    order = load_balanced_order(16, 2)  # 4 chunks of 4: shard 0 holds chunks 0 and 3, shard 1 chunks 1 and 2
     assert order.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
     assert sorted(load_balanced_order(48, 4).tolist()) == list(range(48))
     with pytest.raises(ConfigError, match="data.seq_len=12 is not divisible by 2 x mesh.context = 8"):
@@ -33,13 +43,17 @@ def _batch(cfg, three_d=False):
     seq = cfg.data.seq_len
     ids = rng.integers(3, cfg.model.vocab_size, (BATCH, seq + 1)).astype(np.int32)
     seg = np.ones((BATCH, seq), np.int32)
-    seg[1, 10:] = 2    # packed rows
+    seg[1, 10:] = 2  # packed rows
     seg[3, 5:20] = 2
     seg[3, 20:] = 3
-    seg[2, 25:] = 0    # padding
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "segment_ids": seg,
-             "loss_mask": (seg > 0).astype(np.float32)}
-    if three_d:        # (t, h, w): a few "image" stretches where h and w differ from t
+    seg[2, 25:] = 0  # padding
+    batch = {
+        "input_ids": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "segment_ids": seg,
+        "loss_mask": (seg > 0).astype(np.float32),
+    }
+    if three_d:  # (t, h, w): a few "image" stretches where h and w differ from t
         pos = np.repeat(np.arange(seq)[None, :, None], 3, axis=2).repeat(BATCH, axis=0)
         pos[:, 8:12, 1] += np.array([0, 0, 1, 1])
         pos[:, 8:12, 2] += np.array([0, 1, 0, 1])
@@ -57,6 +71,7 @@ def _loss_and_grads(cfg, mesh, three_d=False):
     def loss(params):
         out = nnx.merge(graphdef, params, rest).apply_batch(placed)
         return lm_objective(out, placed, cfg)[0]
+
     return run(jax.value_and_grad(loss), mesh, params)
 
 
@@ -108,8 +123,16 @@ def test_context_with_pipeline_and_tensor():
 def test_splash_kernel_per_shard_equals_flash():
     """The TPU path of context parallelism (keys back in natural order, one causal splash kernel
     per shard picked by lax.switch), run in Pallas interpret mode on 4 CPU devices."""
-    splash = ["model.attention=splash", "model.attention_interpret=true", "model.attention_block_q=128",
-              "model.attention_block_kv=128", "data.seq_len=512", "model.num_layers=2"]
+    splash = [
+        "model.attention=splash",
+        "model.attention_interpret=true",
+        "model.attention_block_q=128",
+        "model.attention_block_kv=128",
+        "data.seq_len=512",
+        "model.num_layers=2",
+    ]
     cfg = load_config("configs/tiny_moe.yaml", BASE + splash + ["mesh.context=2", "mesh.data=4"])
-    ref = _loss_and_grads(load_config("configs/tiny_moe.yaml", BASE + ["data.seq_len=512", "model.num_layers=2"]), None)
+    ref = _loss_and_grads(
+        load_config("configs/tiny_moe.yaml", BASE + ["data.seq_len=512", "model.num_layers=2"]), None
+    )
     _assert_same(_loss_and_grads(cfg, build_mesh(cfg)), ref, rtol=2e-5)

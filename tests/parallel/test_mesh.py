@@ -1,4 +1,5 @@
 """Mesh construction, the rules table, and sharded == single-device numerics on 8 CPU devices."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,14 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 
 def test_mesh_shape_and_errors():
     cfg = load_config("configs/tiny_moe.yaml", ["mesh.fsdp=2", "mesh.expert=2"])
-    assert mesh_shape(cfg.mesh, 8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 1, "expert": 2, "pipeline": 1}
+    assert mesh_shape(cfg.mesh, 8) == {
+        "data": 2,
+        "fsdp": 2,
+        "context": 1,
+        "tensor": 1,
+        "expert": 2,
+        "pipeline": 1,
+    }
     with pytest.raises(ConfigError, match="uses 6 devices but 8 are available"):
         mesh_shape(load_config("configs/tiny_moe.yaml", ["mesh.data=3", "mesh.fsdp=2"]).mesh, 8)
     with pytest.raises(ConfigError, match="only one axis may be -1"):
@@ -27,10 +35,13 @@ def test_mesh_shape_and_errors():
 
 
 def test_rules_table():
-    mesh = build_mesh(load_config("configs/tiny_moe.yaml", ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2",
-                                                            "mesh.expert=2"]))
-    assert logical_to_spec(("exp", "embed", "mlp"), (3, 8, 64, 32), mesh) == P(None, "expert", "fsdp", "tensor")
-    assert logical_to_spec(("embed", "mlp"), (64, 3), mesh) == P("fsdp", None)   # 3 not divisible: replicated
+    mesh = build_mesh(
+        load_config("configs/tiny_moe.yaml", ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "mesh.expert=2"])
+    )
+    assert logical_to_spec(("exp", "embed", "mlp"), (3, 8, 64, 32), mesh) == P(
+        None, "expert", "fsdp", "tensor"
+    )
+    assert logical_to_spec(("embed", "mlp"), (64, 3), mesh) == P("fsdp", None)  # 3 not divisible: replicated
     assert logical_to_spec(("norm",), (64,), mesh) == P(None)
     assert batch_sharding(mesh, 3, 1).spec == P(None, ("fsdp", "expert"), None)
 
@@ -39,28 +50,37 @@ def _loss_and_grads(cfg, mesh=None):
     graphdef, params, rest = model_state(cfg, mesh)
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 33)).astype(np.int32)
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((8, 32), np.float32)}
-    if cfg.moe.vision_num_experts:   # heterogeneous layers: about a third of the tokens are vision tokens
+    if cfg.moe.vision_num_experts:  # heterogeneous layers: about a third of the tokens are vision tokens
         batch["modality"] = (ids[:, :-1] % 3 == 0).astype(np.int32)
     batch = place_batch(batch, mesh)
 
     def loss(params):
         out = nnx.merge(graphdef, params, rest)(batch["input_ids"], modality=batch.get("modality"))
         return lm_objective(out, batch, cfg)[0]
+
     return run(jax.value_and_grad(loss), mesh, params)
 
 
-@pytest.mark.parametrize("layout, dispatch", [
-    (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], "capacity"),
-    (["mesh.data=2", "mesh.expert=4"], "capacity"),
-    (["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"], "capacity"),
-    (["mesh.data=2", "mesh.expert=4"], "dropless"),
-    (["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"], "capacity"),
-    (["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "moe.transport=all_to_all"], "capacity"),
-    (["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"], "capacity"),
-    (["mesh.data=1", "mesh.expert=8", "moe.transport=allgather"], "capacity"),
-])
+@pytest.mark.parametrize(
+    "layout, dispatch",
+    [
+        (["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], "capacity"),
+        (["mesh.data=2", "mesh.expert=4"], "capacity"),
+        (["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"], "capacity"),
+        (["mesh.data=2", "mesh.expert=4"], "dropless"),
+        (["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"], "capacity"),
+        (["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4", "moe.transport=all_to_all"], "capacity"),
+        (["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"], "capacity"),
+        (["mesh.data=1", "mesh.expert=8", "moe.transport=allgather"], "capacity"),
+    ],
+)
 def test_sharded_loss_and_grads_equal_single_device(layout, dispatch):
-    base = ["model.num_layers=3", "model.dtype=float32", f"moe.dispatch={dispatch}", "moe.capacity_factor=4.0"]
+    base = [
+        "model.num_layers=3",
+        "model.dtype=float32",
+        f"moe.dispatch={dispatch}",
+        "moe.capacity_factor=4.0",
+    ]
     cfg = load_config("configs/tiny_moe.yaml", base + layout)
     ref_loss, ref_grads = _loss_and_grads(load_config("configs/tiny_moe.yaml", base), None)
     loss, grads = _loss_and_grads(cfg, build_mesh(cfg))
@@ -69,15 +89,24 @@ def test_sharded_loss_and_grads_equal_single_device(layout, dispatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("layout", [
-    ["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"],
-    ["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"],
-    ["mesh.data=2", "mesh.expert=4"],
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["mesh.data=2", "mesh.expert=4", "moe.transport=all_to_all"],
+        ["mesh.data=2", "mesh.expert=4", "moe.transport=allgather"],
+        ["mesh.data=2", "mesh.expert=4"],
+    ],
+)
 def test_heterogeneous_layer_sharded_equals_single_device(layout):
     """Text and vision expert groups, each expert-parallel, match the single-device run."""
-    base = ["model.num_layers=3", "model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0",
-            "moe.vision_num_experts=8", "moe.vision_intermediate_size=64"]
+    base = [
+        "model.num_layers=3",
+        "model.dtype=float32",
+        "moe.dispatch=capacity",
+        "moe.capacity_factor=4.0",
+        "moe.vision_num_experts=8",
+        "moe.vision_intermediate_size=64",
+    ]
     ref_loss, ref_grads = _loss_and_grads(load_config("configs/tiny_moe.yaml", base), None)
     cfg = load_config("configs/tiny_moe.yaml", base + layout)
     loss, grads = _loss_and_grads(cfg, build_mesh(cfg))
@@ -89,16 +118,21 @@ def test_heterogeneous_layer_sharded_equals_single_device(layout):
 def _fp8_loss_and_grads(cfg, mesh, seed_history):
     """Loss, param grads and the amax cotangents of the delayed-FP8 histories."""
     graphdef, params, rest = model_state(cfg, mesh)
-    if seed_history:   # a history from earlier steps: the scale comes from it, not the current amax
+    if seed_history:  # a history from earlier steps: the scale comes from it, not the current amax
         rest = jax.tree_util.tree_map_with_path(
-            lambda p, v: jnp.full_like(v, 3.0).at[..., 1].set(0.5) if "fp8_meta" in jax.tree_util.keystr(p) else v,
-            rest)
+            lambda p, v: (
+                jnp.full_like(v, 3.0).at[..., 1].set(0.5) if "fp8_meta" in jax.tree_util.keystr(p) else v
+            ),
+            rest,
+        )
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (8, 33)).astype(np.int32)
-    batch = place_batch({"input_ids": ids[:, :-1], "labels": ids[:, 1:],
-                         "loss_mask": np.ones((8, 32), np.float32)}, mesh)
+    batch = place_batch(
+        {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": np.ones((8, 32), np.float32)}, mesh
+    )
 
     def loss(params, rest):
         return lm_objective(nnx.merge(graphdef, params, rest)(batch["input_ids"]), batch, cfg)[0]
+
     return run(jax.value_and_grad(loss, argnums=(0, 1)), mesh, params, rest)
 
 
@@ -107,11 +141,21 @@ def _fp8_loss_and_grads(cfg, mesh, seed_history):
 def test_delayed_fp8_inside_expert_parallel_transports(transport, seed_history):
     """Delayed scaling in the shard_map transports: one global scale per tensor, and the reported
     amaxes (history cotangents) equal the single-device run."""
-    base = ["model.num_layers=3", "model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0",
-            "precision.fp8=experts", "precision.fp8_recipe=delayed", "precision.fp8_amax_history=4"]
-    ref_loss, (ref_grads, ref_amax) = _fp8_loss_and_grads(load_config("configs/tiny_moe.yaml", base), None,
-                                                          seed_history)
-    cfg = load_config("configs/tiny_moe.yaml", base + ["mesh.data=2", "mesh.expert=4", f"moe.transport={transport}"])
+    base = [
+        "model.num_layers=3",
+        "model.dtype=float32",
+        "moe.dispatch=capacity",
+        "moe.capacity_factor=4.0",
+        "precision.fp8=experts",
+        "precision.fp8_recipe=delayed",
+        "precision.fp8_amax_history=4",
+    ]
+    ref_loss, (ref_grads, ref_amax) = _fp8_loss_and_grads(
+        load_config("configs/tiny_moe.yaml", base), None, seed_history
+    )
+    cfg = load_config(
+        "configs/tiny_moe.yaml", base + ["mesh.data=2", "mesh.expert=4", f"moe.transport={transport}"]
+    )
     loss, (grads, amax) = _fp8_loss_and_grads(cfg, build_mesh(cfg), seed_history)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     # Gradients pass e5m2 rounding. With a seeded history the scales are fixed and the runs agree
@@ -120,9 +164,12 @@ def test_delayed_fp8_inside_expert_parallel_transports(transport, seed_history):
     grad_tol, out_tol = (2e-2, 1e-5) if seed_history else (5e-2, 1e-2)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert float(jnp.linalg.norm(a - b)) <= grad_tol * float(jnp.linalg.norm(b)) + 1e-12
-    meta = [(a, b) for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(amax), jax.tree.leaves(ref_amax))
-            if "fp8_meta" in jax.tree_util.keystr(p)]
+    meta = [
+        (a, b)
+        for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(amax), jax.tree.leaves(ref_amax))
+        if "fp8_meta" in jax.tree_util.keystr(p)
+    ]
     assert meta and all(float(jnp.abs(b).max()) > 0 for _, b in meta)
-    for a, b in meta:   # rows: inputs x, h and the 3 kernels (forward), then 3 output gradients
+    for a, b in meta:  # rows: inputs x, h and the 3 kernels (forward), then 3 output gradients
         np.testing.assert_allclose(a[..., :5, :], b[..., :5, :], rtol=1e-4)
         np.testing.assert_allclose(a[..., 5:, :], b[..., 5:, :], rtol=out_tol)

@@ -1,4 +1,5 @@
 """The CLI on a sharded mesh, and a checkpoint saved on 8 devices resumed on 4 with another layout."""
+
 import json
 import os
 import subprocess
@@ -6,13 +7,30 @@ import sys
 
 import pytest
 
-SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
-         "data.seq_len=32", "data.batch_size=8", "log.interval=1", "train.eval_interval=100",
-         "checkpoint.async_save=false", "checkpoint.interval=2"]
+SMALL = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "moe.intermediate_size=32",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "log.interval=1",
+    "train.eval_interval=100",
+    "checkpoint.async_save=false",
+    "checkpoint.interval=2",
+]
 
 
 def _cli(workdir, devices, *sets):
-    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/tiny_moe.yaml", "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ernie_jax.train",
+        "--config",
+        "configs/tiny_moe.yaml",
+        "--workdir",
+        str(workdir),
+    ]
     for s in SMALL + list(sets):
         cmd += ["--set", s]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -38,8 +56,15 @@ def test_pipelined_checkpoint_resumes_unpipelined(tmp_path):
     """Params stay in layer order whatever the schedule: a circular-pipeline checkpoint evaluates to the
     same loss on a plain data-parallel mesh."""
     w = tmp_path / "w"
-    pipe = ["model.num_layers=5", "mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.schedule=circular",
-            "pipeline.repeats=2", "pipeline.microbatches=2"]
+    pipe = [
+        "model.num_layers=5",
+        "mesh.pipeline=2",
+        "mesh.data=2",
+        "mesh.expert=2",
+        "pipeline.schedule=circular",
+        "pipeline.repeats=2",
+        "pipeline.microbatches=2",
+    ]
     r = _cli(w, 8, "train.steps=2", "train.eval_interval=2", *pipe)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pipeline circular x2: 2 stages, 2 microbatches, 5 iterations, bubble 20.0%" in r.stdout

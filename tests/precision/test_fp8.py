@@ -1,4 +1,5 @@
 """FP8 (emulated on CPU): rounding bounds, scaling recipes, gradients, and a short training run."""
+
 import dataclasses
 import json
 import os
@@ -15,10 +16,13 @@ from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.pretrain import text_pretraining_task
 
 
-@pytest.mark.parametrize("dtype, bound", [(E4M3, 2.0 ** -4), (E5M2, 2.0 ** -3)])
+@pytest.mark.parametrize("dtype, bound", [(E4M3, 2.0**-4), (E5M2, 2.0**-3)])
 def test_rounding_error_bounds(dtype, bound):
-    x = jnp.asarray(np.random.default_rng(0).uniform(1 / 32, 1, 4096) * np.sign(np.random.default_rng(1).normal(
-        size=4096)), jnp.float32)
+    x = jnp.asarray(
+        np.random.default_rng(0).uniform(1 / 32, 1, 4096)
+        * np.sign(np.random.default_rng(1).normal(size=4096)),
+        jnp.float32,
+    )
     q = qdq_tensor(x, dtype)
     rel = np.abs(np.asarray(q - x)) / np.abs(np.asarray(x))
     assert rel.max() <= bound + 1e-7
@@ -32,14 +36,16 @@ def test_rounding_error_bounds(dtype, bound):
 def test_blockwise_scaling_isolates_outliers():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(4, 256)).astype(np.float32) * 1e-3
-    x[:, :128] *= 1e6                              # one loud tile per row
+    x[:, :128] *= 1e6  # one loud tile per row
     err_tensor = np.abs(np.asarray(qdq_tensor(jnp.asarray(x))) - x)[:, 128:].mean()
     err_rows = np.abs(np.asarray(qdq_rows(jnp.asarray(x))) - x)[:, 128:].mean()
     assert err_rows < err_tensor / 10
     w = rng.normal(size=(256, 256)).astype(np.float32)
     w[:128, :128] *= 1e6
-    assert np.abs(np.asarray(qdq_blocks(jnp.asarray(w))) - w)[128:, 128:].mean() < \
-        np.abs(np.asarray(qdq_tensor(jnp.asarray(w))) - w)[128:, 128:].mean() / 10
+    assert (
+        np.abs(np.asarray(qdq_blocks(jnp.asarray(w))) - w)[128:, 128:].mean()
+        < np.abs(np.asarray(qdq_tensor(jnp.asarray(w))) - w)[128:, 128:].mean() / 10
+    )
 
 
 @pytest.mark.parametrize("recipe", ["current", "blockwise"])
@@ -53,45 +59,64 @@ def test_fp8_dot_gradients_close_to_reference(recipe):
 
     def loss(dot, x, w):
         return jnp.mean((dot(x, w, dims) - t) ** 2)
+
     ref = jax.grad(lambda x, w: loss(jax.lax.dot_general, x, w), argnums=(0, 1))(x, w)
     got = jax.grad(lambda x, w: loss(fp8.dot_general, x, w), argnums=(0, 1))(x, w)
     for r, g in zip(ref, got):
         rel = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
-        assert 0 < rel < 0.08, rel   # e4m3 forward + e5m2 backward, stated tolerance 8% (norm-wise)
+        assert 0 < rel < 0.08, rel  # e4m3 forward + e5m2 backward, stated tolerance 8% (norm-wise)
 
 
 def test_gradient_is_rounded_to_e5m2():
     g = jax.grad(lambda y: jnp.sum(grad_e5m2(y) * jnp.linspace(0.1, 1.0, 7)))(jnp.ones(7))
     scale = float(jnp.max(jnp.abs(g))) / 57344.0
-    np.testing.assert_allclose(np.asarray(g / scale).astype(E5M2).astype(np.float32), np.asarray(g / scale), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(g / scale).astype(E5M2).astype(np.float32), np.asarray(g / scale), rtol=1e-6
+    )
     assert not np.allclose(g, np.linspace(0.1, 1.0, 7), rtol=1e-6)
 
 
 def _final_loss(workdir, *sets):
-    cfg = load_config("configs/tiny_moe.yaml", [
-        "model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=64",
-        "model.dtype=bfloat16", "data.seq_len=64", "data.batch_size=8", "train.steps=200", "log.interval=50",
-        "train.eval_interval=1000", "checkpoint.interval=1000", "checkpoint.async_save=false",
-        "optimizer.warmup_steps=20", *sets])
+    cfg = load_config(
+        "configs/tiny_moe.yaml",
+        [
+            "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.intermediate_size=128",
+            "moe.intermediate_size=64",
+            "model.dtype=bfloat16",
+            "data.seq_len=64",
+            "data.batch_size=8",
+            "train.steps=200",
+            "log.interval=50",
+            "train.eval_interval=1000",
+            "checkpoint.interval=1000",
+            "checkpoint.async_save=false",
+            "optimizer.warmup_steps=20",
+            *sets,
+        ],
+    )
     run(cfg, str(workdir), text_pretraining_task, quiet=True)
     rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     return [r["lm_loss"] for r in rows if "lm_loss" in r][-1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, recipe", [("experts", "blockwise"), ("all_linear", "current"),
-                                          ("all_linear", "delayed")])
+@pytest.mark.parametrize(
+    "mode, recipe", [("experts", "blockwise"), ("all_linear", "current"), ("all_linear", "delayed")]
+)
 def test_200_step_training_matches_bf16(tmp_path, mode, recipe):
     bf16 = _final_loss(tmp_path / "bf16")
     fp8 = _final_loss(tmp_path / "fp8", f"precision.fp8={mode}", f"precision.fp8_recipe={recipe}")
     assert abs(fp8 - bf16) / bf16 < 0.02, (fp8, bf16)
 
 
-
 # ----------------------------------------------------------------------------- delayed scaling
+
 
 def test_delayed_scale_comes_from_the_history_and_reports_amax():
     from ernie_jax.precision.fp8 import _qdq, qdq_delayed
+
     x = jnp.linspace(-1.0, 1.0, 33)
     empty, hist = jnp.zeros(4), jnp.array([0.5, 10.0, 2.0, 0.0])
     # an empty history (first step) uses the current amax, like the current recipe
@@ -107,11 +132,16 @@ def test_delayed_scale_comes_from_the_history_and_reports_amax():
 
 def test_delayed_output_gradient_uses_history_and_reports_amax():
     from ernie_jax.precision.fp8 import grad_e5m2_delayed
+
     w = jnp.linspace(0.1, 1.0, 7)
-    g, gh = jax.grad(lambda y, h: jnp.sum(grad_e5m2_delayed(y, h) * w), argnums=(0, 1))(jnp.ones(7), jnp.zeros(3))
+    g, gh = jax.grad(lambda y, h: jnp.sum(grad_e5m2_delayed(y, h) * w), argnums=(0, 1))(
+        jnp.ones(7), jnp.zeros(3)
+    )
     np.testing.assert_allclose(gh, [1.0, 0, 0])
     scale = 1.0 / 57344.0
-    np.testing.assert_allclose(np.asarray(g / scale).astype(E5M2).astype(np.float32), np.asarray(g / scale), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(g / scale).astype(E5M2).astype(np.float32), np.asarray(g / scale), rtol=1e-6
+    )
 
 
 def test_delayed_histories_roll_after_each_step_and_live_in_buffers():
@@ -119,9 +149,18 @@ def test_delayed_histories_roll_after_each_step_and_live_in_buffers():
     from ernie_jax.trainers.state import init_train_state, make_optimizer
     from ernie_jax.trainers.step import make_train_step
     from ernie_jax.trainers.lm import lm_objective
-    cfg = load_config("configs/tiny_moe.yaml", ["precision.fp8=all_linear", "precision.fp8_recipe=delayed",
-                                                "precision.fp8_amax_history=3", "model.num_layers=2",
-                                                "model.mtp_depth=0", "optimizer.grad_accum_steps=2"])
+
+    cfg = load_config(
+        "configs/tiny_moe.yaml",
+        [
+            "precision.fp8=all_linear",
+            "precision.fp8_recipe=delayed",
+            "precision.fp8_amax_history=3",
+            "model.num_layers=2",
+            "model.mtp_depth=0",
+            "optimizer.grad_accum_steps=2",
+        ],
+    )
     mesh = build_mesh(dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1)), jax.devices()[:1])
     tx = make_optimizer(cfg.optimizer, 10)
     graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
@@ -132,7 +171,7 @@ def test_delayed_histories_roll_after_each_step_and_live_in_buffers():
     for _ in range(4):
         kernels.append(np.asarray(state["params"]["prefix"]["self_attn"]["q_proj"]["kernel"][0]))
         state, _ = step(state, batch)
-    hist = np.asarray(state["buffers"]["prefix"]["self_attn"]["q_proj"]["fp8_meta"][0])   # [3 rows, 3 steps]
+    hist = np.asarray(state["buffers"]["prefix"]["self_attn"]["q_proj"]["fp8_meta"][0])  # [3 rows, 3 steps]
     # kernel row: the kernel amax of the last three steps, newest first (kernel read before each update)
     np.testing.assert_allclose(hist[1], [np.abs(k).max() for k in kernels[::-1][:3]], rtol=1e-6)
     assert (hist > 0).all()

@@ -2,6 +2,7 @@
 
 The compile itself needs libtpu, which the test extra does not install (684 MB): run these with
 a venv made by `pip install -e '.[tpu,test]'`. Without libtpu the CLI must still fail in one line."""
+
 import importlib.util
 import json
 import os
@@ -11,14 +12,18 @@ import sys
 import pytest
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu,test]' "
-                                                         "in a separate venv and run pytest tests/tpu there")
+needs_libtpu = pytest.mark.skipif(
+    not HAS_LIBTPU,
+    reason="libtpu is not installed: pip install -e '.[tpu,test]' "
+    "in a separate venv and run pytest tests/tpu there",
+)
 
 
 def _aot(*args):
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    return subprocess.run([sys.executable, "-m", "ernie_jax.aot", *args], capture_output=True, text=True,
-                          timeout=900, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "ernie_jax.aot", *args], capture_output=True, text=True, timeout=900, env=env
+    )
 
 
 @needs_libtpu
@@ -32,8 +37,21 @@ def test_tiny_moe_compiles_with_splash_for_v5e():
 
 @needs_libtpu
 def test_context_parallel_splash_compiles():
-    r = _aot("--config", "configs/tiny_moe.yaml", "--topology", "v5e:2x2", "--json", "--set", "mesh.context=2",
-             "--set", "mesh.data=2", "--set", "data.seq_len=1024", "--set", "data.batch_size=2")
+    r = _aot(
+        "--config",
+        "configs/tiny_moe.yaml",
+        "--topology",
+        "v5e:2x2",
+        "--json",
+        "--set",
+        "mesh.context=2",
+        "--set",
+        "mesh.data=2",
+        "--set",
+        "data.seq_len=1024",
+        "--set",
+        "data.batch_size=2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "context=2" in json.loads(r.stdout.strip().splitlines()[-1])["mesh"]
 

@@ -1,4 +1,5 @@
 """The TPU launch scripts' --dry-run prints the commands they would run."""
+
 import subprocess
 
 import yaml
@@ -16,10 +17,25 @@ def test_pod_lifecycle_dry_runs():
     assert r.returncode == 0 and "tpu-vm create ernie" in r.stdout and "v5p-64" in r.stdout
     r = _run("tpu/pod.sh", "install", *BASE, "--repo", "https://example.invalid/ernie_jax.git")
     assert r.returncode == 0 and "--worker=all" in r.stdout and "pip install" in r.stdout
-    r = _run("tpu/pod.sh", "launch", *BASE, "--config", "configs/ernie45_21b_a3b.yaml", "--workdir", "gs://b/r",
-             "--set", "mesh.fsdp=-1", "--set", "mesh.data=1")
+    r = _run(
+        "tpu/pod.sh",
+        "launch",
+        *BASE,
+        "--config",
+        "configs/ernie45_21b_a3b.yaml",
+        "--workdir",
+        "gs://b/r",
+        "--set",
+        "mesh.fsdp=-1",
+        "--set",
+        "mesh.data=1",
+    )
     assert r.returncode == 0
-    assert "ERNIE_JAX_DISTRIBUTED=auto" in r.stdout and "ernie_jax.train" in r.stdout and "mesh.fsdp=-1" in r.stdout
+    assert (
+        "ERNIE_JAX_DISTRIBUTED=auto" in r.stdout
+        and "ernie_jax.train" in r.stdout
+        and "mesh.fsdp=-1" in r.stdout
+    )
     r = _run("tpu/pod.sh", "logs", *BASE)
     assert r.returncode == 0 and "--worker=0" in r.stdout
     r = _run("tpu/pod.sh", "stop", *BASE, "--delete")
@@ -34,8 +50,22 @@ def test_missing_arguments_fail_clearly():
 
 
 def test_xpk_dry_run_and_jobset():
-    r = _run("tpu/xpk.sh", "--cluster", "c", "--type", "v5p-128", "--image", "img", "--config",
-             "configs/ernie45_300b_a47b.yaml", "--workdir", "gs://b/r", "--set", "mesh.expert=8", "--dry-run")
+    r = _run(
+        "tpu/xpk.sh",
+        "--cluster",
+        "c",
+        "--type",
+        "v5p-128",
+        "--image",
+        "img",
+        "--config",
+        "configs/ernie45_300b_a47b.yaml",
+        "--workdir",
+        "gs://b/r",
+        "--set",
+        "mesh.expert=8",
+        "--dry-run",
+    )
     assert r.returncode == 0 and "xpk workload create" in r.stdout and "mesh.expert=8" in r.stdout
     spec = yaml.safe_load(open("tpu/jobset.yaml"))
     container = spec["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]

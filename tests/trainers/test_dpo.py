@@ -1,5 +1,6 @@
 """DPO: the loss on fixed log-probs equals an independent implementation of the published
 formulas; pair packing and segment sums; both reference modes train from the CLI."""
+
 import json
 import math
 import os
@@ -28,7 +29,7 @@ def _reference(pc, pr, rc, rr, nc, nr, beta, kind, eps, normalize):
             m = (nc[i] + nr[i]) / 2
             a, b, c, d = a * m / nc[i], b * m / nr[i], c * m / nc[i], d * m / nr[i]
         z = (a - b) - (c - d)
-        sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        sig = lambda x: 1 / (1 + math.exp(-x))
         if kind == "sigmoid":
             out.append(-(1 - eps) * math.log(sig(beta * z)) - eps * math.log(sig(-beta * z)))
         elif kind == "ipo":
@@ -50,10 +51,10 @@ def _batch_from_pairs(rng, pairs):
     pos = 0
     for k, (nc, nr) in enumerate(pairs):
         for part, n in ((1, nc), (2, nr)):
-            seg[0, pos:pos + n + 2] = 2 * k + part
-            mask[0, pos + 2:pos + n + 2] = 1           # two prompt tokens, then n response tokens
-            lp[0, pos + 2:pos + n + 2] = -rng.uniform(0.1, 3.0, n)
-            ref[0, pos + 2:pos + n + 2] = -rng.uniform(0.1, 3.0, n)
+            seg[0, pos : pos + n + 2] = 2 * k + part
+            mask[0, pos + 2 : pos + n + 2] = 1  # two prompt tokens, then n response tokens
+            lp[0, pos + 2 : pos + n + 2] = -rng.uniform(0.1, 3.0, n)
+            ref[0, pos + 2 : pos + n + 2] = -rng.uniform(0.1, 3.0, n)
             pos += n + 2
     # logits over 2 classes with label 0: log p(0) = lp  <=>  logit0 - logaddexp(logit0, logit1) = lp
     logit1 = np.log(np.expm1(-lp) + 1e-30)
@@ -61,19 +62,30 @@ def _batch_from_pairs(rng, pairs):
     return logits, {"labels": labels, "segment_ids": seg, "loss_mask": mask, "ref_logp": ref}, lp, ref
 
 
-@pytest.mark.parametrize("kind,eps,normalize", [("sigmoid", 0.0, True), ("sigmoid", 0.1, False), ("ipo", 0.0, True),
-                                                ("hinge", 0.0, True)])
+@pytest.mark.parametrize(
+    "kind,eps,normalize",
+    [("sigmoid", 0.0, True), ("sigmoid", 0.1, False), ("ipo", 0.0, True), ("hinge", 0.0, True)],
+)
 def test_loss_matches_published_formulas(kind, eps, normalize):
     rng = np.random.default_rng(0)
     pairs = [(3, 5), (4, 2), (6, 6)]
     logits, batch, lp, ref = _batch_from_pairs(rng, pairs)
-    cfg = load_config("configs/dpo_tiny.yaml", [f"dpo.loss_type={kind}", f"dpo.label_smoothing={eps}",
-                                                f"dpo.normalize_logps={str(normalize).lower()}", "dpo.beta=0.3"])
+    cfg = load_config(
+        "configs/dpo_tiny.yaml",
+        [
+            f"dpo.loss_type={kind}",
+            f"dpo.label_smoothing={eps}",
+            f"dpo.normalize_logps={str(normalize).lower()}",
+            "dpo.beta=0.3",
+        ],
+    )
     zero = jnp.zeros(())
-    out = ModelOutput(logits=jnp.asarray(logits), router_losses={"aux_loss": zero, "z_loss": zero, "orth_loss": zero})
+    out = ModelOutput(
+        logits=jnp.asarray(logits), router_losses={"aux_loss": zero, "z_loss": zero, "orth_loss": zero}
+    )
     _, m = dpo_objective(out, {k: jnp.asarray(v) for k, v in batch.items()}, cfg)
     seg, mask = batch["segment_ids"][0], batch["loss_mask"][0]
-    sums = lambda v, s: float((v[0] * mask)[seg == s].sum())  # noqa: E731
+    sums = lambda v, s: float((v[0] * mask)[seg == s].sum())
     pc = [sums(lp, 2 * k + 1) for k in range(3)]
     pr = [sums(lp, 2 * k + 2) for k in range(3)]
     rc = [sums(ref, 2 * k + 1) for k in range(3)]
@@ -92,12 +104,30 @@ def test_pair_sums_by_segment():
 
 
 def _cli(workdir, *sets):
-    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/dpo_tiny.yaml", "--workdir", str(workdir)]
-    for s in ["model.num_layers=2", "log.interval=5", "checkpoint.async_save=false",
-              "train.eval_steps=1", *sets]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ernie_jax.train",
+        "--config",
+        "configs/dpo_tiny.yaml",
+        "--workdir",
+        str(workdir),
+    ]
+    for s in [
+        "model.num_layers=2",
+        "log.interval=5",
+        "checkpoint.async_save=false",
+        "train.eval_steps=1",
+        *sets,
+    ]:
         cmd += ["--set", s]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
 
 
 def _rows(workdir):
@@ -111,13 +141,29 @@ def test_dpo_cli_raises_reward_accuracy(tmp_path, reference):
     the first 64 pairs of the embedded set for several epochs (started from an SFT model the full set
     works the same way; see the README)."""
     from ernie_jax.data.chat import EMBEDDED_PREFERENCE
+
     with open(EMBEDDED_PREFERENCE) as f:
         (tmp_path / "pairs.jsonl").write_text("".join(f.readlines()[:64]))
-    r = _cli(tmp_path / "w", f"dpo.reference={reference}", "train.steps=30", f"data.source={tmp_path / 'pairs.jsonl'}",
-             "data.eval_fraction=0", "data.seq_len=256", "train.eval_interval=100", "checkpoint.interval=30")
+    r = _cli(
+        tmp_path / "w",
+        f"dpo.reference={reference}",
+        "train.steps=30",
+        f"data.source={tmp_path / 'pairs.jsonl'}",
+        "data.eval_fraction=0",
+        "data.seq_len=256",
+        "train.eval_interval=100",
+        "checkpoint.interval=30",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _rows(tmp_path / "w")
-    for key in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "kl_proxy", "dpo_loss"):
+    for key in (
+        "reward_accuracy",
+        "reward_margin",
+        "reward_chosen",
+        "reward_rejected",
+        "kl_proxy",
+        "dpo_loss",
+    ):
         assert key in rows[-1]
     assert rows[-1]["reward_accuracy"] > 0.8, [r["reward_accuracy"] for r in rows]
     if reference == "cached":
@@ -125,16 +171,21 @@ def test_dpo_cli_raises_reward_accuracy(tmp_path, reference):
 
 
 def test_bad_pairs_counted_and_unusable_file_refused(tmp_path):
-    lines = [{"prompt": "a b c", "chosen": "same", "rejected": "same"},
-             {"prompt": "a b c", "chosen": " ", "rejected": "x"},
-             {"messages": [{"role": "wizard", "content": "x"}], "chosen": "y", "rejected": "z"},
-             {"prompt": "word " * 300, "chosen": "y", "rejected": "z"},
-             {"prompt": "ok", "chosen": "yes", "rejected": "no"}]
+    lines = [
+        {"prompt": "a b c", "chosen": "same", "rejected": "same"},
+        {"prompt": "a b c", "chosen": " ", "rejected": "x"},
+        {"messages": [{"role": "wizard", "content": "x"}], "chosen": "y", "rejected": "z"},
+        {"prompt": "word " * 300, "chosen": "y", "rejected": "z"},
+        {"prompt": "ok", "chosen": "yes", "rejected": "no"},
+    ]
     src = tmp_path / "p.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     from ernie_jax.trainers.dpo import DPOTask
-    cfg = load_config("configs/dpo_tiny.yaml", [f"data.source={src}", "data.eval_fraction=0", "data.batch_size=1",
-                                                "data.seq_len=64"])
+
+    cfg = load_config(
+        "configs/dpo_tiny.yaml",
+        [f"data.source={src}", "data.eval_fraction=0", "data.batch_size=1", "data.seq_len=64"],
+    )
     task = DPOTask(cfg)
     batch = next(iter(task.batches(task.data.train, 0, False)))
     s = task.data.stats
@@ -142,16 +193,23 @@ def test_bad_pairs_counted_and_unusable_file_refused(tmp_path):
     assert batch["segment_ids"].max() == 2
     src.write_text("\n".join(json.dumps(x) for x in lines[:4]) + "\n")
     r = _cli(tmp_path / "w", f"data.source={src}", "train.steps=1")
-    assert r.returncode == 2 and "samples is usable (" in r.stderr and "same pair" in r.stderr, r.stderr[-500:]
+    assert r.returncode == 2 and "samples is usable (" in r.stderr and "same pair" in r.stderr, r.stderr[
+        -500:
+    ]
 
 
 def test_damaged_reference_cache_is_one_line(tmp_path):
     from ernie_jax.trainers.dpo import read_reference_cache
+
     path = tmp_path / "reference_logps.npz"
     np.savez(path, ref=np.ones((3, 2), np.float32))
     np.testing.assert_array_equal(read_reference_cache(str(path), 3), np.ones((3, 2)))
-    for content, fragment in ((None, "is missing"), (b"PK\x03\x04 not a zip", "is damaged"),
-                              (np.ones((4, 2)), "belongs to other data"), (np.full((3, 2), np.nan), "finite: False")):
+    for content, fragment in (
+        (None, "is missing"),
+        (b"PK\x03\x04 not a zip", "is damaged"),
+        (np.ones((4, 2)), "belongs to other data"),
+        (np.full((3, 2), np.nan), "finite: False"),
+    ):
         path.unlink(missing_ok=True)
         if isinstance(content, bytes):
             path.write_bytes(content)

@@ -1,4 +1,5 @@
 """Exact resume when the stop lands between the micro-batches of one gradient-accumulation cycle."""
+
 import json
 import os
 import signal
@@ -9,9 +10,20 @@ from ernie_jax.config import load_config
 from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.pretrain import text_pretraining_task
 
-SETS = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
-        "data.seq_len=32", "data.batch_size=8", "optimizer.grad_accum_steps=2", "train.steps=6", "log.interval=1",
-        "checkpoint.interval=100", "train.eval_interval=100", "checkpoint.async_save=false"]
+SETS = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "moe.intermediate_size=32",
+    "data.seq_len=32",
+    "data.batch_size=8",
+    "optimizer.grad_accum_steps=2",
+    "train.steps=6",
+    "log.interval=1",
+    "checkpoint.interval=100",
+    "train.eval_interval=100",
+    "checkpoint.async_save=false",
+]
 
 
 class _SigtermOnFetch:
@@ -47,6 +59,7 @@ def test_stop_between_microbatches_resumes_bitwise(tmp_path):
         task = text_pretraining_task(c)
         task.train_iter = _SigtermOnFetch(task.train_iter, n=6)  # 2nd micro-batch of step 3
         return task
+
     cut = str(tmp_path / "cut")
     run(cfg, cut, interrupted, quiet=True)
     assert os.listdir(os.path.join(cut, "checkpoints")) == ["3"]

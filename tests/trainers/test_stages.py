@@ -1,6 +1,7 @@
 """Three-stage pretraining: one command runs every stage, carries params forward, initialises the
 vision parts in stage III, never changes frozen params, logs the stage, and resumes when killed at
 a stage boundary or inside a stage with the same results."""
+
 import json
 import os
 import shutil
@@ -13,9 +14,14 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-SMALL = {"model": {"num_layers": 2}, "vision": {"depth": 1}, "data": {"batch_size": 2, "max_patches": 256},
-         "train": {"eval_steps": 1}, "checkpoint": {"async_save": False, "interval": 2},
-         "log": {"interval": 1, "tensorboard": False}}
+SMALL = {
+    "model": {"num_layers": 2},
+    "vision": {"depth": 1},
+    "data": {"batch_size": 2, "max_patches": 256},
+    "train": {"eval_steps": 1},
+    "checkpoint": {"async_save": False, "interval": 2},
+    "log": {"interval": 1, "tensorboard": False},
+}
 STEPS = {"I_text": 4, "II_long_text": 2, "IIIa_vit_adapter": 2, "IIIb_vision_experts": 2, "IIIc_joint": 3}
 
 
@@ -26,16 +32,22 @@ def _write_cfg(tmp_path) -> str:
         stages = yaml.safe_load(f)["stages"]
     for st in stages:
         st["steps"] = STEPS[st["name"]]
-        st["set"] = [x if "seq_len=8192" not in x else "data.seq_len=512" for x in st["set"] if "batch_size" not in x]
+        st["set"] = [
+            x if "seq_len=8192" not in x else "data.seq_len=512" for x in st["set"] if "batch_size" not in x
+        ]
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"base": base, **SMALL, "stages": stages}))
     return str(path)
 
 
 def _cli(config, workdir):
-    r = subprocess.run([sys.executable, "-m", "ernie_jax.train", "--config", config, "--workdir", workdir],
-                       capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "ernie_jax.train", "--config", config, "--workdir", workdir],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -46,9 +58,14 @@ def _params(workdir, stage_dir, step):
 
 
 def _lm(params):
-    return {k: v for k, v in jax.tree_util.tree_leaves_with_path(params)
-            if not any(n in jax.tree_util.keystr(k) for n in ("vision_model", "resampler", "vision_gate",
-                                                               "vision_experts"))}
+    return {
+        k: v
+        for k, v in jax.tree_util.tree_leaves_with_path(params)
+        if not any(
+            n in jax.tree_util.keystr(k)
+            for n in ("vision_model", "resampler", "vision_gate", "vision_experts")
+        )
+    }
 
 
 @pytest.mark.slow
@@ -91,15 +108,23 @@ def test_three_stages_resume_at_a_boundary_and_inside_a_stage(tmp_path):
     for d in ("4_IIIb_vision_experts", "5_IIIc_joint"):
         shutil.rmtree(os.path.join(w2, d))
     with open(os.path.join(w2, "stages.json"), "w") as f:
-        json.dump([r for r in json.load(open(os.path.join(w, "stages.json")))
-                   if r["stage"] not in ("IIIb_vision_experts", "IIIc_joint")], f)
+        json.dump(
+            [
+                r
+                for r in json.load(open(os.path.join(w, "stages.json")))
+                if r["stage"] not in ("IIIb_vision_experts", "IIIc_joint")
+            ],
+            f,
+        )
     _cli(cfg, w2)
     # killed inside IIIc (after its step-2 checkpoint): resumes there
     w3 = str(tmp_path / "inside")
     shutil.copytree(w, w3)
     shutil.rmtree(os.path.join(w3, "5_IIIc_joint", "checkpoints", "3"))
     with open(os.path.join(w3, "stages.json"), "w") as f:
-        json.dump([r for r in json.load(open(os.path.join(w, "stages.json"))) if r["stage"] != "IIIc_joint"], f)
+        json.dump(
+            [r for r in json.load(open(os.path.join(w, "stages.json"))) if r["stage"] != "IIIc_joint"], f
+        )
     _cli(cfg, w3)
     for other in (w2, w3):
         again = _params(other, "5_IIIc_joint", 3)

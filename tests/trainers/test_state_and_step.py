@@ -16,13 +16,26 @@ from ernie_jax.trainers.step import make_train_step
 
 
 def _cfg(*sets):
-    return load_config("configs/tiny_moe.yaml", ["model.num_layers=2", "model.hidden_size=32", "model.vocab_size=64",
-                                                 "model.intermediate_size=64", "moe.intermediate_size=16", *sets])
+    return load_config(
+        "configs/tiny_moe.yaml",
+        [
+            "model.num_layers=2",
+            "model.hidden_size=32",
+            "model.vocab_size=64",
+            "model.intermediate_size=64",
+            "moe.intermediate_size=16",
+            *sets,
+        ],
+    )
 
 
 def test_wsd_and_cosine_schedules():
-    o = _cfg("optimizer.learning_rate=1.0", "optimizer.min_lr_ratio=0.1", "optimizer.warmup_steps=10",
-             "optimizer.decay_fraction=0.2").optimizer
+    o = _cfg(
+        "optimizer.learning_rate=1.0",
+        "optimizer.min_lr_ratio=0.1",
+        "optimizer.warmup_steps=10",
+        "optimizer.decay_fraction=0.2",
+    ).optimizer
     wsd = lr_schedule(o, 100)
     assert float(wsd(0)) == pytest.approx(0.1) and float(wsd(9)) == pytest.approx(1.0)
     assert float(wsd(50)) == pytest.approx(1.0) and float(wsd(80)) == pytest.approx(1.0)
@@ -46,9 +59,13 @@ def test_param_groups():
 def _batch(cfg, accum, b=2, s=16, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, cfg.model.vocab_size, (accum, b, s + 1)).astype(np.int32)
-    return {"input_ids": ids[..., :-1], "labels": ids[..., 1:], "loss_mask": np.ones((accum, b, s), np.float32),
-            "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (accum, b, s)).copy(),
-            "segment_ids": np.ones((accum, b, s), np.int32)}
+    return {
+        "input_ids": ids[..., :-1],
+        "labels": ids[..., 1:],
+        "loss_mask": np.ones((accum, b, s), np.float32),
+        "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (accum, b, s)).copy(),
+        "segment_ids": np.ones((accum, b, s), np.int32),
+    }
 
 
 def _step(cfg):
@@ -59,8 +76,13 @@ def _step(cfg):
 
 
 def test_post_step_rules_bias_and_orthogonal_update():
-    cfg = _cfg("moe.bias_update_rate=0.01", "moe.orth_mode=decoupled", "moe.orth_loss_weight=0.5",
-               "optimizer.learning_rate=0.0", "optimizer.warmup_steps=0")
+    cfg = _cfg(
+        "moe.bias_update_rate=0.01",
+        "moe.orth_mode=decoupled",
+        "moe.orth_loss_weight=0.5",
+        "optimizer.learning_rate=0.0",
+        "optimizer.warmup_steps=0",
+    )
     step, state = _step(cfg)
     kernel0 = state["params"]["units"]["moe"]["mlp"]["gate"]["kernel"]
     new, metrics = step(state, _batch(cfg, 1))
@@ -121,17 +143,26 @@ def test_non_finite_step_changes_nothing():
     assert float(metrics["loss"]) == 0.0 and float(metrics["grad_norm"]) == 0.0
     good, metrics = step(after, _batch(cfg, 1))
     assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
-    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["params"]),
-                                                      jax.tree.leaves(jax.tree.map(np.asarray, good["params"])))]
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(before["params"]), jax.tree.leaves(jax.tree.map(np.asarray, good["params"]))
+        )
+    ]
     assert any(moved)
 
 
 def test_eval_without_target_tokens_reports_no_loss():
     from ernie_jax.trainers.evaluation import describe_eval, evaluate
+
     empty = evaluate(lambda state, batch: {"lm_loss": 0.0, "tokens": 0.0}, None, lambda: iter([{}, {}]), 4)
     assert empty == {"eval_tokens": 0.0}
     assert "no target tokens" in describe_eval(empty) and "loss" not in describe_eval(empty).split("(")[0]
-    some = evaluate(lambda state, batch: {"lm_loss": batch["l"], "tokens": batch["n"]}, None,
-                    lambda: iter([{"l": 2.0, "n": 3.0}, {"l": 4.0, "n": 1.0}]), 4)
+    some = evaluate(
+        lambda state, batch: {"lm_loss": batch["l"], "tokens": batch["n"]},
+        None,
+        lambda: iter([{"l": 2.0, "n": 3.0}, {"l": 4.0, "n": 1.0}]),
+        4,
+    )
     assert some["eval_loss"] == pytest.approx(2.5) and some["eval_tokens"] == 4.0
     assert describe_eval(some).startswith("loss 2.5000  ppl 12.18")

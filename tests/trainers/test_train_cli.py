@@ -1,4 +1,5 @@
 """End to end on CPU: the training CLI, exact resume, SIGTERM, damaged checkpoints, bad input."""
+
 import json
 import os
 import shutil
@@ -11,13 +12,30 @@ import jax
 import numpy as np
 import pytest
 
-SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.intermediate_size=128", "moe.intermediate_size=32",
-         "data.seq_len=32", "data.batch_size=4", "train.eval_steps=2", "log.interval=1", "checkpoint.async_save=false"]
+SMALL = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "moe.intermediate_size=32",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "train.eval_steps=2",
+    "log.interval=1",
+    "checkpoint.async_save=false",
+]
 
 
 def _cli(workdir, *sets, wait=True, extra=()):
-    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/tiny_moe.yaml", "--workdir", str(workdir),
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ernie_jax.train",
+        "--config",
+        "configs/tiny_moe.yaml",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
     for s in SMALL + list(sets):
         cmd += ["--set", s]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -37,8 +55,14 @@ def _losses(workdir):
 
 def test_cli_trains_and_reports(tmp_path):
     # also train.profile_steps (a jax.profiler trace of steps 2-3) and train.compile_cache
-    r = _cli(tmp_path / "w", "train.steps=4", "train.eval_interval=2", "checkpoint.interval=2",
-             "train.profile_steps=[2,3]", f"train.compile_cache={tmp_path / 'cache'}")
+    r = _cli(
+        tmp_path / "w",
+        "train.steps=4",
+        "train.eval_interval=2",
+        "checkpoint.interval=2",
+        "train.profile_steps=[2,3]",
+        f"train.compile_cache={tmp_path / 'cache'}",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "profile of steps 2-3 written to" in r.stdout
     traces = [f for _, _, files in os.walk(tmp_path / "w" / "profile") for f in files]
@@ -48,8 +72,21 @@ def test_cli_trains_and_reports(tmp_path):
     rows = _metrics(tmp_path / "w")
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    for key in ("lm_loss", "aux_loss", "z_loss", "orth_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
-                "expert_load_min", "expert_load_max", "expert_load_cv", "dropped_fraction"):
+    for key in (
+        "lm_loss",
+        "aux_loss",
+        "z_loss",
+        "orth_loss",
+        "mtp_loss",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "mfu",
+        "expert_load_min",
+        "expert_load_max",
+        "expert_load_cv",
+        "dropped_fraction",
+    ):
         assert key in train_rows[-1], key
     assert len(train_rows[-1]["expert_load_cv"]) == 1  # one MoE layer
     assert any("eval_ppl" in r for r in rows)
@@ -58,7 +95,12 @@ def test_cli_trains_and_reports(tmp_path):
 
 
 def test_exact_resume_after_sigterm_mid_accumulation(tmp_path):
-    sets = ["train.steps=8", "optimizer.grad_accum_steps=2", "checkpoint.interval=100", "train.eval_interval=100"]
+    sets = [
+        "train.steps=8",
+        "optimizer.grad_accum_steps=2",
+        "checkpoint.interval=100",
+        "train.eval_interval=100",
+    ]
     ref = _cli(tmp_path / "ref", *sets)
     assert ref.returncode == 0, ref.stderr[-2000:]
     proc = _cli(tmp_path / "cut", *sets, "train.steps=8", wait=False)
@@ -95,21 +137,28 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
     assert any(n.startswith("4.damaged-") for n in names)  # kept for inspection, not deleted
     assert "6" in names
     steps = [row["step"] for row in _metrics(w) if "loss" in row]
-    assert steps == [1, 2, 3, 4, 5, 6]   # steps 3-4 of the first run, past the restored step, once
-    assert [json.loads(ln)["step"] for ln in open(w / "metrics.superseded.jsonl")] == [3, 4, 4]   # train and eval rows
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 of the first run, past the restored step, once
+    assert [json.loads(ln)["step"] for ln in open(w / "metrics.superseded.jsonl")] == [
+        3,
+        4,
+        4,
+    ]  # train and eval rows
 
 
-@pytest.mark.parametrize("sets, fragment", [
-    (["data.source=/nonexistent/corpus.txt"], "data.source: /nonexistent/corpus.txt matches no file"),
-    (["model.vocab_size=1000"], "tokenizer has 4096 tokens but model.vocab_size=1000"),
-    (["data.tokenizer=/nonexistent"], "no tokenizer.model or tokenizer.json"),
-    (["model.attention=flashy"], "model.attention='flashy' is not allowed"),
-    (["model.attention=splash"], "model.attention=splash needs a TPU but this run is on cpu"),
-    (["model.attention=cudnn"], "model.attention=cudnn needs a GPU but this run is on cpu"),
-    (["mesh.context=3"], "data.seq_len=32 is not divisible by 2 x mesh.context = 6"),
-    (["stages=[{name: a/../../x, steps: 1}]"], "name 'a/../../x' must be a plain identifier"),
-    (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "sets, fragment",
+    [
+        (["data.source=/nonexistent/corpus.txt"], "data.source: /nonexistent/corpus.txt matches no file"),
+        (["model.vocab_size=1000"], "tokenizer has 4096 tokens but model.vocab_size=1000"),
+        (["data.tokenizer=/nonexistent"], "no tokenizer.model or tokenizer.json"),
+        (["model.attention=flashy"], "model.attention='flashy' is not allowed"),
+        (["model.attention=splash"], "model.attention=splash needs a TPU but this run is on cpu"),
+        (["model.attention=cudnn"], "model.attention=cudnn needs a GPU but this run is on cpu"),
+        (["mesh.context=3"], "data.seq_len=32 is not divisible by 2 x mesh.context = 6"),
+        (["stages=[{name: a/../../x, steps: 1}]"], "name 'a/../../x' must be a plain identifier"),
+        (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be >= 1"),
+    ],
+)
 def test_bad_input_one_line_before_compute(tmp_path, sets, fragment):
     r = _cli(tmp_path / "w", "train.steps=2", *sets)
     assert r.returncode == 2
@@ -120,8 +169,15 @@ def test_bad_input_one_line_before_compute(tmp_path, sets, fragment):
 def test_out_of_memory_is_one_line_before_the_first_step(tmp_path):
     """A step XLA says cannot fit (dense attention's S x S logits at 64K tokens) is refused after
     compiling, before it runs, with the settings that would fix it."""
-    r = _cli(tmp_path / "w", "train.steps=2", "model.attention=dense", "data.seq_len=65536", "data.batch_size=1",
-             "model.max_position_embeddings=65536", "model.mtp_depth=0")
+    r = _cli(
+        tmp_path / "w",
+        "train.steps=2",
+        "model.attention=dense",
+        "data.seq_len=65536",
+        "data.batch_size=1",
+        "model.max_position_embeddings=65536",
+        "model.mtp_depth=0",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr
@@ -154,8 +210,16 @@ def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
 def test_diverging_run_skips_steps_and_stops_with_one_line(tmp_path):
     """learning rate 1e9: the loss goes non-finite; those updates are skipped and counted, no
     checkpoint holds non-finite params, and a run of max_skipped_steps stops with one line."""
-    r = _cli(tmp_path / "w", "train.steps=30", "optimizer.learning_rate=1e9", "optimizer.warmup_steps=0",
-             "train.max_skipped_steps=4", "checkpoint.interval=2", "train.eval_interval=100", "model.mtp_depth=0")
+    r = _cli(
+        tmp_path / "w",
+        "train.steps=30",
+        "optimizer.learning_rate=1e9",
+        "optimizer.warmup_steps=0",
+        "train.max_skipped_steps=4",
+        "checkpoint.interval=2",
+        "train.eval_interval=100",
+        "model.mtp_depth=0",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "not finite for 4 steps in a row" in errors[0] and "Traceback" not in r.stderr
@@ -163,21 +227,33 @@ def test_diverging_run_skips_steps_and_stops_with_one_line(tmp_path):
     assert sum(row["skipped_steps"] for row in rows) >= 4
     assert all(np.isfinite(row["loss"]) for row in rows if "loss" in row)
     from ernie_jax.checkpoint.manager import Checkpointer
+
     ckpt = Checkpointer(str(tmp_path / "w" / "checkpoints"), keep=10, async_save=False)
     assert ckpt.steps() and max(ckpt.steps()) < 30
     import orbax.checkpoint as ocp
+
     for step in ckpt.steps():
-        params = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+        params = ckpt._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"][
+            "params"
+        ]
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params)), step
 
 
 def test_second_run_into_a_busy_workdir_refuses_and_a_dead_holder_does_not_block(tmp_path):
     w = tmp_path / "w"
     w.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ernie_jax.checkpoint.lock import "
-                               "WorkdirLock\nwith WorkdirLock(sys.argv[1]):\n"
-                               " print('held', flush=True); time.sleep(600)",
-                               str(w)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ernie_jax.checkpoint.lock import "
+            "WorkdirLock\nwith WorkdirLock(sys.argv[1]):\n"
+            " print('held', flush=True); time.sleep(600)",
+            str(w),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         r = _cli(w, "train.steps=1")
@@ -189,7 +265,8 @@ def test_second_run_into_a_busy_workdir_refuses_and_a_dead_holder_does_not_block
         holder.kill()
         holder.wait()
     from ernie_jax.checkpoint.lock import WorkdirLock
-    with WorkdirLock(str(w)):   # the killed holder's lock went with it
+
+    with WorkdirLock(str(w)):  # the killed holder's lock went with it
         pass
 
 

@@ -1,21 +1,44 @@
 """The VL model trains from the CLI on the embedded image-text set and resumes exactly."""
+
 import json
 import os
 import shutil
 import subprocess
 import sys
 
-SMALL = ["model.num_layers=2", "vision.depth=1", "data.seq_len=64", "data.batch_size=2", "data.max_patches=256",
-         "log.interval=1", "checkpoint.async_save=false", "train.eval_interval=100", "train.eval_steps=1",
-         "checkpoint.interval=2"]
+SMALL = [
+    "model.num_layers=2",
+    "vision.depth=1",
+    "data.seq_len=64",
+    "data.batch_size=2",
+    "data.max_patches=256",
+    "log.interval=1",
+    "checkpoint.async_save=false",
+    "train.eval_interval=100",
+    "train.eval_steps=1",
+    "checkpoint.interval=2",
+]
 
 
 def _cli(workdir, *sets):
-    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/tiny_vl.yaml", "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ernie_jax.train",
+        "--config",
+        "configs/tiny_vl.yaml",
+        "--workdir",
+        str(workdir),
+    ]
     for s in SMALL + list(sets):
         cmd += ["--set", s]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+    )
 
 
 def _rows(workdir):
@@ -27,8 +50,15 @@ def test_vl_cli_trains_reports_and_resumes_exactly(tmp_path):
     full = _cli(tmp_path / "full", "train.steps=4")
     assert full.returncode == 0, full.stderr[-2000:]
     rows = _rows(tmp_path / "full")
-    for key in ("lm_loss", "aux_loss", "vision_aux_loss", "vision_z_loss", "vision_orth_loss",
-                "expert_load_cv", "vision_expert_load_cv"):
+    for key in (
+        "lm_loss",
+        "aux_loss",
+        "vision_aux_loss",
+        "vision_z_loss",
+        "vision_orth_loss",
+        "expert_load_cv",
+        "vision_expert_load_cv",
+    ):
         assert key in rows[-1], key
     assert "image-text" not in full.stderr and "samples" in full.stdout
     # resume from the step-2 checkpoint alone: steps 3 and 4 must repeat bit for bit
