@@ -1,8 +1,9 @@
 """Parameter counts of the released configs against the published figures.
 
 The model names round the counts: 0.36B is given to two digits; "21B"/"A3B" and "300B"/"A47B" are
-the report's names. We check the exact sums to 1% against the spec's derivation
-(ERNIE45_SPEC.md section 1) and that they agree with the published names at their precision.
+the report's names. We check the exact sums to 1% against the sums derived from the config.json
+files of baidu/ERNIE-4.5-* on the HF hub, and that they agree with the published names at their
+precision.
 """
 
 import subprocess
@@ -50,8 +51,8 @@ def test_cli_runs_without_allocation():
 
 
 def test_vl_28b_a3b():
-    """Structural sum of the released VL-28B config (ERNIE45_SPEC.md section 1): the 21B-A3B decoder
-    (21.8B) + 27 layers x 64 vision experts of width 512 (6.8B) + ViT (0.63B) + adapter (0.14B) =
+    """Structural sum of the released VL-28B config (baidu/ERNIE-4.5-VL-28B-A3B-PT config.json): the
+    21B-A3B decoder (21.8B) + 27 layers x 64 vision experts of width 512 (6.8B) + ViT (0.63B) + adapter (0.14B) =
     29.4B. The published name "28B" is lower than this sum; the active count matches "A3B"."""
     c = _counts("ernie45_vl_28b_a3b")
     assert c["total"] == pytest.approx(21.83e9 + 6.80e9 + 0.630e9 + 0.144e9, rel=0.01)

@@ -101,7 +101,7 @@ class PrecisionConfig:
 @dataclass(frozen=True)
 class VisionConfig:
     """ViT encoder, adapter and the multimodal token ids (the VL model); disabled for text models.
-    Defaults are ERNIE-4.5-VL's (ERNIE45_SPEC.md section 4)."""
+    Defaults are ERNIE-4.5-VL's (config.json of baidu/ERNIE-4.5-VL-28B-A3B-PT on the HF hub)."""
 
     enabled: bool = False
     depth: int = 32
@@ -214,7 +214,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """Direct preference optimisation (data.kind=preference), ERNIE45_SPEC.md 6.2."""
+    """Direct preference optimisation (data.kind=preference), after PaddlePaddle/ERNIE ernie/loss/dpo.py."""
 
     beta: float = 0.1
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"

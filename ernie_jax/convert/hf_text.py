@@ -2,7 +2,8 @@
 
 One table (`key_table`) lists every HF tensor with the ernie_jax param it fills: a path in the
 pure state dict, an index into the stacked axes, and a layout change. Import and export both walk
-that table, so the two directions cannot disagree. Keys follow ERNIE45_SPEC.md section 8.1.
+that table, so the two directions cannot disagree. Keys follow vLLM models/ernie45_moe.py and
+transformers' conversion_mapping.py.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def _layer_entries(prefix: str, path: tuple, index: tuple, moe: bool, cfg: Confi
     mlp = path + ("mlp",)
     bias_key = f"{prefix}.mlp.moe_statics.e_score_correction_bias"
     if cfg.moe.vision_num_experts:
-        # VL -PT layout (ERNIE45_SPEC.md 8.2): routers stored [H, E] (ours already), bias [2, E],
+        # VL -PT layout (vLLM models/ernie45_vl_moe.py): routers stored [H, E] (ours already), bias [2, E],
         # text experts 0..E-1 then vision experts E..E+E_v-1
         yield Entry(f"{prefix}.mlp.gate.weight", mlp + ("gate", "kernel"), index, "copy")
         yield Entry(f"{prefix}.mlp.gate.weight_1", mlp + ("vision_gate", "kernel"), index, "copy")

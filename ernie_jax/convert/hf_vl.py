@@ -1,7 +1,7 @@
 """ERNIE-4.5-VL checkpoints: config mapping and the ViT / adapter part of the key table.
 
 The decoder keys (heterogeneous MoE layers included) come from `hf_text.key_table`. Keys follow
-ERNIE45_SPEC.md section 8.2 as transformers writes them (`model.vision_model.*`,
+vLLM models/ernie45_vl_moe.py as transformers writes them (`model.vision_model.*`,
 `model.resampler_model.*`); Baidu's original top-level `vision_model.*` is accepted on read.
 Both config.json dialects are read: transformers' (`model_type: ernie4_5_vl_moe`, nested
 text_config / vision_config) and Baidu's original flat one (list-valued moe_* keys).

@@ -1,4 +1,5 @@
-"""Image and video-frame preprocessing for the ViT (ERNIE45_SPEC.md 4.2), in numpy + Pillow.
+"""Image and video-frame preprocessing for the ViT (as transformers'
+ernie4_5_vl_moe image processor does it), in numpy + Pillow.
 
 decode -> RGB -> smart resize (both sides multiples of patch * merge = 28, pixel count within
 [min_pixels, max_pixels], aspect ratio kept) -> bicubic resize -> scale to [0, 1] -> CLIP mean/std

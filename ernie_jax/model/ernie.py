@@ -393,7 +393,7 @@ def router_loss_total(output: ModelOutput, cfg: Config) -> jax.Array:
     e = cfg.moe
     r = output.router_losses
     total = 0.0
-    for prefix in ("", "vision_"):  # per modality, same weights (ERNIE45_SPEC.md section 3)
+    for prefix in ("", "vision_"):  # per modality, same weights (PaddlePaddle/ERNIE ernie/moe/topk_gate.py)
         if prefix + "aux_loss" not in r:
             continue
         total = total + e.aux_loss_weight * r[prefix + "aux_loss"] + e.z_loss_weight * r[prefix + "z_loss"]

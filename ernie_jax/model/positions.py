@@ -1,11 +1,11 @@
 """3D position ids (t, h, w) for interleaved text / image / video sequences (host side, numpy).
 
 Text tokens count up by one on all three axes. A vision item of T' x H' x W' merged tokens that
-starts at text position s gets t = s + frame group, h = s + row, w = s + column (ERNIE45_SPEC.md
-4.4). The next text position after the item is where ERNIE's reference (Paddle, vLLM) and
-transformers differ for videos (spec 9.5): ERNIE continues at max(all ids) + 1 = s + max(T', H',
-W'); transformers at s + max(H', W'), ignoring time. `video_advance` picks one; the default
-follows the spec. For images (T' = 1) both agree.
+starts at text position s gets t = s + frame group, h = s + row, w = s + column (PaddlePaddle/ERNIE
+ernie/modeling_moe_vl.py). The next text position after the item is where ERNIE's reference
+(Paddle, vLLM ernie45_vl.py) and transformers differ for videos: ERNIE continues at max(all ids) + 1
+= s + max(T', H', W'); transformers at s + max(H', W'), ignoring time. `video_advance` picks one;
+the default follows ERNIE's reference. For images (T' = 1) both agree.
 """
 
 from __future__ import annotations

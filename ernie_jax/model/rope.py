@@ -1,5 +1,6 @@
 """Rotary position embeddings. ERNIE rotates interleaved pairs (x[2i], x[2i+1]) (GPT-J style),
-not NeoX halves; inv_freq_i = theta^(-2i/D). See ERNIE45_SPEC.md section 2."""
+not NeoX halves; inv_freq_i = theta^(-2i/D). As in transformers
+models/ernie4_5/modeling_ernie4_5.py."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def rope_angles_3d(positions: jax.Array, head_dim: int, theta: float, t_frequenc
     """ERNIE-VL 3D RoPE: positions [B, S, 3] = (t, h, w) -> angles [B, S, D/2].
 
     The `t_frequencies` lowest frequencies rotate by t; of the rest, even indices rotate by h and
-    odd by w (ERNIE45_SPEC.md 4.4, freq_allocation). Text tokens have t = h = w, which makes this
-    exactly the 1D rotation.
+    odd by w (vLLM rotary_embedding/ernie45_vl_rope.py, freq_allocation). Text tokens have
+    t = h = w, which makes this exactly the 1D rotation.
     """
     half = head_dim // 2
     i = jnp.arange(half)

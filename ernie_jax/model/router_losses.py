@@ -1,4 +1,4 @@
-"""Router training terms as pure functions (ERNIE45_SPEC.md section 3).
+"""Router training terms as pure functions (PaddlePaddle/ERNIE ernie/moe/topk_gate.py, moe_layer.py).
 
 Shapes: T tokens, E experts, K top-k, H hidden. Router kernels are stored [H, E].
 """

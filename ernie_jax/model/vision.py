@@ -1,5 +1,6 @@
 """The ERNIE-4.5-VL vision side: a ViT over flattened 14x14 patches and the adapter (resampler)
-that merges 2x2 patches and frame pairs into LLM-width tokens. ERNIE45_SPEC.md 4.2-4.3.
+that merges 2x2 patches and frame pairs into LLM-width tokens.
+As in transformers models/ernie4_5_vl_moe/modeling_ernie4_5_vl_moe.py.
 
 Inputs are already patchified: `patches` [N, C*P*P], every image/frame's patches ordered by 2x2
 merge windows. Which patch belongs to which frame, its (h, w) grid position and how merged rows

@@ -1,4 +1,5 @@
-"""Direct preference optimisation (ERNIE45_SPEC.md 6.2) on the shared loop.
+"""Direct preference optimisation on the shared loop (after PaddlePaddle/ERNIE ernie/loss/dpo.py and
+erniekit/hparams/finetuning_args.py).
 
 Data: JSONL pairs {"prompt": str | "messages": [...], "chosen": str | message, "rejected": ..., "images"}.
 Each pair is one packed item: prompt + chosen, then prompt + rejected, as two attention segments

@@ -59,7 +59,8 @@ def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array,
     metrics = {"lm_loss": lm, "router_loss": router, **out.router_losses, "tokens": jnp.sum(mask)}
     objective = lm
     if cfg.train.token_balanced_loss:
-        # ERNIE45_SPEC.md 5.1: the gradient divides the text-token loss sum by the fixed count of all
+        # PaddlePaddle/ERNIE ernie/modeling_moe_vl.py: the gradient divides the text-token loss sum by
+        # the fixed count of all
         # tokens (image and masked ones included), so image-heavy rows are not over-weighted; the
         # value stays the ordinary mean for logging.
         balanced = jnp.sum(ce * mask) / mask.size

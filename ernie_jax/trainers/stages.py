@@ -1,4 +1,5 @@
-"""Multi-stage pretraining (ERNIE45_SPEC.md 5.3) as a sequence of runs of the shared loop.
+"""Multi-stage pretraining (the ERNIE 4.5 Technical Report's recipe, Baidu 2025) as a sequence of
+runs of the shared loop.
 
 `stages:` in the config lists the stages; each runs `stage_config(cfg, stage)` in its own
 sub-workdir `<workdir>/<k>_<name>/` (checkpoints, resumable), logs into the top-level

@@ -1,6 +1,6 @@
 """ERNIE-4.5-VL parity with transformers' Ernie4_5_VLMoeForConditionalGeneration (fp32, tiny random
 models): logits for text-only, one image, two images of different sizes and a video; 3D position
-ids against `get_rope_index`; the spec's video position advance tested as a deliberate difference."""
+ids against `get_rope_index`; ERNIE's video position advance tested as a deliberate difference."""
 
 import numpy as np
 import pytest
@@ -97,7 +97,7 @@ def test_two_images_of_different_sizes(models):
 
 
 def test_video_and_image(models):
-    """With transformers' position advance our logits match; the spec's advance changes the text
+    """With transformers' position advance our logits match; ERNIE's advance changes the text
     positions after the video only (checked in test_video_position_advance_follows_spec)."""
     hf, ours = models
     grids, vgrid = np.array([[1, 4, 4]]), np.array([[6, 4, 4]])
@@ -137,7 +137,8 @@ def test_position_ids_match_get_rope_index_for_images(models):
 
 def test_video_position_advance_follows_spec(models):
     """ERNIE (Paddle/vLLM): text after a video continues at max(t, h, w ids) + 1; transformers uses
-    max(H', W') and ignores time (ERNIE45_SPEC.md 9.5). Here T' = 3 > H' = W' = 2."""
+    max(H', W') and ignores time (transformers ernie4_5_vl_moe get_rope_index; Paddle uses
+    max(t, h, w) + 1). Here T' = 3 > H' = W' = 2."""
     import torch
 
     hf, _ = models

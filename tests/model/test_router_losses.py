@@ -1,4 +1,5 @@
-"""Router terms against direct numpy implementations of the formulas in ERNIE45_SPEC.md section 3."""
+"""Router terms against direct numpy implementations of the formulas in PaddlePaddle/ERNIE
+ernie/moe/topk_gate.py."""
 
 import jax
 import jax.numpy as jnp
