@@ -53,7 +53,8 @@ def test_cli_runs_without_allocation():
 def test_vl_28b_a3b():
     """Structural sum of the released VL-28B config (baidu/ERNIE-4.5-VL-28B-A3B-PT config.json): the
     21B-A3B decoder (21.8B) + 27 layers x 64 vision experts of width 512 (6.8B) + ViT (0.63B) +
-    adapter (0.14B) = 29.4B. The published name "28B" is lower than this sum; the active count matches "A3B"."""
+    adapter (0.14B) = 29.4B. The published name "28B" is lower than this sum; the active count
+    matches "A3B"."""
     c = _counts("ernie45_vl_28b_a3b")
     assert c["total"] == pytest.approx(21.83e9 + 6.80e9 + 0.630e9 + 0.144e9, rel=0.01)
     assert c["vision_experts"] == pytest.approx(27 * 64 * 3 * 2560 * 512, rel=1e-6)
