@@ -20,7 +20,7 @@ from ernie_jax.model.attention import Attention, attention_spec
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
-from ernie_jax.ops import matmul
+from ernie_jax.ops import matmul, router_stats
 from ernie_jax.ops.cross_entropy import chunked_head_cross_entropy
 from ernie_jax.parallel.context import load_balanced_order
 from ernie_jax.parallel.mesh import constrain_batch
@@ -289,7 +289,7 @@ class ErnieForCausalLM(nnx.Module):
                 k: None if v is None else jnp.take(v, restore, axis=2 if k.startswith("mtp") else 1)
                 for k, v in out.items()
             }
-        losses, load, dropped = _summarise_router_stats(stats)
+        losses, load, dropped = router_stats.summarise(stats)
         return ModelOutput(
             router_losses=losses,
             expert_load=load,
@@ -377,26 +377,8 @@ def _shifted_labels(labels, depth: int):
     return jnp.stack([padded[:, d + 1 : d + 1 + s] for d in range(depth)])
 
 
-def _summarise_router_stats(stats):
-    """Per-layer stats [L_moe, ...] -> (losses summed over layers, expert load [L_moe,E], drop fraction)."""
-    if not stats:
-        zero = jnp.zeros((), jnp.float32)
-        return {"aux_loss": zero, "z_loss": zero, "orth_loss": zero}, None, None
-    losses = {k: jnp.sum(v) for k, v in stats.items() if k.endswith("_loss")}
-    dropped = sum(jnp.sum(v) for k, v in stats.items() if k.endswith("dropped"))
-    assignments = sum(jnp.sum(v) for k, v in stats.items() if k.endswith("assignments"))
-    return losses, stats["expert_load"], dropped / jnp.maximum(assignments, 1.0)
-
-
 def router_loss_total(output: ModelOutput, cfg: Config) -> jax.Array:
     """lambda_aux * L_aux + lambda_z * L_z + lambda_orth * L_orth (orth only in `loss` mode)."""
     e = cfg.moe
-    r = output.router_losses
-    total = 0.0
-    for prefix in ("", "vision_"):  # per modality, same weights (PaddlePaddle/ERNIE ernie/moe/topk_gate.py)
-        if prefix + "aux_loss" not in r:
-            continue
-        total = total + e.aux_loss_weight * r[prefix + "aux_loss"] + e.z_loss_weight * r[prefix + "z_loss"]
-        if e.orth_mode == "loss":
-            total = total + e.orth_loss_weight * r[prefix + "orth_loss"]
-    return total
+    orth = e.orth_loss_weight if e.orth_mode == "loss" else None
+    return router_stats.weighted_total(output.router_losses, e.aux_loss_weight, e.z_loss_weight, orth)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
-from ernie_jax.ops import matmul
+from ernie_jax.ops import matmul, router_stats
 from ernie_jax.ops.moe_dispatch import (
     capacity_experts,
     dropless_experts,
@@ -197,9 +197,9 @@ class MoEBlock(nnx.Module):
         self.dtype = dtype
 
     def groups(self):
-        """(stats prefix, router, experts, group config) for each expert group, text first."""
+        """(group name, router, experts, group config) for each expert group, text first."""
         cfg = self.cfg
-        out = [("", self.gate, self.experts, cfg)]
+        out = [("text", self.gate, self.experts, cfg)]
         if self.vision_gate is not None:
             vcfg = dataclasses.replace(
                 cfg,
@@ -209,7 +209,7 @@ class MoEBlock(nnx.Module):
                 capacity_factor=cfg.vision_capacity_factor or cfg.capacity_factor,
                 group_orthogonal=False,
             )  # ERNIE never groups the vision router
-            out.append(("vision_", self.vision_gate, self.vision_experts, vcfg))
+            out.append(("vision", self.vision_gate, self.vision_experts, vcfg))
         return out
 
     def __call__(self, x: jax.Array, token_mask: jax.Array, modality: jax.Array | None = None):
@@ -220,22 +220,22 @@ class MoEBlock(nnx.Module):
         mask = token_mask.reshape(b * s).astype(bool)
         vision = jnp.zeros_like(mask) if modality is None else modality.reshape(b * s) > 0
         y, stats = jnp.zeros_like(xt), {}
-        for prefix, gate, experts, gcfg in self.groups():  # at most two groups, fixed at build time
-            live = mask & (vision if prefix else ~vision)
-            fp8 = self._quantizers(prefix)
+        for group, gate, experts, gcfg in self.groups():  # at most two groups, fixed at build time
+            live = mask & (vision if group == "vision" else ~vision)
+            fp8 = self._quantizers(group)
             xq = fp8.act_for(0)(xt) if fp8 is not None else xt
             y_g, stats_g = self._group(xt, xq, live, gate, experts, gcfg, fp8, (b, s))
             y = y + y_g
-            stats.update({prefix + k: v for k, v in stats_g.items()})
+            stats.update(router_stats.named(group, stats_g))
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         return y.reshape(b, s, hdim).astype(x.dtype), stats
 
-    def _quantizers(self, prefix: str):
+    def _quantizers(self, group: str):
         """The group's FP8 quantizers (bound to its amax history under delayed scaling) or None."""
         if self.fp8 is None or self.fp8_meta is None:
             return self.fp8
-        meta = self.vision_fp8_meta if prefix else self.fp8_meta
+        meta = self.vision_fp8_meta if group == "vision" else self.fp8_meta
         return self.fp8.bind(meta[...])
 
     def _group(self, xt, xq, live, gate, experts, cfg, fp8, shape):

@@ -18,6 +18,7 @@ the data before training, cached in the workdir (`cached`).
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,13 +114,20 @@ def pair_row_inputs(ex: dict) -> dict:
     return out
 
 
-def pair_sums(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+class Pair(NamedTuple):
+    """One value per preference pair for each side, [B, K] each."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+
+
+def pair_sums(values: jax.Array, segment_ids: jax.Array) -> Pair:
     """Per-token values [B,S] -> (chosen sums, rejected sums) [B, K] by segment (2k-1, 2k)."""
     b, s = values.shape
     ids = (jnp.arange(b)[:, None] * s + segment_ids).reshape(-1)
     sums = jax.ops.segment_sum(values.reshape(-1), ids, num_segments=b * s).reshape(b, s)
     k = (s - 1) // 2
-    return sums[:, 1 : 2 * k + 1 : 2], sums[:, 2 : 2 * k + 2 : 2]
+    return Pair(sums[:, 1 : 2 * k + 1 : 2], sums[:, 2 : 2 * k + 2 : 2])
 
 
 def preference_loss(z: jax.Array, beta: float, loss_type: str, label_smoothing: float) -> jax.Array:
@@ -138,44 +146,44 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     logp = -token_nll(out, batch["labels"]) * mask
     ref = batch.get("ref_logp", jnp.zeros_like(logp)) * mask
     seg = batch["segment_ids"]
-    pc, pr = pair_sums(logp, seg)
-    rc, rr = pair_sums(ref, seg)
-    nc, nr = pair_sums(mask, seg)
-    valid = ((nc > 0) & (nr > 0)).astype(jnp.float32)
-    safe_c, safe_r = jnp.maximum(nc, 1.0), jnp.maximum(nr, 1.0)
-    if d.loss_type == "ipo":
-        pc_n, pr_n, rc_n, rr_n = pc / safe_c, pr / safe_r, rc / safe_c, rr / safe_r
-    elif d.normalize_logps:
-        mean_len = (nc + nr) / 2
-        pc_n, pr_n, rc_n, rr_n = (
-            pc * mean_len / safe_c,
-            pr * mean_len / safe_r,
-            rc * mean_len / safe_c,
-            rr * mean_len / safe_r,
-        )
-    else:
-        pc_n, pr_n, rc_n, rr_n = pc, pr, rc, rr
-    z = (pc_n - pr_n) - (rc_n - rr_n)
+    policy, reference, length = pair_sums(logp, seg), pair_sums(ref, seg), pair_sums(mask, seg)
+    valid = ((length.chosen > 0) & (length.rejected > 0)).astype(jnp.float32)
+    safe = Pair(jnp.maximum(length.chosen, 1.0), jnp.maximum(length.rejected, 1.0))
+
+    def compared(logps: Pair) -> Pair:
+        """The log-prob sums the loss compares: per token (IPO), scaled to the pair's mean response
+        length (ERNIEKit's normalisation) or as they are."""
+        if d.loss_type == "ipo":
+            return Pair(logps.chosen / safe.chosen, logps.rejected / safe.rejected)
+        if d.normalize_logps:
+            mean_len = (length.chosen + length.rejected) / 2
+            return Pair(logps.chosen * mean_len / safe.chosen, logps.rejected * mean_len / safe.rejected)
+        return logps
+
+    pol, refc = compared(policy), compared(reference)
+    z = (pol.chosen - pol.rejected) - (refc.chosen - refc.rejected)
     pairs = jnp.maximum(valid.sum(), 1.0)
     pref = jnp.sum(preference_loss(z, d.beta, d.loss_type, d.label_smoothing) * valid) / pairs
-    chosen_tokens = jnp.maximum(jnp.sum(nc * valid), 1.0)
-    sft = -jnp.sum(pc * valid) / chosen_tokens
+    chosen_tokens = jnp.maximum(jnp.sum(length.chosen * valid), 1.0)
+    sft = -jnp.sum(policy.chosen * valid) / chosen_tokens
     router = router_loss_total(out, cfg)
     total = d.pref_loss_ratio * pref + d.sft_loss_ratio * sft + router
-    reward_c, reward_r = d.beta * (pc_n - rc_n), d.beta * (pr_n - rr_n)
-    response_tokens = jnp.maximum(jnp.sum((nc + nr) * valid), 1.0)
+    reward_c, reward_r = d.beta * (pol.chosen - refc.chosen), d.beta * (pol.rejected - refc.rejected)
+    response_tokens = jnp.maximum(jnp.sum((length.chosen + length.rejected) * valid), 1.0)
     metrics = {
         "loss": total,
         "dpo_loss": pref,
         "router_loss": router,
         **out.router_losses,
         "lm_loss": sft,
-        "tokens": jnp.sum(nc * valid),  # chosen-response NLL (eval reports its ppl)
+        "tokens": jnp.sum(length.chosen * valid),  # chosen-response NLL (eval reports its ppl)
         "reward_chosen": jnp.sum(reward_c * valid) / pairs,
         "reward_rejected": jnp.sum(reward_r * valid) / pairs,
         "reward_accuracy": jnp.sum((reward_c > reward_r) * valid) / pairs,
         "reward_margin": jnp.sum((reward_c - reward_r) * valid) / pairs,
-        "kl_proxy": jnp.sum(((rc + rr) - (pc + pr)) * valid)
+        "kl_proxy": jnp.sum(
+            ((reference.chosen + reference.rejected) - (policy.chosen + policy.rejected)) * valid
+        )
         / response_tokens,  # mean log(ref / policy) per token
         "pairs": valid.sum(),
     }
