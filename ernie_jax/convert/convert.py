@@ -245,9 +245,9 @@ class _atomic_dir:
                 last = ("config.json", CONFIG_FILE)
                 for rel in sorted(files_under(self.tmp), key=lambda r: r in last):
                     as_path(join(self.path, rel)).parent.mkdir(parents=True, exist_ok=True)
-                    as_path(join(self.path, rel)).write_bytes(
-                        as_path(os.path.join(self.tmp, rel)).read_bytes()
-                    )
+                    with open(os.path.join(self.tmp, rel), "rb") as src:
+                        with as_path(join(self.path, rel)).open("wb") as dst:
+                            shutil.copyfileobj(src, dst, 1 << 24)  # streamed: a shard is never held whole
             finally:
                 shutil.rmtree(self.tmp, ignore_errors=True)
             return False

@@ -17,6 +17,7 @@ class LogWindow:
         self.t_log = time.perf_counter()
         self.t_first = None  # when the first step (compile included) had finished
         self.first_step = 0
+        self.window_steps = 0  # how many steps the last row covered
 
     def add(self, step: int, metrics: dict) -> None:
         self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)

@@ -73,6 +73,7 @@ def run(
         if start.resumed:
             task.train_iter.set_state(start.data_state)
         peak = announce(cfg, task, mesh, workdir, log_dir, console)
+        config = to_dict(cfg)
         train_step = jit_train_step(
             make_train_step(start.graphdef, cfg, tx, task.objective, cfg.train.steps, task.batch_inputs),
             start.state,
@@ -90,7 +91,7 @@ def run(
             writer=MetricsWriter(
                 log_dir or workdir,
                 cfg.log,
-                config=to_dict(cfg),
+                config=config,
                 resume_step=step_offset + int(start.state["step"]),
                 run_name=as_path(shown(workdir)).name,
             ),
@@ -101,6 +102,7 @@ def run(
                 len(jax.devices()),
             ),
             profiler=StepProfiler(cfg.train.profile_steps, join(workdir, "profile"), console.say),
+            config_dict=config,
             tags=tags or {},
             step_offset=step_offset,
         )
@@ -121,12 +123,12 @@ class Loop:
     writer: MetricsWriter
     window: LogWindow
     profiler: StepProfiler
+    config_dict: dict  # the resolved config, saved with every checkpoint
     tags: dict
     step_offset: int
 
     def __post_init__(self):
         self.skips = SkipCounter(self.cfg.train.max_skipped_steps)
-        self.config_dict = to_dict(self.cfg)
         self.last: dict = {}
 
     def run(self, state: dict) -> dict:
