@@ -447,6 +447,18 @@ class LayerPlan:
     dense_per_unit: int
     num_suffix: int
 
+    @classmethod
+    def of(cls, model: ModelConfig, moe: MoEConfig) -> LayerPlan:
+        """The decoder's stacks (model/ernie.py): dense prefix, units of dense layers + one MoE
+        layer, dense suffix."""
+        n = model.num_layers
+        moe_ids = [i for i in range(n) if is_moe_layer(i, n, moe)]
+        if not moe_ids:
+            return cls(n, 0, 0, 0)
+        interval = moe.layer_interval
+        first = moe_ids[0] - (interval - 1)
+        return cls(first, len(moe_ids), interval - 1, n - 1 - moe_ids[-1])
+
     @property
     def num_moe(self) -> int:
         return self.num_units
@@ -478,12 +490,5 @@ def pipelined_stack(has_units: bool) -> str:
 
 
 def layer_plan(cfg: Config) -> LayerPlan:
-    """The decoder's stacks (model/ernie.py): dense prefix, units of dense layers + one MoE layer,
-    dense suffix."""
-    n = cfg.model.num_layers
-    moe_ids = [i for i in range(n) if is_moe_layer(i, n, cfg.moe)]
-    if not moe_ids:
-        return LayerPlan(n, 0, 0, 0)
-    interval = cfg.moe.layer_interval
-    first = moe_ids[0] - (interval - 1)
-    return LayerPlan(first, len(moe_ids), interval - 1, n - 1 - moe_ids[-1])
+    """`LayerPlan.of` the config's model and MoE settings."""
+    return LayerPlan.of(cfg.model, cfg.moe)

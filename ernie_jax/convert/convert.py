@@ -142,7 +142,7 @@ def save_pretrained(
 ) -> None:
     """Write `model` as a Hugging Face directory (config.json + sharded safetensors + index)."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    write_hf(model.cfg, params, path, shard_bytes=shard_bytes, quiet=quiet)
+    write_hf(model.architecture(), params, path, shard_bytes=shard_bytes, quiet=quiet)
 
 
 def write_hf(

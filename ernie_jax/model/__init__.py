@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from ernie_jax.config import Config
 from ernie_jax.model.ernie import ErnieForCausalLM
 from ernie_jax.model.ernie_vl import ErnieVLForConditionalGeneration
+from ernie_jax.parallel.layout import model_layout
 
 
-def build_model(cfg, rngs):
-    """ErnieForCausalLM for text configs, ErnieVLForConditionalGeneration when vision.enabled."""
+def build_model(cfg: Config, rngs):
+    """ErnieForCausalLM for text configs, ErnieVLForConditionalGeneration when vision.enabled; the
+    mesh layout (pipeline schedule, context shards, expert parallelism) comes from `cfg.mesh` /
+    `cfg.pipeline`."""
+    layout = model_layout(cfg)
     if cfg.vision.enabled:
-        return ErnieVLForConditionalGeneration(cfg, rngs=rngs)
-    return ErnieForCausalLM(cfg, rngs=rngs)
+        return ErnieVLForConditionalGeneration(
+            cfg.model, cfg.moe, cfg.vision, cfg.precision, layout, rngs=rngs
+        )
+    return ErnieForCausalLM(cfg.model, cfg.moe, cfg.precision, layout, rngs=rngs, vision=cfg.vision)

@@ -15,7 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ernie_jax.config import Config, LayerPlan, layer_plan, pipelined_stack  # noqa: F401 - layer_plan re-exported
+from ernie_jax.config import (  # noqa: F401 - layer_plan re-exported
+    Config,
+    LayerPlan,
+    ModelConfig,
+    MoEConfig,
+    PrecisionConfig,
+    VisionConfig,
+    layer_plan,
+    pipelined_stack,
+)
 from ernie_jax.model.attention import Attention, attention_spec
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
@@ -23,8 +32,9 @@ from ernie_jax.model.rope import rope_angles, rope_angles_3d
 from ernie_jax.ops import matmul, router_stats
 from ernie_jax.ops.cross_entropy import chunked_head_cross_entropy
 from ernie_jax.parallel.context import load_balanced_order
+from ernie_jax.parallel.layout import ModelLayout
 from ernie_jax.parallel.mesh import constrain_batch
-from ernie_jax.parallel.pipeline import pipeline_apply, schedule_for
+from ernie_jax.parallel.pipeline import pipeline_apply
 from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
@@ -63,29 +73,36 @@ class BlockContext:
 
 
 class DecoderLayer(nnx.Module):
-    """x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x)), FFN dense SwiGLU or MoE."""
+    """x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x)), FFN dense SwiGLU, or MoE when `moe` is given."""
 
-    def __init__(self, cfg: Config, moe: bool, *, rngs: nnx.Rngs):
-        m = cfg.model
+    def __init__(
+        self,
+        m: ModelConfig,
+        moe: MoEConfig | None,
+        precision: PrecisionConfig,
+        *,
+        rngs: nnx.Rngs,
+        expert_parallel: bool = False,
+    ):
         kw = dict(
             rngs=rngs,
             std=m.init_std,
             dtype=_dtype(m.dtype),
             param_dtype=_dtype(m.param_dtype),
-            dot_general=linear_dot_general(cfg),
+            dot_general=linear_dot_general(precision),
         )
         self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
         self.self_attn = Attention(
             m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, spec=attention_spec(m, causal=True), **kw
         )
         self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
-        if moe:
-            p = cfg.precision
+        if moe is not None:
+            p = precision
             experts_fp8 = fp8_for(p.fp8, p.fp8_recipe, "experts", p.fp8_amax_history)
-            self.mlp = MoEBlock(m.hidden_size, cfg.moe, fp8=experts_fp8, **kw)
+            self.mlp = MoEBlock(m.hidden_size, moe, fp8=experts_fp8, expert_parallel=expert_parallel, **kw)
         else:
             self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)
-        self.is_moe = moe
+        self.is_moe = moe is not None
 
     def __call__(self, x, ctx: BlockContext):
         x = x + self.self_attn(self.input_layernorm(x), ctx.angles, ctx.segment_ids, ctx.token_index)
@@ -97,9 +114,9 @@ class DecoderLayer(nnx.Module):
         return x + y, stats
 
 
-def linear_dot_general(cfg: Config):
+def linear_dot_general(p: PrecisionConfig):
     """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
-    fp8 = fp8_for(cfg.precision.fp8, cfg.precision.fp8_recipe, "linear", cfg.precision.fp8_amax_history)
+    fp8 = fp8_for(p.fp8, p.fp8_recipe, "linear", p.fp8_amax_history)
     if fp8 is None:
         return matmul.dot_general
     return fp8 if fp8.recipe == "delayed" else fp8.dot_general  # Linear keeps the delayed state itself
@@ -144,15 +161,25 @@ def _scan_layers(stack, x, ctx, m, in_stage: bool = False, active: jax.Array | N
 class MoEUnit(nnx.Module):
     """`dense_per_unit` dense layers followed by one MoE layer (one period of the layer pattern)."""
 
-    def __init__(self, cfg: Config, dense_per_unit: int, *, rngs: nnx.Rngs):
-        self.model_cfg = cfg.model
-        self.in_stage = schedule_for(cfg) is not None  # units are the pipelined stack when there is one
+    def __init__(
+        self,
+        m: ModelConfig,
+        moe: MoEConfig,
+        precision: PrecisionConfig,
+        dense_per_unit: int,
+        *,
+        rngs: nnx.Rngs,
+        in_stage: bool = False,
+        expert_parallel: bool = False,
+    ):
+        self.model_cfg = m
+        self.in_stage = in_stage  # inside a pipeline stage (units are the pipelined stack when there is one)
         self.dense = (
-            _stack(dense_per_unit, lambda r: DecoderLayer(cfg, False, rngs=r), rngs)
+            _stack(dense_per_unit, lambda r: DecoderLayer(m, None, precision, rngs=r), rngs)
             if dense_per_unit
             else None
         )
-        self.moe = DecoderLayer(cfg, True, rngs=rngs)
+        self.moe = DecoderLayer(m, moe, precision, rngs=rngs, expert_parallel=expert_parallel)
 
     def __call__(self, x, ctx: BlockContext):
         if self.dense is not None:
@@ -163,8 +190,7 @@ class MoEUnit(nnx.Module):
 class MTPLayer(nnx.Module):
     """One multi-token-prediction depth: Linear_{2H->H}([norm(emb_shifted); norm(h_prev)]) -> dense layer."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        m = cfg.model
+    def __init__(self, m: ModelConfig, precision: PrecisionConfig, *, rngs: nnx.Rngs):
         pd = _dtype(m.param_dtype)
         self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
@@ -176,9 +202,9 @@ class MTPLayer(nnx.Module):
             std=m.init_std,
             dtype=_dtype(m.dtype),
             param_dtype=pd,
-            dot_general=linear_dot_general(cfg),
+            dot_general=linear_dot_general(precision),
         )
-        self.block = DecoderLayer(cfg, False, rngs=rngs)
+        self.block = DecoderLayer(m, None, precision, rngs=rngs)
 
     def __call__(self, h, emb, ctx: BlockContext):
         u = self.linear_proj(jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1))
@@ -187,23 +213,42 @@ class MTPLayer(nnx.Module):
 
 
 class ErnieForCausalLM(nnx.Module):
-    """ERNIE 4.5 text model (dense or MoE). Call with input_ids [B,S] -> ModelOutput."""
+    """ERNIE 4.5 text model (dense or MoE). Call with input_ids [B,S] -> ModelOutput.
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        m = cfg.model
-        self.cfg = cfg
-        self.plan = plan = layer_plan(cfg)
+    Built from the model and MoE configs, the precision settings and the mesh layout
+    (`parallel.layout.model_layout(cfg)`: pipeline schedule, context shards, expert parallelism);
+    `build_model(cfg, rngs)` does this for a whole Config. `vision` only sets the temporal RoPE
+    frequencies of 3D positions (the VL model)."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        moe: MoEConfig = MoEConfig(),
+        precision: PrecisionConfig = PrecisionConfig(),
+        layout: ModelLayout = ModelLayout(),
+        *,
+        rngs: nnx.Rngs,
+        vision: VisionConfig = VisionConfig(),
+    ):
+        m = model
+        self.model_cfg, self.moe_cfg, self.vision_cfg, self.layout = model, moe, vision, layout
+        self.plan = plan = LayerPlan.of(model, moe)
         dt, pd = _dtype(m.dtype), _dtype(m.param_dtype)
         self.embed_tokens = Embed(
             m.vocab_size, m.hidden_size, rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd
         )
-        dense = lambda r: DecoderLayer(cfg, False, rngs=r)
+        dense = lambda r: DecoderLayer(m, None, precision, rngs=r)
         self.prefix = _stack(plan.num_prefix, dense, rngs) if plan.num_prefix else None
-        self.units = (
-            _stack(plan.num_units, lambda r: MoEUnit(cfg, plan.dense_per_unit, rngs=r), rngs)
-            if plan.num_units
-            else None
+        unit = lambda r: MoEUnit(
+            m,
+            moe,
+            precision,
+            plan.dense_per_unit,
+            rngs=r,
+            in_stage=layout.schedule is not None,
+            expert_parallel=layout.expert_parallel,
         )
+        self.units = _stack(plan.num_units, unit, rngs) if plan.num_units else None
         self.suffix = _stack(plan.num_suffix, dense, rngs) if plan.num_suffix else None
         self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.lm_head = (
@@ -219,7 +264,13 @@ class ErnieForCausalLM(nnx.Module):
                 param_dtype=pd,
             )
         )
-        self.mtp = _stack(m.mtp_depth, lambda r: MTPLayer(cfg, rngs=r), rngs) if m.mtp_depth else None
+        self.mtp = (
+            _stack(m.mtp_depth, lambda r: MTPLayer(m, precision, rngs=r), rngs) if m.mtp_depth else None
+        )
+
+    def architecture(self) -> Config:
+        """The model's part of a Config (model, MoE and vision settings): what export writes."""
+        return Config(model=self.model_cfg, moe=self.moe_cfg, vision=self.vision_cfg)
 
     def head(self, h: jax.Array) -> jax.Array:
         h = self.norm(h)
@@ -239,7 +290,7 @@ class ErnieForCausalLM(nnx.Module):
         inputs_embeds replaces the lookup; modality [B,S] routes 1 = vision tokens to the vision
         experts of heterogeneous MoE layers (default: all text); labels [B,S]: return per-token
         losses from a chunked head instead of logits (the training path)."""
-        m = self.cfg.model
+        m = self.model_cfg
         b, s = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -261,7 +312,7 @@ class ErnieForCausalLM(nnx.Module):
             mtp_ids, mtp_labels = take(mtp_ids, 2), take(mtp_labels, 2)
             token_index = jnp.broadcast_to(jnp.asarray(order), (b, s))
         if positions.ndim == 3:
-            angles = rope_angles_3d(positions, m.head_dim, m.rope_theta, self.cfg.vision.rope_t_frequencies)
+            angles = rope_angles_3d(positions, m.head_dim, m.rope_theta, self.vision_cfg.rope_t_frequencies)
         else:
             angles = rope_angles(positions, m.head_dim, m.rope_theta)
         ctx = BlockContext(
@@ -300,11 +351,12 @@ class ErnieForCausalLM(nnx.Module):
 
     def _token_order(self, s: int) -> np.ndarray | None:
         """The load-balanced token order under context parallelism (static), else None."""
-        return load_balanced_order(s, self.cfg.mesh.context) if self.cfg.mesh.context > 1 else None
+        shards = self.layout.context_shards
+        return load_balanced_order(s, shards) if shards > 1 else None
 
     def _heads(self, x, mtp_hidden, labels, mtp_labels) -> dict:
         """Logits, or (with labels) per-token losses from the chunked head; MTP likewise."""
-        m, shards = self.cfg.model, self.cfg.mesh.context
+        m, shards = self.model_cfg, self.layout.context_shards
         if labels is None:
             return {
                 "logits": self.head(x),
@@ -329,8 +381,8 @@ class ErnieForCausalLM(nnx.Module):
 
     def _run_stack(self, stack, x, ctx, pipelined: bool):
         """One scan over a stack, or the pipeline schedule for the pipelined stack when mesh.pipeline > 1."""
-        m = self.cfg.model
-        sched = schedule_for(self.cfg) if pipelined else None
+        m = self.model_cfg
+        sched = self.layout.schedule if pipelined else None
         if sched is None:
             return _scan_layers(stack, x, ctx, m)
         return pipeline_apply(
@@ -352,7 +404,7 @@ class ErnieForCausalLM(nnx.Module):
 
     def _mtp_input_ids(self, input_ids):
         """[D,B,S]: depth d reads the embedding of token t+d+1 (shifted left, padded)."""
-        depth, pad, s = self.cfg.model.mtp_depth, self.cfg.model.pad_token_id, input_ids.shape[1]
+        depth, pad, s = self.model_cfg.mtp_depth, self.model_cfg.pad_token_id, input_ids.shape[1]
         padded = jnp.pad(input_ids, ((0, 0), (0, depth)), constant_values=pad)
         return jnp.stack([padded[:, d + 1 : d + 1 + s] for d in range(depth)])
 
@@ -377,8 +429,7 @@ def _shifted_labels(labels, depth: int):
     return jnp.stack([padded[:, d + 1 : d + 1 + s] for d in range(depth)])
 
 
-def router_loss_total(output: ModelOutput, cfg: Config) -> jax.Array:
+def router_loss_total(output: ModelOutput, e: MoEConfig) -> jax.Array:
     """lambda_aux * L_aux + lambda_z * L_z + lambda_orth * L_orth (orth only in `loss` mode)."""
-    e = cfg.moe
     orth = e.orth_loss_weight if e.orth_mode == "loss" else None
     return router_stats.weighted_total(output.router_losses, e.aux_loss_weight, e.z_loss_weight, orth)

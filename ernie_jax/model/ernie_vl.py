@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.config import Config
+from ernie_jax.config import ModelConfig, MoEConfig, PrecisionConfig, VisionConfig
 from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
 from ernie_jax.model.positions import position_ids as build_position_ids
 from ernie_jax.model.vision import Adapter, VisionTransformer, vision_layout
+from ernie_jax.parallel.layout import ModelLayout
 
 
-def vision_token_ids(cfg: Config) -> tuple[int, ...]:
-    v = cfg.vision
+def vision_token_ids(v: VisionConfig) -> tuple[int, ...]:
     return (
         v.image_token_id,
         v.video_token_id,
@@ -37,9 +37,9 @@ def vision_token_ids(cfg: Config) -> tuple[int, ...]:
     )
 
 
-def routing_modality(input_ids: jax.Array, cfg: Config) -> jax.Array:
+def routing_modality(input_ids: jax.Array, v: VisionConfig) -> jax.Array:
     """1 where the token is routed to the vision experts (placeholders, start/end markers)."""
-    return jnp.isin(input_ids, jnp.asarray(vision_token_ids(cfg))).astype(jnp.int32)
+    return jnp.isin(input_ids, jnp.asarray(vision_token_ids(v))).astype(jnp.int32)
 
 
 def scatter_vision(
@@ -66,10 +66,19 @@ def scatter_vision(
 class ErnieVLForConditionalGeneration(ErnieForCausalLM):
     """Text decoder (heterogeneous MoE) + `vision_model` (ViT) + `resampler` (adapter)."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
-        self.vision_model = VisionTransformer(cfg, rngs=rngs)
-        self.resampler = Adapter(cfg, rngs=rngs)
+    def __init__(
+        self,
+        model: ModelConfig,
+        moe: MoEConfig,
+        vision: VisionConfig,
+        precision: PrecisionConfig = PrecisionConfig(),
+        layout: ModelLayout = ModelLayout(),
+        *,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(model, moe, precision, layout, rngs=rngs, vision=vision)
+        self.vision_model = VisionTransformer(vision, model, rngs=rngs)
+        self.resampler = Adapter(vision, model, rngs=rngs)
 
     def forward(
         self,
@@ -81,7 +90,7 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
     ) -> ModelOutput:
         """input_ids [B,S]; positions [B,S,3] or [B,S]; patches [N, C*P*P] with `layout` from
         `vision_layout` (arrays, possibly padded). No host work: safe under jit."""
-        v = self.cfg.vision
+        v = self.vision_cfg
         embeds = self.embed_tokens(input_ids)
         if patches is not None:
             feats = self.vision_model(patches, layout["patch_hw"], layout["frame_ids"])
@@ -95,7 +104,7 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
             positions=positions,
             segment_ids=segment_ids,
             inputs_embeds=embeds,
-            modality=routing_modality(input_ids, self.cfg),
+            modality=routing_modality(input_ids, v),
         )
 
     def __call__(
@@ -114,7 +123,7 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         pixel_values_videos (videos) with their grids [n, 3]; mm_token_type_ids [B,S] (0 text,
         1 image, 2 video; derived from the placeholder ids when omitted); position_ids [3,B,S]
         (built here when omitted); attention_mask [B,S] (1 = token, 0 = padding)."""
-        v = self.cfg.vision
+        v = self.vision_cfg
         ids = np.asarray(input_ids)
         if mm_token_type_ids is None:
             mm_token_type_ids = (ids == v.image_token_id) * 1 + (ids == v.video_token_id) * 2

@@ -80,7 +80,8 @@ class Experts(nnx.Module):
 
 
 def expert_parallel_mesh():
-    """The mesh set with `jax.set_mesh` when it has an expert axis > 1, else None."""
+    """The mesh set with `jax.set_mesh` when it has an expert axis > 1, else None (a call outside
+    the training mesh, e.g. a conversion check on one device, computes the same experts locally)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "expert" not in mesh.axis_names or mesh.shape["expert"] == 1:
         return None
@@ -145,8 +146,11 @@ class MoEBlock(nnx.Module):
         param_dtype=jnp.float32,
         dot_general: DotGeneral = matmul.dot_general,
         fp8=None,
+        expert_parallel: bool = False,
     ):
         self.cfg = moe_cfg
+        # the expert-parallel transports of moe.transport (the model's layout: mesh.expert > 1)
+        self.expert_parallel = expert_parallel and moe_cfg.transport != "auto"
         self.fp8 = fp8  # quantizers for the routed-expert matmuls, or None
         self.gate = Router(hidden, moe_cfg.num_experts, rngs=rngs, std=std)
         self.experts = Experts(
@@ -245,7 +249,7 @@ class MoEBlock(nnx.Module):
         kernels = experts.kernels()
         if fp8 is not None:
             kernels = tuple(fp8.weight_for(i)(k) for i, k in enumerate(kernels))
-        ep_mesh = expert_parallel_mesh() if cfg.transport != "auto" else None
+        ep_mesh = expert_parallel_mesh() if self.expert_parallel else None
         if ep_mesh is not None:
             y, kept = expert_parallel_experts(xq, idx, weights, live, kernels, cfg, ep_mesh, fp8)
         else:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ernie_jax.config import Config
+from ernie_jax.config import ModelConfig, VisionConfig
 from ernie_jax.model.attention import attention_spec
 from ernie_jax.model.layers import LayerNorm, Linear, RMSNorm
 from ernie_jax.model.rope import apply_half_rope, vision_rope_angles
@@ -119,8 +119,7 @@ class VisionAttention(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-LN: x += Attn(LN1 x); x += FC2(QuickGELU(FC1(LN2 x)))."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        v, m = cfg.vision, cfg.model
+    def __init__(self, v: VisionConfig, m: ModelConfig, *, rngs: nnx.Rngs):
         kw = dict(rngs=rngs, std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))
         pd = kw["param_dtype"]
         self.norm1 = LayerNorm(v.hidden_size, v.layer_norm_eps, param_dtype=pd)
@@ -137,9 +136,9 @@ class VisionBlock(nnx.Module):
 class VisionTransformer(nnx.Module):
     """patches [N, C*P*P] -> features [N, D]; blocks stacked and scanned."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        v, m = cfg.vision, cfg.model
-        self.cfg = cfg
+    def __init__(self, v: VisionConfig, m: ModelConfig, *, rngs: nnx.Rngs):
+        """`m`: the decoder's settings the ViT shares (dtypes, init scale, remat, attention backend)."""
+        self.vision_cfg, self.model_cfg = v, m
         dt, pd = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
         self.patch_embed = Linear(
             v.in_channels * v.patch_size**2,
@@ -154,13 +153,13 @@ class VisionTransformer(nnx.Module):
         @nnx.split_rngs(splits=v.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def make(r):
-            return VisionBlock(cfg, rngs=r)
+            return VisionBlock(v, m, rngs=r)
 
         self.blocks = make(rngs)
         self.ln = LayerNorm(v.hidden_size, v.layer_norm_eps, param_dtype=pd)
 
     def __call__(self, patches: jax.Array, patch_hw: jax.Array, frame_ids: jax.Array) -> jax.Array:
-        v, m = self.cfg.vision, self.cfg.model
+        v, m = self.vision_cfg, self.model_cfg
         angles = vision_rope_angles(patch_hw, v.hidden_size // v.num_heads, v.rope_theta)
         x = self.patch_embed(patches)
 
@@ -193,8 +192,7 @@ class Adapter(nnx.Module):
     """ViT features [N, D] -> LLM tokens [M, H]: 2x2 spatial merge + MLP, frame-pair merge + MLP,
     projection to the LLM width + RMSNorm (VariableResolutionResamplerModel)."""
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        v, m = cfg.vision, cfg.model
+    def __init__(self, v: VisionConfig, m: ModelConfig, *, rngs: nnx.Rngs):
         self.merge = v.spatial_merge**2
         spatial = v.hidden_size * self.merge
         kw = dict(rngs=rngs, std=m.init_std, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype))

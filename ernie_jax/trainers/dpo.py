@@ -166,7 +166,7 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     pref = jnp.sum(preference_loss(z, d.beta, d.loss_type, d.label_smoothing) * valid) / pairs
     chosen_tokens = jnp.maximum(jnp.sum(length.chosen * valid), 1.0)
     sft = -jnp.sum(policy.chosen * valid) / chosen_tokens
-    router = router_loss_total(out, cfg)
+    router = router_loss_total(out, cfg.moe)
     total = d.pref_loss_ratio * pref + d.sft_loss_ratio * sft + router
     reward_c, reward_r = d.beta * (pol.chosen - refc.chosen), d.beta * (pol.rejected - refc.rejected)
     response_tokens = jnp.maximum(jnp.sum((length.chosen + length.rejected) * valid), 1.0)

@@ -55,7 +55,7 @@ def lm_objective(out: ModelOutput, batch: dict, cfg: Config) -> tuple[jax.Array,
     mask = batch["loss_mask"].astype(jnp.float32)
     ce = token_nll(out, batch["labels"])
     lm = masked_mean(ce, mask)
-    router = router_loss_total(out, cfg)
+    router = router_loss_total(out, cfg.moe)
     metrics = {"lm_loss": lm, "router_loss": router, **out.router_losses, "tokens": jnp.sum(mask)}
     objective = lm
     if cfg.train.token_balanced_loss:

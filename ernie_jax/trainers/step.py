@@ -88,7 +88,7 @@ def _get(tree: dict, path: tuple):
 
 def _detach_language_model(grads: dict, batch: dict, cfg: Config) -> dict:
     """modality_detach: a micro-batch holding vision tokens trains only ViT, adapter and vision experts."""
-    has_vision = jnp.any(jnp.isin(batch["input_ids"], jnp.asarray(vision_token_ids(cfg))))
+    has_vision = jnp.any(jnp.isin(batch["input_ids"], jnp.asarray(vision_token_ids(cfg.vision))))
     return jax.tree_util.tree_map_with_path(
         lambda p, g: (
             jnp.where(has_vision, jnp.zeros_like(g), g)

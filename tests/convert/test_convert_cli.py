@@ -143,12 +143,12 @@ def test_mtp_weights_round_trip_through_hf_layout(tmp_path):
     from flax import nnx
     from ernie_jax.config import load_config
     from ernie_jax.convert.safetensors_io import SafetensorsFile
-    from ernie_jax.model.ernie import ErnieForCausalLM
+    from ernie_jax.model import build_model
 
     cfg = load_config(
         "configs/tiny_moe.yaml", ["model.mtp_depth=1", "model.num_layers=2", "moe.dispatch=dropless"]
     )
-    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(3))
+    model = build_model(cfg, nnx.Rngs(3))
     out = str(tmp_path / "hf")
     ernie_jax.save_pretrained(model, out)
     keys = set(SafetensorsFile(os.path.join(out, "model.safetensors")).keys())

@@ -42,7 +42,7 @@ def test_logits_match_transformers(tmp_path, case, dispatch):
     hf, path = make_hf_model(tmp_path, **kw)
     ours = ernie_jax.load_pretrained(path, dtype="float32")
     if dispatch == "capacity":
-        cfg = ours.cfg
+        cfg = ours.architecture()
         # capacity factor E/k gives every expert room for all tokens: nothing is dropped
         cfg = dataclasses.replace(
             cfg,
@@ -76,7 +76,7 @@ def test_bias_changes_selection(tmp_path):
 
     st = nnx.to_pure_dict(nnx.state(ours))
     st["units"]["moe"]["mlp"]["gate"]["correction_bias"] = np.zeros_like(bias)
-    unbiased = model_from_params(ours.cfg, st)
+    unbiased = model_from_params(ours.architecture(), st)
     ids = _ids(np.random.default_rng(1), 2, 12)
     assert np.abs(_ours(unbiased, ids) - hf_logits(hf, ids)).max() > 1e-3
 

@@ -167,7 +167,7 @@ def test_dispatch_modes_agree(models, dispatch, tmp_path):
     from ernie_jax.convert import model_from_params
 
     hf, ours = models
-    cfg = ours.cfg
+    cfg = ours.architecture()
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch=dispatch, capacity_factor=8.0))
     model = model_from_params(cfg, nnx.to_pure_dict(nnx.state(ours)))
     grids = np.array([[1, 4, 6]])

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from ernie_jax.config import load_config
-from ernie_jax.model.ernie import ErnieForCausalLM, layer_plan
+from ernie_jax.model import build_model
+from ernie_jax.model.ernie import layer_plan
 
 
 def _cfg(*overrides):
@@ -27,7 +28,7 @@ def _cfg(*overrides):
 
 @pytest.mark.parametrize("moe", ["8", "0"])
 def test_packed_documents_do_not_attend_to_each_other(moe):
-    model = ErnieForCausalLM(_cfg(f"moe.num_experts={moe}", "model.mtp_depth=0"), rngs=nnx.Rngs(0))
+    model = build_model(_cfg(f"moe.num_experts={moe}", "model.mtp_depth=0"), nnx.Rngs(0))
     rng = np.random.default_rng(0)
     a, b = rng.integers(3, 128, 5), rng.integers(3, 128, 6)
     packed = jnp.asarray(np.concatenate([a, b, [0]])[None], jnp.int32)
@@ -43,7 +44,7 @@ def test_packed_documents_do_not_attend_to_each_other(moe):
 def test_trace_size_does_not_grow_with_depth():
     def eqns(layers):
         cfg = _cfg(f"model.num_layers={layers}")
-        model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
+        model = build_model(cfg, nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.ones((1, 8), jnp.int32)).logits)(state)
         return len(jaxpr.jaxpr.eqns)
@@ -68,7 +69,7 @@ def test_layer_plan_covers_every_layer_once():
 
 
 def test_mtp_uses_next_token_embedding():
-    model = ErnieForCausalLM(_cfg("model.mtp_depth=2"), rngs=nnx.Rngs(0))
+    model = build_model(_cfg("model.mtp_depth=2"), nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (1, 9)), jnp.int32)
     out = model(ids)
     assert out.mtp_logits.shape == (2, 1, 9, 128)
@@ -82,7 +83,7 @@ def test_mtp_uses_next_token_embedding():
 
 def test_bf16_compute_keeps_fp32_params_and_remat_matches():
     cfg = _cfg("model.dtype=bfloat16")
-    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
+    model = build_model(cfg, nnx.Rngs(0))
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     ids = jnp.ones((2, 8), jnp.int32)
     assert model(ids).logits.dtype == jnp.bfloat16
@@ -91,7 +92,7 @@ def test_bf16_compute_keeps_fp32_params_and_remat_matches():
         c = dataclasses.replace(
             _cfg(), model=dataclasses.replace(_cfg().model, remat=remat, remat_names=names)
         )
-        m = ErnieForCausalLM(c, rngs=nnx.Rngs(0))
+        m = build_model(c, nnx.Rngs(0))
         return nnx.grad(lambda m: jnp.mean(m(ids).logits ** 2))(m)
 
     ref = jax.tree.leaves(grads("none"))

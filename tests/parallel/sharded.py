@@ -4,16 +4,16 @@ placed on a mesh by the rules table (or left on one device when mesh is None).""
 import jax
 from flax import nnx
 
-from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import batch_sharding, state_shardings
 
 
 def model_state(cfg, mesh=None):
     """(graphdef, params, rest) of ErnieForCausalLM(cfg, seed 0); params/rest placed on `mesh`."""
-    graphdef, params, rest = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param, ...)
     params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
     if mesh is not None:
-        _, ap, ab = nnx.split(nnx.eval_shape(lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+        _, ap, ab = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))), nnx.Param, ...)
         params = jax.device_put(params, state_shardings(ap, mesh))
         rest = jax.device_put(rest, state_shardings(ab, mesh))
     return graphdef, params, rest

@@ -8,7 +8,8 @@ from flax import nnx
 
 from ernie_jax.config import load_config
 from ernie_jax.model import router_losses
-from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
+from ernie_jax.model import build_model
+from ernie_jax.model.ernie import ModelOutput
 from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.trainers.lm import lm_objective, mtp_loss, mtp_token_nll, token_cross_entropy
 from ernie_jax.trainers.state import init_train_state, lr_schedule, make_optimizer, param_groups
@@ -48,7 +49,7 @@ def test_wsd_and_cosine_schedules():
 
 def test_param_groups():
     cfg = _cfg()
-    graphdef, params, _ = nnx.split(ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    graphdef, params, _ = nnx.split(build_model(cfg, nnx.Rngs(0)), nnx.Param, ...)
     groups = param_groups(nnx.to_pure_dict(params))
     assert groups["units"]["moe"]["mlp"]["gate"]["kernel"] == "router"
     assert groups["units"]["moe"]["input_layernorm"]["weight"] == "no_decay"
@@ -71,7 +72,7 @@ def _batch(cfg, accum, b=2, s=16, seed=0):
 def _step(cfg):
     tx = make_optimizer(cfg.optimizer, 10)
     mesh = build_mesh(cfg, jax.devices()[:1])
-    graphdef, state = init_train_state(cfg, lambda rngs: ErnieForCausalLM(cfg, rngs=rngs), tx, mesh)
+    graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
     return jax.jit(make_train_step(graphdef, cfg, tx, lm_objective, 10)), state
 
 
