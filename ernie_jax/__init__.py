@@ -5,11 +5,12 @@ from ernie_jax.errors import CheckpointError, ConfigError, DataError  # noqa: F4
 __version__ = "0.1.0"
 
 
-def load_pretrained(path: str, dtype: str = "float32"):
-    """A ready NNX model from a Hugging Face ERNIE 4.5 directory (or an ernie_jax checkpoint)."""
+def load_pretrained(path: str, dtype: str = "float32", step: int | None = None):
+    """A ready NNX model from a Hugging Face ERNIE 4.5 directory, an ernie_jax converted checkpoint
+    or a training workdir (its newest good checkpoint, or `step`)."""
     from ernie_jax.convert import load_pretrained as _load
 
-    return _load(path, dtype=dtype)
+    return _load(path, dtype=dtype, step=step)
 
 
 def save_pretrained(model, path: str, shard_bytes: int = 2 << 30) -> None:

@@ -64,6 +64,12 @@ class Checkpointer:
             )
         return config
 
+    def verified_config(self, step: int) -> dict:
+        """`saved_config(step)` after checking the step's files against their checksums
+        (CheckpointError naming the step when they differ or the config is unreadable)."""
+        self._verify(step)
+        return self.saved_config(step)
+
     def newest_config(self, set_aside: bool = True) -> tuple[int, dict] | None:
         """(step, saved config) of the newest step whose config reads; a damaged one is set aside
         (or, with set_aside=False, e.g. in another run's workdir, only skipped). None: no such step."""

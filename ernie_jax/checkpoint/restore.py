@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -45,6 +46,23 @@ def restore_subset(step_dir: str, target: dict) -> tuple[dict, int]:
             step_dir, args=ocp.args.PyTreeRestore(item=subset, restore_args=args, partial_restore=True)
         )
     return got, left_out
+
+
+def restore_leaf(step_dir: str, key_path: tuple[str, ...]) -> np.ndarray:
+    """One array of a train-state checkpoint (e.g. ("params", "units", "moe", ...)) as numpy on the
+    host, reading nothing else: how an export streams a model larger than memory."""
+    item: dict = {}
+    node = item
+    for key in key_path[:-1]:
+        node = node.setdefault(key, {})
+    node[key_path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    with ocp.PyTreeCheckpointer() as c:
+        got = c.restore(
+            step_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True)
+        )
+    for key in key_path:
+        got = got[key]
+    return got
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -24,6 +24,15 @@ def main(argv=None) -> int:
     b.add_argument("src")
     b.add_argument("dst")
     b.add_argument("--shard-gb", type=float, default=2.0, help="max safetensors shard size")
+    b.add_argument("--step", type=int, help="training workdir: this checkpoint step (default: newest good)")
+    b.add_argument(
+        "--export-dtype",
+        "--dtype",
+        dest="export_dtype",
+        default="float32",
+        choices=["bfloat16", "float32"],
+        help="dtype of the written tensors",
+    )
     for p in (a, b):
         p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -34,7 +43,12 @@ def main(argv=None) -> int:
             convert.hf_to_ernie(args.src, args.dst, dtype=args.dtype, quiet=args.quiet)
         else:
             convert.ernie_to_hf(
-                args.src, args.dst, shard_bytes=int(args.shard_gb * (1 << 30)), quiet=args.quiet
+                args.src,
+                args.dst,
+                shard_bytes=int(args.shard_gb * (1 << 30)),
+                quiet=args.quiet,
+                step=args.step,
+                dtype=args.export_dtype,
             )
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,9 @@ from flax import nnx
 
 from ernie_jax.config import Config, check_same_model, from_dict, to_dict, to_json
 from ernie_jax.convert.hf_text import HFCheckpoint, config_from_hf, config_to_hf, key_table, to_hf, to_ours
+from ernie_jax.convert.run_export import find_checkpoint, is_run, leaf_loader, model_files, with_dtype
 from ernie_jax.convert.safetensors_io import save_file
+from ernie_jax.data.tokenizer import Tokenizer
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model import build_model
 from ernie_jax.model.ernie import ErnieForCausalLM
@@ -119,8 +121,19 @@ def _hf_config(ckpt: HFCheckpoint, dtype: str) -> Config:
     return cfg
 
 
-def load_pretrained(path: str, dtype: str = "float32", quiet: bool = True) -> ErnieForCausalLM:
-    """A ready NNX model from a Hugging Face directory or an ernie_jax converted checkpoint."""
+def load_pretrained(
+    path: str, dtype: str = "float32", quiet: bool = True, step: int | None = None
+) -> ErnieForCausalLM:
+    """A ready NNX model from a Hugging Face directory, an ernie_jax converted checkpoint or a
+    training workdir (its newest good checkpoint, or `step`; a stages workdir: its last stage)."""
+    if is_run(path) and not as_path(join(path, CONFIG_FILE)).is_file():
+        run = find_checkpoint(path, step)
+        cfg = with_dtype(run.config, dtype)
+        load = leaf_loader(run)
+        shapes = nnx.to_pure_dict(abstract_state(cfg)[1])
+        return model_from_params(cfg, jax.tree_util.tree_map_with_path(lambda p, _: load(p), shapes))
+    if step is not None:
+        raise CheckpointError(f"step={step} applies to training workdirs; {shown(path)} is not one")
     if as_path(join(path, CONFIG_FILE)).is_file():
         cfg = _read_our_config(path, dtype)
         params = restore_params(path, cfg)
@@ -151,10 +164,15 @@ def write_hf(
     path: str,
     shard_bytes: int = 2 << 30,
     quiet: bool = True,
+    dtype: str = "float32",
+    extras: dict[str, bytes] | None = None,
 ) -> None:
     """Write the HF layout shard by shard. `params` is a pure dict or a loader path -> array; with a
     loader, tensors are written grouped by param so only one param (e.g. one stacked expert
-    projection) is in memory at a time."""
+    projection) is in memory at a time. Float tensors are stored in `dtype` (the routing correction
+    biases stay fp32: top-k selection is sensitive to them); `extras` are further files (name ->
+    bytes: tokenizer, generation_config.json) written into the same atomic directory."""
+    store = np.dtype(jnp.dtype(dtype))
     if callable(params):
         shapes, leaf = nnx.to_pure_dict(abstract_state(cfg)[1]), _OneLeaf(params)
     else:
@@ -166,7 +184,10 @@ def write_hf(
     parted = [e for e in full if e.part >= 0]  # small rows of a shared tensor (VL biases): written last
     with _atomic_dir(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg), f, indent=2)
+            json.dump({**config_to_hf(cfg), "dtype": dtype}, f, indent=2)
+        for name, data in (extras or {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
         groups, current, size = [], [], 0
         for e in table:
             target = _get(shapes, e.path)
@@ -194,6 +215,12 @@ def write_hf(
                 tensors[e.key] = to_hf(value, e.layout)
             for key, rows in parts.items():
                 tensors[key] = np.stack([rows[r] for r in sorted(rows)])
+            tensors = {
+                k: t.astype(store)
+                if jnp.issubdtype(t.dtype, jnp.floating) and "correction_bias" not in k
+                else t
+                for k, t in tensors.items()
+            }
             for key, t in tensors.items():
                 weight_map[key] = name
                 total += t.nbytes
@@ -374,16 +401,39 @@ def hf_to_ernie(src: str, dst: str, dtype: str = "float32", quiet: bool = False)
     return cfg
 
 
-def ernie_to_hf(src: str, dst: str, shard_bytes: int = 2 << 30, quiet: bool = False) -> Config:
-    """orbax params checkpoint (from hf-to-ernie or training) -> HF directory, one param at a time."""
-    if not as_path(join(src, CONFIG_FILE)).is_file():
+def ernie_to_hf(
+    src: str,
+    dst: str,
+    shard_bytes: int = 2 << 30,
+    quiet: bool = False,
+    step: int | None = None,
+    dtype: str = "float32",
+) -> Config:
+    """A converted directory (hf-to-ernie) or a training run (a training workdir: its newest good
+    checkpoint or `step`; a stages workdir: its last stage) -> HF directory, one param at a time.
+    A run's export also carries its tokenizer (with the chat template) and generation_config.json."""
+    if as_path(join(src, CONFIG_FILE)).is_file():
+        if step is not None:
+            raise CheckpointError(
+                f"--step {step} applies to training workdirs; {shown(src)} is a converted one"
+            )
+        cfg = _read_our_config(src)
+        check_destination(dst)
+        _log(f"exporting {src} -> {dst}", quiet)
+        load, extras = (lambda path: restore_param(src, path)), {}
+    elif is_run(src):
+        run = find_checkpoint(src, step)
+        cfg = run.config
+        extras = model_files(cfg, Tokenizer(cfg.data.tokenizer))
+        check_destination(dst)
+        _log(f"exporting {shown(run.workdir)} step {run.step} -> {dst}", quiet)
+        load = leaf_loader(run)
+    else:
         raise CheckpointError(
-            f"{src} has no {CONFIG_FILE}: pass a directory written by hf-to-ernie or the trainer"
+            f"{shown(src)} is neither a training workdir (checkpoints/), a stages workdir nor a "
+            f"directory written by hf-to-ernie ({CONFIG_FILE}); pass one of those"
         )
-    cfg = _read_our_config(src)
-    check_destination(dst)
-    _log(f"exporting {src} -> {dst}", quiet)
-    write_hf(cfg, lambda path: restore_param(src, path), dst, shard_bytes=shard_bytes, quiet=quiet)
+    write_hf(cfg, load, dst, shard_bytes=shard_bytes, quiet=quiet, dtype=dtype, extras=extras)
     return cfg
 
 

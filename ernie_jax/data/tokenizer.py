@@ -35,6 +35,7 @@ class Tokenizer:
             self._decode = lambda ids: self._sp.decode(ids)
             unk = self._sp.unk_id()
             self._piece = lambda p: (lambda i: None if i == unk else i)(self._sp.piece_to_id(p))
+            self._id_piece = self._sp.id_to_piece
         elif as_path(json_path).is_file():
             try:
                 from tokenizers import Tokenizer as HFTokenizer
@@ -55,6 +56,7 @@ class Tokenizer:
             self._encode = lambda s: tok.encode(s, add_special_tokens=False).ids
             self._decode = lambda ids: tok.decode(ids)
             self._piece = tok.token_to_id
+            self._id_piece = tok.id_to_token
         else:
             raise DataError(f"data.tokenizer={path}: no tokenizer.model or tokenizer.json in {directory}")
 
@@ -63,6 +65,10 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
+
+    def piece(self, i: int) -> str:
+        """The vocabulary entry of id `i` (e.g. `</s>` for a special token)."""
+        return self._id_piece(int(i))
 
     def piece_id(self, piece: str) -> int | None:
         """The id of `piece` if it is one vocabulary entry (a special token), else None."""
