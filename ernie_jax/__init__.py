@@ -18,3 +18,10 @@ def save_pretrained(model, path: str, shard_bytes: int = 2 << 30) -> None:
     from ernie_jax.convert import save_pretrained as _save
 
     _save(model, path, shard_bytes=shard_bytes)
+
+
+def generate(model, input_ids, **kwargs):
+    """New tokens for prompts, with a KV cache: see `ernie_jax.generation.generate`."""
+    from ernie_jax.generation import generate as _generate
+
+    return _generate(model, input_ids, **kwargs)

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.config import ModelConfig
+from ernie_jax.model.kv_cache import KVCache
 from ernie_jax.model.layers import DotGeneral, Linear
 from ernie_jax.model.rope import apply_interleaved_rope
 from ernie_jax.ops import matmul
-from ernie_jax.ops.attention import AttentionSpec
+from ernie_jax.ops.attention import AttentionSpec, dense_attention
 from ernie_jax.parallel.context import attention
 from ernie_jax.precision.remat import checkpoint_name
 
@@ -53,6 +54,13 @@ class Attention(nnx.Module):
         self.v_proj = Linear(hidden, num_kv_heads * head_dim, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Linear(num_heads * head_dim, hidden, axes=("q_heads", "embed"), **kw)
 
+    def _qkv(self, x, angles):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        return apply_interleaved_rope(q, angles), apply_interleaved_rope(k, angles), v
+
     def __call__(
         self,
         x: jax.Array,
@@ -63,11 +71,33 @@ class Attention(nnx.Module):
         """x [B,S,H], angles [B,S,D/2] (RoPE), segment_ids [B,S] (None: one segment), token_index
         [B,S] (original positions of reordered tokens; None: natural order) -> [B,S,H]."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        q = checkpoint_name(apply_interleaved_rope(q, angles), "qkv")
-        k = checkpoint_name(apply_interleaved_rope(k, angles), "qkv")
-        v = checkpoint_name(v, "qkv")
+        q, k, v = (checkpoint_name(a, "qkv") for a in self._qkv(x, angles))
         out = checkpoint_name(attention(q, k, v, segment_ids, token_index, self.spec), "attn_out")
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+    def extend(
+        self,
+        x: jax.Array,
+        angles: jax.Array,
+        cache: KVCache,
+        write_at: jax.Array,
+        segment_ids: jax.Array | None = None,
+        prefill: bool = False,
+    ) -> tuple[jax.Array, KVCache]:
+        """Generation: the new tokens x [B,S,H] (at positions write_at[b] + 0..S-1 of each row) have
+        their k, v stored in `cache` [B,T,K,D] and attend. `prefill` (the prompts, written from 0,
+        padding marked by segment_ids 0) uses the configured backend on the prompt alone, so a long
+        prompt never builds an S x T score matrix; a decode step attends over the cache, each row
+        up to its own position (slots past it hold nothing yet or stale prompt padding)."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, angles)
+        cache = cache.write(k, v, write_at)
+        if prefill:
+            out = attention(q, k, v, segment_ids, None, self.spec)
+        else:
+            t = cache.k.shape[1]
+            q_pos = write_at[:, None] + jnp.arange(s)[None]
+            ones = jnp.ones((b, s), jnp.int32)
+            kv_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+            out = dense_attention(q, cache.k, cache.v, ones, jnp.ones((b, t), jnp.int32), q_pos, kv_pos)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), cache

@@ -26,6 +26,7 @@ from ernie_jax.config import (  # noqa: F401 - layer_plan re-exported
     pipelined_stack,
 )
 from ernie_jax.model.attention import Attention, attention_spec
+from ernie_jax.model.kv_cache import KVCache
 from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
 from ernie_jax.model.moe import MoEBlock
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
@@ -113,6 +114,26 @@ class DecoderLayer(nnx.Module):
             y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
         return x + y, stats
 
+    def extend(self, x, ctx: BlockContext, cache: KVCache, write_at, prefill: bool):
+        """The block on new tokens during generation (attention through the KV cache) -> (x, cache)."""
+        a, cache = self.self_attn.extend(
+            self.input_layernorm(x), ctx.angles, cache, write_at, ctx.segment_ids, prefill
+        )
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        y = self.mlp(h, ctx.token_mask, ctx.modality)[0] if self.is_moe else self.mlp(h)
+        return x + y, cache
+
+
+def _scan_extend(stack, x, ctx, cache, write_at, prefill: bool):
+    """`extend` of a stacked layer (or unit) over its leading axis, the cache scanned with it."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, None, 0, None), out_axes=(nnx.Carry, 0))
+    def body(x, layer, ctx, layer_cache, write_at):
+        return layer.extend(x, ctx, layer_cache, write_at, prefill)
+
+    return body(x, stack, ctx, cache, write_at)
+
 
 def linear_dot_general(p: PrecisionConfig):
     """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
@@ -185,6 +206,14 @@ class MoEUnit(nnx.Module):
         if self.dense is not None:
             x, _ = _scan_layers(self.dense, x, ctx, self.model_cfg, self.in_stage)
         return self.moe(x, ctx)
+
+    def extend(self, x, ctx: BlockContext, cache: dict, write_at, prefill: bool):
+        """cache {"dense": KVCache [dense_per_unit, ...] (absent without dense layers), "moe": KVCache}."""
+        out = {}
+        if self.dense is not None:
+            x, out["dense"] = _scan_extend(self.dense, x, ctx, cache["dense"], write_at, prefill)
+        x, out["moe"] = self.moe.extend(x, ctx, cache["moe"], write_at, prefill)
+        return x, out
 
 
 class MTPLayer(nnx.Module):
@@ -311,12 +340,8 @@ class ErnieForCausalLM(nnx.Module):
             )
             mtp_ids, mtp_labels = take(mtp_ids, 2), take(mtp_labels, 2)
             token_index = jnp.broadcast_to(jnp.asarray(order), (b, s))
-        if positions.ndim == 3:
-            angles = rope_angles_3d(positions, m.head_dim, m.rope_theta, self.vision_cfg.rope_t_frequencies)
-        else:
-            angles = rope_angles(positions, m.head_dim, m.rope_theta)
         ctx = BlockContext(
-            angles=angles,
+            angles=self._angles(positions),
             token_mask=token_mask,
             modality=modality,
             segment_ids=segment_ids,
@@ -392,6 +417,64 @@ class ErnieForCausalLM(nnx.Module):
             lambda chunk, x_mb, ctx_mb, active: _scan_layers(chunk, x_mb, ctx_mb, m, True, active),
             sched,
         )
+
+    # ------------------------------------------------------------------ generation (KV cache)
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """Zeroed KV caches for `batch` rows of up to `length` positions, one per stack, shaped like
+        the stacks (kv heads only)."""
+        m, plan = self.model_cfg, self.plan
+        dtype = _dtype(m.dtype) if dtype is None else dtype
+        kv = lambda *lead: KVCache.zeros(lead, batch, length, m.num_kv_heads, m.head_dim, dtype)
+        cache = {}
+        if plan.num_prefix:
+            cache["prefix"] = kv(plan.num_prefix)
+        if plan.num_units:
+            cache["units"] = {"moe": kv(plan.num_units)}
+            if plan.dense_per_unit:
+                cache["units"]["dense"] = kv(plan.num_units, plan.dense_per_unit)
+        if plan.num_suffix:
+            cache["suffix"] = kv(plan.num_suffix)
+        return cache
+
+    def extend(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        cache: dict,
+        write_at: jax.Array,
+        *,
+        prefill: bool,
+        segment_ids: jax.Array | None = None,
+        inputs_embeds: jax.Array | None = None,
+        modality: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict]:
+        """Run new tokens input_ids [B,S] at `positions` ([B,S] or [B,S,3]) through the decoder,
+        storing their keys and values in `cache` at write_at[b] + 0..S-1 -> (hidden [B,S,H] after the
+        final norm's input, i.e. what `head` takes; cache). `prefill`: the (right-padded) prompts from
+        position 0, segment_ids marking padding 0; else decode steps attending over the cache. MoE
+        layers route every token (build the model with dropless dispatch: capacity would drop)."""
+        m = self.model_cfg
+        b, s = input_ids.shape
+        token_mask = jnp.ones((b, s), bool) if segment_ids is None else segment_ids > 0
+        if modality is None:
+            modality = jnp.zeros((b, s), jnp.int32)
+        ctx = BlockContext(
+            angles=self._angles(positions), token_mask=token_mask, modality=modality, segment_ids=segment_ids
+        )
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
+        out = {}
+        for name in ("prefix", "units", "suffix"):
+            stack = getattr(self, name)
+            if stack is not None:
+                x, out[name] = _scan_extend(stack, x, ctx, cache[name], write_at, prefill)
+        return x, out
+
+    def _angles(self, positions):
+        m = self.model_cfg
+        if positions.ndim == 3:
+            return rope_angles_3d(positions, m.head_dim, m.rope_theta, self.vision_cfg.rope_t_frequencies)
+        return rope_angles(positions, m.head_dim, m.rope_theta)
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch (per-token losses of its labels)."""

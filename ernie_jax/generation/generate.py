@@ -1,0 +1,170 @@
+"""Batched generation with a KV cache: one jitted program per (batch, prompt length, new tokens):
+prefill of the right-padded prompts with the model's attention backend, then a `lax.while_loop`
+of decode steps that stops when every row has ended; no host round trip per token unless a stream
+callback asks for each token."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ernie_jax.errors import ConfigError
+from ernie_jax.generation.sampling import next_token
+from ernie_jax.model import build_model
+
+
+class Generated(NamedTuple):
+    """tokens [B, N] new ids (pad after a row's end), logprobs [B, N] (log p of each token under the
+    model, temperature 1; 0 after the end), lengths [B] new tokens per row including its end token."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+
+
+def generation_model(model):
+    """`model` with dropless MoE dispatch (same parameters): capacity limits are a training budget
+    and would drop tokens of a decode batch."""
+    if not model.plan.num_units or model.moe_cfg.dispatch == "dropless":
+        return model
+    cfg = model.architecture()
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to one length (rounded up to `multiple`, so prompts of nearby lengths
+    share a compiled program) -> (ids [B, P], lengths [B])."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = int(-(-max(lengths) // multiple) * multiple)
+    ids = np.full((len(prompts), width), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    return ids, lengths
+
+
+def check_request(max_new_tokens: int, temperature: float, top_p: float, top_k: int, lengths, limit: int):
+    """One line per bad argument, before anything compiles."""
+    if max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus truncation)")
+    if top_k < 0:
+        raise ConfigError(f"top_k={top_k} must be >= 0 (0 = no top-k truncation)")
+    if len(lengths) == 0 or int(np.min(lengths)) < 1:
+        raise ConfigError("the prompt is empty: give at least one token per prompt")
+    longest = int(np.max(lengths))
+    if longest + max_new_tokens > limit:
+        raise ConfigError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"{limit} positions (model.max_position_embeddings); shorten the prompt or ask for fewer tokens"
+        )
+
+
+def generate(
+    model,
+    input_ids,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    eos_token_ids: Sequence[int] | None = None,
+    prompt_lengths=None,
+    stream: Callable[[int, np.ndarray], None] | None = None,
+) -> Generated:
+    """Continue prompts with `model` (ErnieForCausalLM, or the VL model on text prompts).
+
+    input_ids [B, P] right-padded (or a list of token lists); prompt_lengths [B] (default: all P);
+    temperature 0 is greedy; top_k 0 and top_p 1 switch truncation off; eos_token_ids end a row
+    (default: the model's eos). `stream(step, tokens [B])` is called on the host as each step's
+    tokens are chosen (rows that have ended get the pad id). The same seed gives the same samples."""
+    m = model.model_cfg
+    if not isinstance(input_ids, (np.ndarray, jax.Array)):
+        input_ids, prompt_lengths = pad_prompts(input_ids, m.pad_token_id)
+    ids = np.asarray(input_ids, np.int32)
+    if ids.ndim != 2:
+        raise ConfigError(f"input_ids must be [batch, length], got shape {ids.shape}")
+    lengths = (
+        np.full(ids.shape[0], ids.shape[1], np.int32)
+        if prompt_lengths is None
+        else np.asarray(prompt_lengths, np.int32)
+    )
+    check_request(max_new_tokens, temperature, top_p, top_k, lengths, m.max_position_embeddings)
+    if int(np.max(lengths)) > ids.shape[1]:
+        raise ConfigError(f"prompt_lengths {lengths.tolist()} exceed the {ids.shape[1]} columns of input_ids")
+    eos = np.asarray(sorted(set(eos_token_ids or [m.eos_token_id])), np.int32)
+    graphdef, state = nnx.split(generation_model(model))
+    tokens, logps, n = _generate(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(lengths),
+        jnp.asarray(eos),
+        jax.random.key(seed),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        max_new=max_new_tokens,
+        top_k=top_k,
+        pad_id=m.pad_token_id,
+        stream=stream,
+    )
+    return Generated(np.asarray(tokens), np.asarray(logps), np.asarray(n))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "pad_id", "stream"))
+def _generate(graphdef, state, ids, lengths, eos, key, temperature, top_p, *, max_new, top_k, pad_id, stream):
+    model = nnx.merge(graphdef, state)
+    b, p = ids.shape
+    rows = jnp.arange(b)
+    cache = model.init_cache(b, p + max_new)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    segments = (positions < lengths[:, None]).astype(jnp.int32)
+    hidden, cache = model.extend(
+        ids, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True, segment_ids=segments
+    )
+    key, sub = jax.random.split(key)
+    token, logp = next_token(model.head(hidden[rows, lengths - 1]), sub, temperature, top_k, top_p)
+    if stream is not None:
+        jax.experimental.io_callback(stream, None, 0, token, ordered=True)
+    tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
+    logps = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(logp)
+    done = jnp.isin(token, eos)
+    ended_at = jnp.where(done, 1, max_new)
+
+    def cond(carry):
+        t, *_, done, _, _ = carry
+        return (t < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        t, tokens, logps, cache, key, ended_at, done, prev, state = carry
+        model = nnx.merge(graphdef, state)  # the weights ride in the carry: nnx modules stay in one trace
+        at = lengths + t - 1  # where the previous token sits
+        hidden, cache = model.extend(prev[:, None], at[:, None], cache, at, prefill=False)
+        key, sub = jax.random.split(key)
+        token, logp = next_token(model.head(hidden[:, 0]), sub, temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token)
+        logp = jnp.where(done, 0.0, logp)
+        if stream is not None:
+            jax.experimental.io_callback(stream, None, t, token, ordered=True)
+        ends = ~done & jnp.isin(token, eos)
+        ended_at = jnp.where(ends, t + 1, ended_at)
+        tokens = tokens.at[:, t].set(token)
+        logps = logps.at[:, t].set(logp)
+        return t + 1, tokens, logps, cache, key, ended_at, done | ends, token, state
+
+    carry = (jnp.int32(1), tokens, logps, cache, key, ended_at, done, token, state)
+    _, tokens, logps, _, _, ended_at, *_ = jax.lax.while_loop(cond, body, carry)
+    return tokens, logps, ended_at

@@ -1,0 +1,35 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and nucleus (top-p) sampling."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def truncated_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+    """logits [B,V] fp32 scaled by 1/temperature with everything outside the top-k and outside the
+    smallest set whose probability reaches top_p set to -inf (Holtzman et al. 2019). The most
+    likely token always stays."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    neg = jnp.finfo(jnp.float32).min
+    if top_k > 0:
+        kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth, neg, scaled)
+    order = jnp.argsort(-scaled, axis=-1)
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+    keep_sorted = before < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, scaled, neg)
+
+
+def next_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array):
+    """(token [B], log-prob [B] under the model's own distribution, temperature 1 and untruncated:
+    what policy-gradient ratios need). temperature 0 is greedy."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    sampled = jax.random.categorical(key, truncated_logits(logits, temperature, top_k, top_p), axis=-1)
+    token = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logp
