@@ -108,3 +108,18 @@ def render_chat(messages: list, mode: str, begin: int, end: int, images=()) -> l
         else:
             pending.append(m)
     return segs
+
+
+def prompt_ids(tokenizer, messages: list, mode: str) -> list[int]:
+    """Token ids of a text conversation's prompt up to `Assistant: ` (generation), each segment
+    encoded on its own exactly as the SFT data pipeline encodes it."""
+    begin, _ = markers(tokenizer)
+    ids = []
+    for seg in render_prompt(messages, mode, begin):
+        if "ids" in seg:
+            ids += [int(i) for i in seg["ids"]]
+        elif "text" in seg:
+            ids += tokenizer.encode(str(seg["text"]))
+        else:
+            raise ChatError("vision_in_text_model")
+    return ids
