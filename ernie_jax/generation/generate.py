@@ -1,5 +1,6 @@
 """Batched generation with a KV cache: one jitted program per (batch, prompt length, new tokens):
-prefill of the right-padded prompts with the model's attention backend, then a `lax.while_loop`
+prefill of the prompts (left-aligned on device, so all rows write the same cache slot each step)
+with the model's attention backend, then a `lax.while_loop`
 of decode steps that stops when every row has ended; no host round trip per token unless a stream
 callback asks for each token."""
 
@@ -118,25 +119,48 @@ def generate(
         jnp.float32(top_p),
         max_new=max_new_tokens,
         top_k=top_k,
+        greedy=temperature == 0,
+        nucleus=top_p < 1,
         pad_id=m.pad_token_id,
         stream=stream,
     )
     return Generated(np.asarray(tokens), np.asarray(logps), np.asarray(n))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "top_k", "pad_id", "stream"))
-def _generate(graphdef, state, ids, lengths, eos, key, temperature, top_p, *, max_new, top_k, pad_id, stream):
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new", "top_k", "greedy", "nucleus", "pad_id", "stream")
+)
+def _generate(
+    graphdef,
+    state,
+    ids,
+    lengths,
+    eos,
+    key,
+    temperature,
+    top_p,
+    *,
+    max_new,
+    top_k,
+    greedy,
+    nucleus,
+    pad_id,
+    stream,
+):
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
-    rows = jnp.arange(b)
+    # left-align the prompts: every row's next token then goes into the same cache slot
+    pad = p - lengths
+    slots = jnp.arange(p, dtype=jnp.int32)
+    ids = jnp.take_along_axis(ids, (slots[None] - pad[:, None]) % p, axis=1)
+    real = slots[None] >= pad[:, None]
+    positions = jnp.where(real, slots[None] - pad[:, None], 0)
     cache = model.init_cache(b, p + max_new)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    segments = (positions < lengths[:, None]).astype(jnp.int32)
     hidden, cache = model.extend(
-        ids, positions, cache, jnp.zeros((b,), jnp.int32), prefill=True, segment_ids=segments
+        ids, positions, cache, jnp.int32(0), pad, prefill=True, segment_ids=real.astype(jnp.int32)
     )
     key, sub = jax.random.split(key)
-    token, logp = next_token(model.head(hidden[rows, lengths - 1]), sub, temperature, top_k, top_p)
+    token, logp = next_token(model.head(hidden[:, -1]), sub, temperature, top_k, top_p, greedy, nucleus)
     if stream is not None:
         jax.experimental.io_callback(stream, None, 0, token, ordered=True)
     tokens = jnp.full((b, max_new), pad_id, jnp.int32).at[:, 0].set(token)
@@ -151,10 +175,11 @@ def _generate(graphdef, state, ids, lengths, eos, key, temperature, top_p, *, ma
     def body(carry):
         t, tokens, logps, cache, key, ended_at, done, prev, state = carry
         model = nnx.merge(graphdef, state)  # the weights ride in the carry: nnx modules stay in one trace
-        at = lengths + t - 1  # where the previous token sits
-        hidden, cache = model.extend(prev[:, None], at[:, None], cache, at, prefill=False)
+        slot = p + t - 1  # the previous token's slot (the same in every row)
+        position = (lengths + t - 1)[:, None]
+        hidden, cache = model.extend(prev[:, None], position, cache, slot, pad, prefill=False)
         key, sub = jax.random.split(key)
-        token, logp = next_token(model.head(hidden[:, 0]), sub, temperature, top_k, top_p)
+        token, logp = next_token(model.head(hidden[:, 0]), sub, temperature, top_k, top_p, greedy, nucleus)
         token = jnp.where(done, pad_id, token)
         logp = jnp.where(done, 0.0, logp)
         if stream is not None:

@@ -24,12 +24,28 @@ def truncated_logits(logits: jax.Array, temperature: jax.Array, top_k: int, top_
     return jnp.where(keep, scaled, neg)
 
 
-def next_token(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array):
+def next_token(
+    logits: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_k: int,
+    top_p: jax.Array,
+    greedy: bool = False,
+    nucleus: bool = True,
+):
     """(token [B], log-prob [B] under the model's own distribution, temperature 1 and untruncated:
-    what policy-gradient ratios need). temperature 0 is greedy."""
+    what policy-gradient ratios need). Static switches skip work a request does not need: `greedy`
+    (temperature 0: argmax only), `nucleus` False (top_p = 1: no sort over the vocabulary)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    sampled = jax.random.categorical(key, truncated_logits(logits, temperature, top_k, top_p), axis=-1)
-    token = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    if greedy:
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        if nucleus:
+            z = truncated_logits(logits, temperature, top_k, top_p)
+        else:
+            z = logits / jnp.maximum(temperature, 1e-6)
+            if top_k > 0:
+                z = jnp.where(z < jax.lax.top_k(z, top_k)[0][:, -1:], jnp.finfo(jnp.float32).min, z)
+        token = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logp

@@ -13,7 +13,7 @@ from ernie_jax.model.kv_cache import KVCache
 from ernie_jax.model.layers import DotGeneral, Linear
 from ernie_jax.model.rope import apply_interleaved_rope
 from ernie_jax.ops import matmul
-from ernie_jax.ops.attention import AttentionSpec, dense_attention
+from ernie_jax.ops.attention import AttentionSpec, cached_attention
 from ernie_jax.parallel.context import attention
 from ernie_jax.precision.remat import checkpoint_name
 
@@ -80,24 +80,22 @@ class Attention(nnx.Module):
         x: jax.Array,
         angles: jax.Array,
         cache: KVCache,
-        write_at: jax.Array,
+        slot: jax.Array,
+        first_slot: jax.Array,
         segment_ids: jax.Array | None = None,
         prefill: bool = False,
     ) -> tuple[jax.Array, KVCache]:
-        """Generation: the new tokens x [B,S,H] (at positions write_at[b] + 0..S-1 of each row) have
-        their k, v stored in `cache` [B,T,K,D] and attend. `prefill` (the prompts, written from 0,
-        padding marked by segment_ids 0) uses the configured backend on the prompt alone, so a long
-        prompt never builds an S x T score matrix; a decode step attends over the cache, each row
-        up to its own position (slots past it hold nothing yet or stale prompt padding)."""
+        """Generation: the new tokens x [B,S,H] have their k, v stored in cache slots slot ..
+        slot + S - 1 (the same for every row: prompts are left-padded; row b's real tokens start at
+        first_slot[b]) and attend. `prefill` (the prompts, from slot 0, padding marked by segment
+        id 0) uses the configured backend on the prompt alone, so a long prompt never builds an
+        S x T score matrix; a decode step attends over the cache."""
         b, s, _ = x.shape
         q, k, v = self._qkv(x, angles)
-        cache = cache.write(k, v, write_at)
+        cache = cache.write(k, v, slot)
         if prefill:
             out = attention(q, k, v, segment_ids, None, self.spec)
         else:
-            t = cache.k.shape[1]
-            q_pos = write_at[:, None] + jnp.arange(s)[None]
-            ones = jnp.ones((b, s), jnp.int32)
-            kv_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-            out = dense_attention(q, cache.k, cache.v, ones, jnp.ones((b, t), jnp.int32), q_pos, kv_pos)
+            k_all, v_all = cache.layer()
+            out = cached_attention(q, k_all, v_all, slot + jnp.arange(s), first_slot)
         return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), cache

@@ -114,10 +114,11 @@ class DecoderLayer(nnx.Module):
             y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
         return x + y, stats
 
-    def extend(self, x, ctx: BlockContext, cache: KVCache, write_at, prefill: bool):
-        """The block on new tokens during generation (attention through the KV cache) -> (x, cache)."""
+    def extend(self, x, ctx: BlockContext, cache: KVCache, slots, prefill: bool):
+        """The block on new tokens during generation (attention through the KV cache) -> (x, cache);
+        slots = (first new slot, first real slot per row)."""
         a, cache = self.self_attn.extend(
-            self.input_layernorm(x), ctx.angles, cache, write_at, ctx.segment_ids, prefill
+            self.input_layernorm(x), ctx.angles, cache, *slots, ctx.segment_ids, prefill
         )
         x = x + a
         h = self.post_attention_layernorm(x)
@@ -125,14 +126,19 @@ class DecoderLayer(nnx.Module):
         return x + y, cache
 
 
-def _scan_extend(stack, x, ctx, cache, write_at, prefill: bool):
-    """`extend` of a stacked layer (or unit) over its leading axis, the cache scanned with it."""
+def _scan_extend(stack, x, ctx, cache, slots, prefill: bool):
+    """`extend` of a stacked layer (or unit) over its leading axis. The stack's cache (a KVCache, or
+    a dict of them for units) rides in the carry and each layer gets a view of its own slice."""
+    views = lambda c, f: jax.tree.map(f, c, is_leaf=lambda a: isinstance(a, KVCache))
+    depth = jax.tree.leaves(views(cache, lambda c: c.depth), is_leaf=lambda a: isinstance(a, int))[0]
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, None, 0, None), out_axes=(nnx.Carry, 0))
-    def body(x, layer, ctx, layer_cache, write_at):
-        return layer.extend(x, ctx, layer_cache, write_at, prefill)
+    @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=nnx.Carry)
+    def body(carry, layer, ctx, slots, i):
+        x, cache = carry
+        x, cache = layer.extend(x, ctx, views(cache, lambda c: c.select(i)), slots, prefill)
+        return x, views(cache, lambda c: c.release())
 
-    return body(x, stack, ctx, cache, write_at)
+    return body((x, cache), stack, ctx, slots, jnp.arange(depth))
 
 
 def linear_dot_general(p: PrecisionConfig):
@@ -207,12 +213,12 @@ class MoEUnit(nnx.Module):
             x, _ = _scan_layers(self.dense, x, ctx, self.model_cfg, self.in_stage)
         return self.moe(x, ctx)
 
-    def extend(self, x, ctx: BlockContext, cache: dict, write_at, prefill: bool):
+    def extend(self, x, ctx: BlockContext, cache: dict, slots, prefill: bool):
         """cache {"dense": KVCache [dense_per_unit, ...] (absent without dense layers), "moe": KVCache}."""
         out = {}
         if self.dense is not None:
-            x, out["dense"] = _scan_extend(self.dense, x, ctx, cache["dense"], write_at, prefill)
-        x, out["moe"] = self.moe.extend(x, ctx, cache["moe"], write_at, prefill)
+            x, out["dense"] = _scan_extend(self.dense, x, ctx, cache["dense"], slots, prefill)
+        x, out["moe"] = self.moe.extend(x, ctx, cache["moe"], slots, prefill)
         return x, out
 
 
@@ -442,7 +448,8 @@ class ErnieForCausalLM(nnx.Module):
         input_ids: jax.Array,
         positions: jax.Array,
         cache: dict,
-        write_at: jax.Array,
+        slot: jax.Array,
+        first_slot: jax.Array,
         *,
         prefill: bool,
         segment_ids: jax.Array | None = None,
@@ -450,10 +457,11 @@ class ErnieForCausalLM(nnx.Module):
         modality: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
         """Run new tokens input_ids [B,S] at `positions` ([B,S] or [B,S,3]) through the decoder,
-        storing their keys and values in `cache` at write_at[b] + 0..S-1 -> (hidden [B,S,H] after the
-        final norm's input, i.e. what `head` takes; cache). `prefill`: the (right-padded) prompts from
-        position 0, segment_ids marking padding 0; else decode steps attending over the cache. MoE
-        layers route every token (build the model with dropless dispatch: capacity would drop)."""
+        storing their keys and values in cache slots slot .. slot + S - 1 -> (hidden [B,S,H], what
+        `head` takes; cache). Prompts are left-padded: row b's real tokens start at first_slot[b].
+        `prefill`: the prompts from slot 0, segment_ids marking padding 0; else decode steps
+        attending over the cache. MoE layers route every token (build the model with dropless
+        dispatch: capacity would drop)."""
         m = self.model_cfg
         b, s = input_ids.shape
         token_mask = jnp.ones((b, s), bool) if segment_ids is None else segment_ids > 0
@@ -467,7 +475,7 @@ class ErnieForCausalLM(nnx.Module):
         for name in ("prefix", "units", "suffix"):
             stack = getattr(self, name)
             if stack is not None:
-                x, out[name] = _scan_extend(stack, x, ctx, cache[name], write_at, prefill)
+                x, out[name] = _scan_extend(stack, x, ctx, cache[name], (slot, first_slot), prefill)
         return x, out
 
     def _angles(self, positions):

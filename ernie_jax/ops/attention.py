@@ -155,6 +155,23 @@ def dense_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_ind
     return jnp.einsum("bkgqt,btkd->bqkgd", probs, v).reshape(b, s, n, d)
 
 
+def cached_attention(q, k_cache, v_cache, q_slots, first_slot):
+    """Decode-step attention over a KV cache: q [B,S,N,D] in cache slots q_slots [S] attends to
+    slots first_slot[b] .. its own (left padding before first_slot is never seen); k_cache /
+    v_cache [B,K,T,D] (kv heads first). fp32 logits."""
+    b, s, n, d = q.shape
+    kvh, t = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, s, kvh, n // kvh, d)
+    logits = jnp.einsum("bskgd,bktd->bkgst", qg, k_cache, preferred_element_type=jnp.float32) * (d**-0.5)
+    slots = jnp.arange(t)
+    visible = (slots[None, None, :] <= q_slots[None, :, None]) & (
+        slots[None, None, :] >= first_slot[:, None, None]
+    )
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgst,bktd->bskgd", probs, v_cache).reshape(b, s, n, d)
+
+
 # ----------------------------------------------------------------------------- TPU: splash
 
 
