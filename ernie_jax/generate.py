@@ -15,12 +15,12 @@ import sys
 import numpy as np
 
 from ernie_jax.convert import load_pretrained
-from ernie_jax.convert.run_export import find_checkpoint, is_run
+from ernie_jax.convert.run_export import checkpoint_tokenizer
 from ernie_jax.data.chat import END, ChatError, prompt_ids
 from ernie_jax.data.tokenizer import Tokenizer
 from ernie_jax.errors import ConfigError, DataError, ErnieJaxError
 from ernie_jax.generation import generate, pad_prompts
-from ernie_jax.paths import as_path, join
+from ernie_jax.paths import as_path
 
 PAD_TO = 32  # prompt lengths are padded up to a multiple: nearby lengths share one compiled program
 
@@ -50,19 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts per batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     return p
-
-
-def open_tokenizer(checkpoint: str, override: str | None, step: int | None) -> Tokenizer:
-    if override:
-        return Tokenizer(override)
-    if is_run(checkpoint) and not as_path(join(checkpoint, "ernie_config.json")).is_file():
-        return Tokenizer(find_checkpoint(checkpoint, step).config.data.tokenizer)
-    try:
-        return Tokenizer(checkpoint)
-    except DataError:
-        raise DataError(
-            f"--checkpoint {checkpoint} has no tokenizer.model or tokenizer.json; pass --tokenizer DIR"
-        ) from None
 
 
 def read_requests(args) -> list:
@@ -139,7 +126,7 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise ConfigError(f"--batch_size {args.batch_size} must be >= 1")
         requests = read_requests(args)
-        tok = open_tokenizer(args.checkpoint, args.tokenizer, args.step)
+        tok = checkpoint_tokenizer(args.checkpoint, args.tokenizer, args.step)
         prompts = [encode(tok, r.get("prompt", ""), msgs, args.mode) for r, msgs in requests]
         model = load_pretrained(args.checkpoint, dtype=args.dtype, step=args.step)
         m = model.model_cfg

@@ -17,8 +17,8 @@ from ernie_jax.checkpoint.manager import Checkpointer
 from ernie_jax.checkpoint.restore import restore_leaf
 from ernie_jax.config import Config, MeshConfig, PipelineConfig, PrecisionConfig, from_dict
 from ernie_jax.data.chat import BEGIN, END
-from ernie_jax.data.tokenizer import EMBEDDED_DIR
-from ernie_jax.errors import CheckpointError, ConfigError
+from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
+from ernie_jax.errors import CheckpointError, ConfigError, DataError
 from ernie_jax.model import build_model
 from ernie_jax.paths import as_path, join, shown
 
@@ -87,6 +87,21 @@ def find_checkpoint(path: str, step: int | None = None) -> RunCheckpoint:
         except CheckpointError as e:
             problems.append(str(e))
     raise CheckpointError(f"{shown(workdir)}: no readable checkpoint ({problems[0]}); pass an older --step")
+
+
+def checkpoint_tokenizer(checkpoint: str, override: str | None = None, step: int | None = None) -> Tokenizer:
+    """The tokenizer that goes with a checkpoint: `override`, a training run's `data.tokenizer`, or
+    the tokenizer files in the (HF or converted) directory itself."""
+    if override:
+        return Tokenizer(override)
+    if is_run(checkpoint) and not as_path(join(checkpoint, "ernie_config.json")).is_file():
+        return Tokenizer(find_checkpoint(checkpoint, step).config.data.tokenizer)
+    try:
+        return Tokenizer(checkpoint)
+    except DataError:
+        raise DataError(
+            f"--checkpoint {checkpoint} has no tokenizer.model or tokenizer.json; pass --tokenizer DIR"
+        ) from None
 
 
 def model_config(saved: dict, where: str) -> Config:
