@@ -7,7 +7,8 @@ The model is `--config` (default: the tiny MoE of the default run) with random w
 with `save_pretrained` and loaded by transformers, so both run the same parameters; both are
 checked to produce the same greedy tokens first. Prefill time is a 1-new-token call; decode
 tokens/s = batch x (new - 1) / (time(new) - time(1)). No end token can stop a row early. Each
-time is the best of `--repeats` warm calls; transformers runs in a child process after ours. Target: decode >= 3x.
+time is the best of `--repeats` warm calls; transformers runs in a child process after ours.
+Target: decode >= 3x.
 """
 
 from __future__ import annotations
