@@ -18,6 +18,7 @@ from flax import nnx
 from ernie_jax.errors import ConfigError
 from ernie_jax.generation.sampling import next_token
 from ernie_jax.model import build_model
+from ernie_jax.model.ernie_vl import routing_modality
 
 
 class Generated(NamedTuple):
@@ -85,8 +86,15 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
     prompt_lengths=None,
     stream: Callable[[int, np.ndarray], None] | None = None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
 ) -> Generated:
-    """Continue prompts with `model` (ErnieForCausalLM, or the VL model on text prompts).
+    """Continue prompts with `model` (ErnieForCausalLM, or ErnieVLForConditionalGeneration with
+    images / videos as in its transformers-style call: patches [sum(t*h*w), C*P*P] and grids [n, 3],
+    in the order their placeholders appear, row by row; new tokens continue the 3D positions after
+    the largest position of each prompt).
 
     input_ids [B, P] right-padded (or a list of token lists); prompt_lengths [B] (default: all P);
     temperature 0 is greedy; top_k 0 and top_p 1 switch truncation off; eos_token_ids end a row
@@ -107,12 +115,41 @@ def generate(
     if int(np.max(lengths)) > ids.shape[1]:
         raise ConfigError(f"prompt_lengths {lengths.tolist()} exceed the {ids.shape[1]} columns of input_ids")
     eos = np.asarray(sorted(set(eos_token_ids or [m.eos_token_id])), np.int32)
-    graphdef, state = nnx.split(generation_model(model))
+    model = generation_model(model)
+    graphdef, state = nnx.split(model)
+    real = np.arange(ids.shape[1])[None] < lengths[:, None]
+    pixels = [x for x in (pixel_values, pixel_values_videos) if x is not None]
+    if hasattr(model, "vision_model"):
+        positions, patches, layout = model.prompt_inputs(
+            ids,
+            pixel_values,
+            image_grid_thw,
+            None,
+            None,
+            pixel_values_videos,
+            video_grid_thw,
+            real.astype(np.int32),
+        )
+        positions = np.where(real[..., None], positions, 0)
+        next_position = positions.max(axis=(1, 2)) + 1
+        embeds = _vl_embeds(graphdef, state, jnp.asarray(ids), patches, layout)
+        modality = routing_modality(jnp.asarray(ids), model.vision_cfg)
+    else:
+        if pixels:
+            raise ConfigError(
+                "pixel_values / videos need a VL checkpoint (vision.enabled); this is a text model"
+            )
+        positions = np.where(real, np.arange(ids.shape[1])[None], 0)
+        next_position, embeds, modality = lengths, None, None
     tokens, logps, n = _generate(
         graphdef,
         state,
         jnp.asarray(ids),
         jnp.asarray(lengths),
+        jnp.asarray(positions, jnp.int32),
+        jnp.asarray(next_position, jnp.int32),
+        embeds,
+        modality,
         jnp.asarray(eos),
         jax.random.key(seed),
         jnp.float32(temperature),
@@ -135,6 +172,10 @@ def _generate(
     state,
     ids,
     lengths,
+    positions,
+    next_position,
+    embeds,
+    modality,
     eos,
     key,
     temperature,
@@ -147,17 +188,32 @@ def _generate(
     pad_id,
     stream,
 ):
+    """ids, positions ([B,P] or [B,P,3]), embeds [B,P,H] / modality [B,P] (VL; else None) are
+    right-padded to P; next_position [B]: the position of each row's first new token."""
     model = nnx.merge(graphdef, state)
     b, p = ids.shape
     # left-align the prompts: every row's next token then goes into the same cache slot
     pad = p - lengths
     slots = jnp.arange(p, dtype=jnp.int32)
-    ids = jnp.take_along_axis(ids, (slots[None] - pad[:, None]) % p, axis=1)
+    order = (slots[None] - pad[:, None]) % p
+    left = lambda a: (
+        None
+        if a is None
+        else jnp.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    )
+    ids, positions, embeds, modality = left(ids), left(positions), left(embeds), left(modality)
     real = slots[None] >= pad[:, None]
-    positions = jnp.where(real, slots[None] - pad[:, None], 0)
     cache = model.init_cache(b, p + max_new)
     hidden, cache = model.extend(
-        ids, positions, cache, jnp.int32(0), pad, prefill=True, segment_ids=real.astype(jnp.int32)
+        ids,
+        positions,
+        cache,
+        jnp.int32(0),
+        pad,
+        prefill=True,
+        segment_ids=real.astype(jnp.int32),
+        inputs_embeds=embeds,
+        modality=modality,
     )
     key, sub = jax.random.split(key)
     token, logp = next_token(model.head(hidden[:, -1]), sub, temperature, top_k, top_p, greedy, nucleus)
@@ -176,8 +232,14 @@ def _generate(
         t, tokens, logps, cache, key, ended_at, done, prev, state = carry
         model = nnx.merge(graphdef, state)  # the weights ride in the carry: nnx modules stay in one trace
         slot = p + t - 1  # the previous token's slot (the same in every row)
-        position = (lengths + t - 1)[:, None]
-        hidden, cache = model.extend(prev[:, None], position, cache, slot, pad, prefill=False)
+        position = (next_position + t - 1)[:, None]
+        if positions.ndim == 3:  # 3D RoPE: a text token has t = h = w
+            position = jnp.broadcast_to(position[..., None], (b, 1, 3))
+        # VL: a new start / end marker routes to the vision experts, as it would in a re-run
+        step_modality = None if modality is None else routing_modality(prev[:, None], model.vision_cfg)
+        hidden, cache = model.extend(
+            prev[:, None], position, cache, slot, pad, prefill=False, modality=step_modality
+        )
         key, sub = jax.random.split(key)
         token, logp = next_token(model.head(hidden[:, 0]), sub, temperature, top_k, top_p, greedy, nucleus)
         token = jnp.where(done, pad_id, token)
@@ -193,3 +255,8 @@ def _generate(
     carry = (jnp.int32(1), tokens, logps, cache, key, ended_at, done, token, state)
     _, tokens, logps, _, _, ended_at, *_ = jax.lax.while_loop(cond, body, carry)
     return tokens, logps, ended_at
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vl_embeds(graphdef, state, ids, patches, layout):
+    return nnx.merge(graphdef, state).embed(ids, patches, layout)

@@ -91,13 +91,7 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         """input_ids [B,S]; positions [B,S,3] or [B,S]; patches [N, C*P*P] with `layout` from
         `vision_layout` (arrays, possibly padded). No host work: safe under jit."""
         v = self.vision_cfg
-        embeds = self.embed_tokens(input_ids)
-        if patches is not None:
-            feats = self.vision_model(patches, layout["patch_hw"], layout["frame_ids"])
-            rows = self.resampler(feats, layout["pair_first"], layout["pair_second"])
-            embeds = scatter_vision(
-                embeds, input_ids, rows, v.image_token_id, v.video_token_id, layout.get("row_valid")
-            )
+        embeds = self.embed(input_ids, patches, layout)
         return ErnieForCausalLM.__call__(
             self,
             input_ids,
@@ -106,6 +100,18 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
             inputs_embeds=embeds,
             modality=routing_modality(input_ids, v),
         )
+
+    def embed(self, input_ids: jax.Array, patches: jax.Array | None, layout: dict | None) -> jax.Array:
+        """Token embeddings [B,S,H] with the adapter's vision rows written over the placeholders."""
+        v = self.vision_cfg
+        embeds = self.embed_tokens(input_ids)
+        if patches is not None:
+            feats = self.vision_model(patches, layout["patch_hw"], layout["frame_ids"])
+            rows = self.resampler(feats, layout["pair_first"], layout["pair_second"])
+            embeds = scatter_vision(
+                embeds, input_ids, rows, v.image_token_id, v.video_token_id, layout.get("row_valid")
+            )
+        return embeds
 
     def __call__(
         self,
@@ -123,6 +129,34 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         pixel_values_videos (videos) with their grids [n, 3]; mm_token_type_ids [B,S] (0 text,
         1 image, 2 video; derived from the placeholder ids when omitted); position_ids [3,B,S]
         (built here when omitted); attention_mask [B,S] (1 = token, 0 = padding)."""
+        positions, patches, layout = self.prompt_inputs(
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            mm_token_type_ids,
+            position_ids,
+            pixel_values_videos,
+            video_grid_thw,
+            attention_mask,
+            video_advance,
+        )
+        segment_ids = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return self.forward(jnp.asarray(input_ids), jnp.asarray(positions), segment_ids, patches, layout)
+
+    def prompt_inputs(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        position_ids=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        attention_mask=None,
+        video_advance: str = "ernie",
+    ):
+        """The host side of the transformers-style call: (positions [B,S,3] numpy, patches, layout)
+        (patches and layout None without pixels)."""
         v = self.vision_cfg
         ids = np.asarray(input_ids)
         if mm_token_type_ids is None:
@@ -141,7 +175,6 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
             )
         else:
             positions = np.moveaxis(np.asarray(position_ids), 0, -1)
-        segment_ids = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
         patches = layout = None
         if pix:
             patches = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in pix], axis=0)
@@ -151,7 +184,7 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
                     np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids]), v.spatial_merge
                 ).items()
             }
-        return self.forward(jnp.asarray(input_ids), jnp.asarray(positions), segment_ids, patches, layout)
+        return positions, patches, layout
 
     def apply_batch(self, batch: dict) -> ModelOutput:
         """The trainer's call on a prepared batch (vision keys optional)."""
