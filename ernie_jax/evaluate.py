@@ -24,7 +24,7 @@ from flax import nnx
 
 from ernie_jax.convert import load_pretrained
 from ernie_jax.convert.run_export import checkpoint_tokenizer
-from ernie_jax.data.chat import ChatError, markers, render_chat
+from ernie_jax.data.chat import ChatError, is_chat_file, markers, render_chat
 from ernie_jax.data.text import read_documents, resolve_paths
 from ernie_jax.errors import ConfigError, DataError, ErnieJaxError
 from ernie_jax.generation import generation_model
@@ -66,19 +66,6 @@ class Score:
         }
 
 
-def _is_chat(path: str) -> bool:
-    """A JSONL file whose first record has "messages"."""
-    if not path.endswith((".jsonl", ".jsonl.gz")):
-        return False
-    for line in as_path(path).read_text().splitlines():
-        if line.strip():
-            try:
-                return isinstance(json.loads(line).get("messages"), list)
-            except (ValueError, AttributeError):
-                return False
-    return False
-
-
 def text_sequences(tok, path: str, seq_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     """Documents -> windows of at most seq_len + 1 tokens ([bos] + text + [eos], cut into pieces);
     every token after a window's first is scored. Returns ([(ids, scored mask)], bytes)."""
@@ -107,14 +94,14 @@ def chat_sequences(
             segs = render_chat(json.loads(line).get("messages"), mode, begin, end)
         except (ValueError, AttributeError, ChatError) as e:
             raise DataError(f"{path} line {n}: not a usable conversation ({e}); fix or remove it") from None
-        ids, mask = [], []
+        ids, mask, scored_bytes = [], [], 0
         for seg in segs:
             if "ids" in seg:
                 piece = [int(i) for i in seg["ids"]]
             elif "text" in seg:
                 piece = tok.encode(str(seg["text"]))
                 if seg["train"]:
-                    nbytes += len(str(seg["text"]).encode("utf-8"))
+                    scored_bytes += len(str(seg["text"]).encode("utf-8"))
             else:
                 raise DataError(f"{path} line {n}: images need a VL checkpoint; this scores text only")
             ids += piece
@@ -122,6 +109,7 @@ def chat_sequences(
         if len(ids) > seq_len + 1:
             skipped += 1
             continue
+        nbytes += scored_bytes  # of the conversations scored, not of the skipped ones
         seqs.append((ids, mask))  # the mask marks scored tokens (assistant answers and end markers)
     return seqs, nbytes, skipped
 
@@ -164,7 +152,7 @@ def evaluate_files(model, tok, files: list[str], seq_len: int, batch_size: int, 
         if not found:
             raise DataError(f"--data {path}: no such file; pass text (.txt / .jsonl) or chat (.jsonl) files")
         s = Score(path)
-        if _is_chat(path):
+        if is_chat_file(path):
             seqs, s.bytes, skipped = chat_sequences(tok, path, seq_len, mode)
             if skipped:
                 print(

@@ -114,6 +114,10 @@ class MetricsWriter:
         if resume_step is not None:
             _drop_rows_after(path, resume_step, join(workdir, "metrics.superseded.jsonl"))
         self._jsonl = AppendFile(path)
+        self._samples_path = join(workdir, "samples.jsonl")
+        if resume_step is not None:
+            _drop_rows_after(self._samples_path, resume_step, join(workdir, "samples.superseded.jsonl"))
+        self._samples = None  # opened at the first sample
         if log.tensorboard:
             from tensorboardX import SummaryWriter  # optional heavy dependency, imported when used
 
@@ -142,8 +146,23 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(scalars, step=int(step))
 
+    def write_samples(self, step: int, rows: list[dict]) -> None:
+        """Sampled completions: one samples.jsonl row each, and one TensorBoard text entry per step."""
+        if not self.enabled or not rows:
+            return
+        if self._samples is None:
+            self._samples = AppendFile(self._samples_path)
+        self._samples.write(
+            "".join(json.dumps({"step": int(step), **r}, ensure_ascii=False) + "\n" for r in rows)
+        )
+        if self._tb is not None:
+            text = "\n\n".join(f"**{r['prompt']}** {r['completion']}" for r in rows)
+            self._tb.add_text("samples", text, step)
+
     def close(self) -> None:
         if self.enabled:
+            if self._samples is not None:
+                self._samples.close()
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()

@@ -79,7 +79,7 @@ VL_TOKENS = dict(
 )
 
 
-def make_hf_vl_model(tmp_path, *, seed=0, shared=1, bias_scale=0.3, tie=True):
+def make_hf_vl_model(tmp_path, *, seed=0, shared=1, bias_scale=0.3, tie=True, vocab=128, tokens=VL_TOKENS):
     """A tiny random Ernie4_5_VLMoeForConditionalGeneration (text + vision experts, 2-layer ViT)
     with nonzero correction biases, saved with save_pretrained."""
     import torch
@@ -88,7 +88,7 @@ def make_hf_vl_model(tmp_path, *, seed=0, shared=1, bias_scale=0.3, tie=True):
     torch.manual_seed(seed)
     cfg = T.Ernie4_5_VLMoeConfig(
         text_config=dict(
-            vocab_size=128,
+            vocab_size=vocab,
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=3,
@@ -113,7 +113,7 @@ def make_hf_vl_model(tmp_path, *, seed=0, shared=1, bias_scale=0.3, tie=True):
             rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
         ),
         tie_word_embeddings=tie,
-        **VL_TOKENS,
+        **tokens,
     )
     model = T.Ernie4_5_VLMoeForConditionalGeneration(cfg)
     g = torch.Generator().manual_seed(seed + 1)

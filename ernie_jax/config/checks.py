@@ -155,6 +155,31 @@ def check_config(cfg: Config) -> None:
         f"data.eval_fraction={d.eval_fraction} must be in [0, 1) (the share of "
         f"samples held out for eval; 0 turns eval off)",
     )
+    sources = d.eval_sources()
+    for name, path in sources:
+        _require(
+            re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) is not None and bool(path),
+            f"data.eval_source entry {name}={path!r} needs a plain name and a path, e.g. "
+            f"data.eval_source=[heldout=data/val.txt]",
+        )
+    names = [n for n, _ in sources]
+    _require(
+        len(set(names)) == len(names),
+        f"data.eval_source names must be unique, got {names}; name them, e.g. [a=x/val.txt, b=y/val.txt]",
+    )
+    _require(
+        not sources or d.kind != "preference",
+        "data.eval_source scores text or chat files; a DPO run (data.kind=preference) reports its "
+        "held-out pairs (data.eval_fraction): remove data.eval_source",
+    )
+    _require(
+        cfg.log.sample_max_new_tokens >= 1,
+        f"log.sample_max_new_tokens={cfg.log.sample_max_new_tokens} must be >= 1",
+    )
+    _require(
+        all(p.strip() for p in cfg.log.sample_prompts),
+        "log.sample_prompts holds an empty prompt; remove it or give it some text",
+    )
     _require(cfg.train.eval_interval >= 1, f"train.eval_interval={cfg.train.eval_interval} must be >= 1")
     _require(
         cfg.train.eval_steps >= 1,

@@ -170,6 +170,9 @@ class DataConfig:
     batch_size: int = 8
     shuffle_seed: int = 0
     eval_fraction: float = 0.01
+    # named held-out files scored at every eval as eval/<name>/loss, /ppl, /bpb: "name=path" or "path"
+    # (name = the file's stem); text files for text / multimodal runs, chat JSONL for chat runs
+    eval_source: tuple[str, ...] = ()
     max_doc_chars: int = 1_000_000
     # image-text data (multimodal JSONL, see ernie_jax/data/multimodal.py)
     kind: Literal["text", "multimodal", "chat", "preference"] = "text"
@@ -180,6 +183,17 @@ class DataConfig:
     image_min_pixels: int = 56 * 56
     image_max_pixels: int = 28 * 28 * 1280
     image_min_side: int = 14  # smaller images are skipped and counted
+
+    def eval_sources(self) -> list[tuple[str, str]]:
+        """data.eval_source as (name, path): "name=path", or a path named by its file's stem."""
+        out = []
+        for entry in self.eval_source:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                path = entry
+                name = path.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+            out.append((name.strip(), path.strip()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -235,6 +249,10 @@ class LogConfig:
     wandb_project: str = ""
     wandb_entity: str = ""
     wandb_run_name: str = ""  # empty: the workdir's name
+    # prompts continued greedily at every eval, written to <workdir>/samples.jsonl and TensorBoard text
+    # (a user turn of the chat format in chat / preference runs)
+    sample_prompts: tuple[str, ...] = ()
+    sample_max_new_tokens: int = 32
 
 
 @dataclass(frozen=True)

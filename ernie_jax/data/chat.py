@@ -18,9 +18,12 @@ a top-level "images" list is put in front of the first user message.
 
 from __future__ import annotations
 
-from ernie_jax.data.tokenizer import EMBEDDED_DIR
-
+import gzip
+import json
 import os
+
+from ernie_jax.data.tokenizer import EMBEDDED_DIR
+from ernie_jax.paths import as_path
 
 EMBEDDED_CHAT = os.path.join(EMBEDDED_DIR, "chat", "sft.jsonl")
 EMBEDDED_PREFERENCE = os.path.join(EMBEDDED_DIR, "chat", "preference.jsonl")
@@ -34,6 +37,21 @@ class ChatError(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def is_chat_file(path: str) -> bool:
+    """A JSONL file whose first record has "messages" (else: text documents)."""
+    if not path.endswith((".jsonl", ".jsonl.gz")):
+        return False
+    raw = as_path(path).read_bytes()
+    text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                return isinstance(json.loads(line).get("messages"), list)
+            except (ValueError, AttributeError):
+                return False
+    return False
 
 
 def markers(tokenizer) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from ernie_jax.data.images import ImageError, load_rgb, preprocess_frames, sample_frames
-from ernie_jax.data.text import _split_indices
+from ernie_jax.data.text import _split_indices, fill_rows
 from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
 from ernie_jax.errors import DataError
 from ernie_jax.model.positions import IMAGE, TEXT, VIDEO, sample_position_ids
@@ -375,9 +375,11 @@ def packed_multimodal_batches(
     row_inputs=None,
     extra_lengths: dict | None = None,
     split: str = "train",
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
     """Packed batches with input_ids/labels/loss_mask/segment_ids [b, S], positions [b, S, 3] and the
-    vision arrays (VISION_KEYS). Each process keeps its contiguous rows and builds their vision arrays."""
+    vision arrays (VISION_KEYS). Each process keeps its contiguous rows and builds their vision arrays.
+    Without `drop_remainder` (a single scoring pass) the last batch is filled with empty rows."""
     d = cfg.data
     row_inputs = row_inputs or _row_inputs
     extra_lengths = extra_lengths or {}
@@ -410,7 +412,9 @@ def packed_multimodal_batches(
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct=length, num_packing_bins=max(8, 2 * d.batch_size), seed=seed
     )
-    it = it.map(row_inputs).batch(d.batch_size, drop_remainder=True)
+    it = it.map(row_inputs).batch(d.batch_size, drop_remainder=drop_remainder)
+    if not drop_remainder:
+        it = it.map(lambda b: fill_rows(b, d.batch_size))
     rows = d.batch_size // process_count
     lo = process_index * rows
     if process_count > 1:
@@ -436,7 +440,7 @@ def _require_usable(
             f"{v - before[k]} {k.replace('_', ' ')}" for k, v in after.items() if v > before[k]
         )
         which = "" if split == "train" else f" {split}"
-        fix = "" if split == "train" else " or set data.eval_fraction=0 (no eval)"
+        fix = {"train": "", "eval": " or set data.eval_fraction=0 (no eval)"}.get(split, "")
         raise DataError(
             f"data.source={source}: none of the first {min(probe, len(samples))}{which} samples is "
             f"usable ({reasons}); fix the data or raise data.seq_len / data.max_patches{fix}"

@@ -223,8 +223,10 @@ def packed_batches(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool = True,
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
     """Packed model batches: dicts of input_ids/labels/positions/segment_ids [b, seq_len] and loss_mask.
+    Without `drop_remainder` (a single pass for scoring) the last batch is filled with empty rows.
 
     Every process builds the same global batch of `batch_size` rows and keeps its own contiguous
     slice, so the data a step sees does not depend on the number of processes (runs and resumes
@@ -239,12 +241,22 @@ def packed_batches(
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={"tokens": seq_len + 1}, num_packing_bins=max(8, 2 * batch_size), seed=seed
     )
-    it = it.map(_to_model_inputs).batch(batch_size, drop_remainder=True)
+    it = it.map(_to_model_inputs).batch(batch_size, drop_remainder=drop_remainder)
+    if not drop_remainder:
+        it = it.map(lambda b: fill_rows(b, batch_size))
     if process_count > 1:
         rows = batch_size // process_count
         lo = process_index * rows
         it = it.map(lambda b: {k: v[lo : lo + rows] for k, v in b.items()})
     return it
+
+
+def fill_rows(batch: dict, rows: int) -> dict:
+    """A short last batch padded with empty rows (zeros: padding segment, no loss) to `rows`, so
+    every batch has the one compiled shape."""
+    return {
+        k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+    }
 
 
 class _TokenizeChunks(grain.experimental.FlatMapTransform):

@@ -70,6 +70,12 @@ class Tokenizer:
         """The vocabulary entry of id `i` (e.g. `</s>` for a special token)."""
         return self._id_piece(int(i))
 
+    def text_bytes(self, ids) -> int:
+        """UTF-8 bytes of the text `ids` spell (special tokens spell nothing). Decoded as one run, so
+        SentencePiece's word-initial space on the run's first token is not counted, as in the text.
+        Ids past the vocabulary (a VL model's vision markers) spell nothing."""
+        return len(self.decode([i for i in ids if 0 <= int(i) < self.vocab_size]).encode("utf-8"))
+
     def piece_id(self, piece: str) -> int | None:
         """The id of `piece` if it is one vocabulary entry (a special token), else None."""
         return self._piece(piece)

@@ -41,7 +41,7 @@ from ernie_jax.model.ernie import router_loss_total
 from ernie_jax.parallel.mesh import place_batch
 from ernie_jax.paths import as_path, join, write_atomic
 from ernie_jax.trainers.lm import token_nll
-from ernie_jax.trainers.task import Task
+from ernie_jax.trainers.task import EvalReport, Task
 
 CACHE_FILE = "reference_logps.npz"
 
@@ -321,6 +321,21 @@ def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
     return cache
 
 
+# held-out pairs: the preference loss and rewards per pair, the chosen responses' NLL per token
+DPO_EVAL = EvalReport(
+    means=(
+        ("dpo_loss", "pairs"),
+        ("reward_accuracy", "pairs"),
+        ("reward_margin", "pairs"),
+        ("reward_chosen", "pairs"),
+        ("reward_rejected", "pairs"),
+        ("lm_loss", "tokens"),
+    ),
+    loss="dpo_loss",
+    per_token=False,
+)
+
+
 def dpo_task(cfg: Config) -> Task:
     dpo = DPOTask(cfg)
     copy = cfg.dpo.reference == "copy"
@@ -330,6 +345,8 @@ def dpo_task(cfg: Config) -> Task:
         eval_batches=None,
         vocab_size=dpo.data.tokenizer.vocab_size,
         stats=dpo.data.stats,
+        eval_report=DPO_EVAL,
+        tokenizer=dpo.data.tokenizer,
         init_state=frozen_reference if copy else None,
         batch_inputs=reference_inputs if copy else None,
         prepare=dpo.prepare,

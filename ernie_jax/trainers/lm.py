@@ -99,6 +99,7 @@ def multimodal_lm_task(cfg: Config, data, encoder=None, description: str = ""):
         eval_batches=eval_batches,
         vocab_size=data.tokenizer.vocab_size,
         stats=data.stats,
+        tokenizer=data.tokenizer,
         description=description
         or f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval samples",
     )

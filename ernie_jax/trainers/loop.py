@@ -27,6 +27,7 @@ from ernie_jax.trainers.guards import SkipCounter, StopFlag, all_finite, finish_
 from ernie_jax.trainers.log_window import LogWindow
 from ernie_jax.trainers.memory import out_of_memory
 from ernie_jax.trainers.profiling import StepProfiler, use_compile_cache
+from ernie_jax.trainers.samples import PromptSampler
 from ernie_jax.trainers.startup import (
     announce,
     check_run_settings,
@@ -61,6 +62,7 @@ def run(
         use_compile_cache(cfg.train.compile_cache)
         task = task_factory(cfg)
         check_vocab(task, cfg)
+        sampler = PromptSampler(cfg, task.tokenizer) if cfg.log.sample_prompts else None
         ckpt = open_checkpoints(workdir, cfg)
         mesh = build_mesh(cfg)
         check_run_settings(cfg, mesh, jax.default_backend())
@@ -102,6 +104,8 @@ def run(
                 len(jax.devices()),
             ),
             profiler=StepProfiler(cfg.train.profile_steps, join(workdir, "profile"), console.say),
+            sampler=sampler,
+            graphdef=start.graphdef,
             config_dict=config,
             tags=tags or {},
             step_offset=step_offset,
@@ -123,6 +127,8 @@ class Loop:
     writer: MetricsWriter
     window: LogWindow
     profiler: StepProfiler
+    sampler: PromptSampler | None  # log.sample_prompts, continued at every eval
+    graphdef: object  # the model's structure (the state holds its arrays)
     config_dict: dict  # the resolved config, saved with every checkpoint
     tags: dict
     step_offset: int
@@ -130,6 +136,8 @@ class Loop:
     def __post_init__(self):
         self.skips = SkipCounter(self.cfg.train.max_skipped_steps)
         self.last: dict = {}
+        t = self.task
+        self.evals = t.eval_batches is not None or bool(t.eval_sources) or self.sampler is not None
 
     def run(self, state: dict) -> dict:
         cfg, task = self.cfg, self.task
@@ -151,12 +159,12 @@ class Loop:
                     last_step = step == cfg.train.steps
                     if step % cfg.log.interval == 0 or last_step:
                         self.log(step)
-                    if task.eval_batches is not None and (step % cfg.train.eval_interval == 0 or last_step):
+                    if self.evals and (step % cfg.train.eval_interval == 0 or last_step):
                         self.eval(state, step)
                     if step % cfg.checkpoint.interval == 0 or last_step or flag.stop:
                         self.check_skips(step)
                         self.save(state, step)
-                if start >= cfg.train.steps and task.eval_batches is not None:
+                if start >= cfg.train.steps and self.evals:
                     # resumed after the last step (e.g. a stage whose summary was not written):
                     # report its eval
                     self.last = {}
@@ -196,9 +204,15 @@ class Loop:
 
     def eval(self, state: dict, step: int, note: str = "") -> None:
         ev = evaluate_task(self.eval_step, state, self.task, self.mesh, self.cfg.train.eval_steps)
-        self.writer.write(self.step_offset + step, {**ev, **self.tags})
-        self.console.say(f"eval @ {step}{note}: {describe_eval(ev)}")
-        self.last = {**self.last, **ev}
+        if ev:
+            self.writer.write(self.step_offset + step, {**ev, **self.tags})
+            self.console.say(f"eval @ {step}{note}: {describe_eval(ev)}")
+            self.last = {**self.last, **ev}
+        if self.sampler is not None:
+            rows = self.sampler(self.graphdef, state)
+            self.writer.write_samples(self.step_offset + step, [{**r, **self.tags} for r in rows])
+            for r in rows:
+                self.console.say(f"sample @ {step}: {r['prompt']!r} -> {r['completion']!r}")
 
     def save(self, state: dict, step: int) -> None:
         if not bool(all_finite(state["params"])):  # one pass over the params, at save time only

@@ -31,6 +31,7 @@ def text_pretraining_task(cfg: Config):
         eval_batches=eval_batches,
         vocab_size=data.tokenizer.vocab_size,
         description=f"data: {data.stats.summary()}, {len(data.train)} train / {len(data.eval)} eval pieces",
+        tokenizer=data.tokenizer,
     )
 
 

@@ -29,7 +29,8 @@ from ernie_jax.paths import as_path, join, write_atomic
 from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.startup import check_workdir
 from ernie_jax.trainers.task import Task
-from ernie_jax.trainers.tasks import task_for
+from ernie_jax.trainers.eval_sources import with_eval_sources
+from ernie_jax.trainers.tasks import TASKS, task_for
 
 SUMMARY = "stages.json"
 
@@ -64,7 +65,7 @@ def mixture_task(cfg: Config, mixture) -> Task:
     tasks = []
     for src in mixture:
         sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, kind=src.kind, source=src.source))
-        tasks.append(task_for(sub))
+        tasks.append(TASKS[src.kind](sub))
     it = MixtureIterator(
         [t.train_iter for t in tasks],
         [s.weight for s in mixture],
@@ -75,7 +76,7 @@ def mixture_task(cfg: Config, mixture) -> Task:
     mixed = next((t for t in tasks if t.eval_batches is not None), None)
     desc = "; ".join(f"{s.kind} x{s.weight:g}: {t.description}" for s, t in zip(mixture, tasks))
     stats = next((t.stats for t in tasks if t.stats is not None), None)
-    return Task(
+    task = Task(
         objective=tasks[0].objective,
         train_iter=it,
         eval_batches=mixed.eval_batches if mixed else None,
@@ -83,7 +84,9 @@ def mixture_task(cfg: Config, mixture) -> Task:
         description=desc,
         stats=stats,
         extra_evals={"text_eval": text[0].eval_batches} if text else {},
+        tokenizer=tasks[0].tokenizer,
     )
+    return with_eval_sources(cfg, task)
 
 
 def _stage_dir(workdir: str, k: int, stage: StageConfig) -> str:

@@ -20,6 +20,17 @@ import dataclasses
 from typing import Any, Callable, Iterator
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    """How eval batches are summarised: `means` maps each reported metric to the metric that weights
+    it across batches (tokens for per-token losses, pairs for preference pairs); `loss` is the one
+    reported as eval_loss, with a perplexity only when it is a per-token loss (`per_token`)."""
+
+    means: tuple[tuple[str, str], ...] = (("lm_loss", "tokens"),)
+    loss: str = "lm_loss"
+    per_token: bool = True
+
+
 @dataclasses.dataclass
 class Task:
     objective: Callable  # (model output, batch, cfg) -> (loss, named scalars)
@@ -31,6 +42,10 @@ class Task:
     extra_evals: dict = dataclasses.field(
         default_factory=dict
     )  # name -> eval batch factory, logged name_loss
+    eval_report: EvalReport = EvalReport()
+    # named held-out sources (data.eval_source): name -> eval batch factory, logged eval/<name>/...
+    eval_sources: dict = dataclasses.field(default_factory=dict)
+    tokenizer: Any = None  # bits per byte of evals and sampled prompts need it
     init_state: Callable[[dict], dict] | None = None
     batch_inputs: Callable[[Callable, dict, dict], dict] | None = None
     prepare: Callable[..., dict] | None = None

@@ -6,6 +6,7 @@ from typing import Callable
 
 from ernie_jax.config import Config
 from ernie_jax.trainers.dpo import dpo_task
+from ernie_jax.trainers.eval_sources import with_eval_sources
 from ernie_jax.trainers.pretrain import multimodal_pretraining_task, text_pretraining_task
 from ernie_jax.trainers.sft import sft_task
 from ernie_jax.trainers.task import Task
@@ -19,5 +20,5 @@ TASKS: dict[str, Callable[[Config], Task]] = {
 
 
 def task_for(cfg: Config) -> Task:
-    """The task `cfg.data.kind` names."""
-    return TASKS[cfg.data.kind](cfg)
+    """The task `cfg.data.kind` names, with the held-out sources of data.eval_source."""
+    return with_eval_sources(cfg, TASKS[cfg.data.kind](cfg))

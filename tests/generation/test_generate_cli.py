@@ -7,12 +7,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import ernie_jax
 from ernie_jax.data.chat import prompt_ids
+from ernie_jax.data.images import load_rgb, preprocess_frames
 from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
-from tests.hf_reference import make_hf_model
+from tests.hf_reference import make_hf_model, make_hf_vl_model
 
 pytest.importorskip("transformers")
 
@@ -121,3 +123,76 @@ def test_bad_requests_fail_in_one_line(checkpoint, tmp_path):
     os.makedirs(tmp_path / "run" / "checkpoints")
     r = _run("--checkpoint", str(tmp_path / "run"), "--prompt", "a")
     assert r.returncode == 2 and "no checkpoints yet" in r.stderr
+    r = _run(*base, "--prompt", "a", "--image", str(tmp_path / "none.png"))
+    assert r.returncode == 2 and "--image" in r.stderr and "no such file" in r.stderr
+    r = _run(*base, "--prompt", "a", "--image", os.path.join(EMBEDDED_DIR, "mnist", "00000.png"))
+    assert r.returncode == 2 and "images need a VL checkpoint" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_images_with_a_vl_checkpoint(tmp_path):
+    """--image on a VL checkpoint: the digit becomes its start marker, 4 placeholders (28 x 28 is
+    resized to 56 x 56: 2 x 2 merged patches) and its end marker before the text; a JSONL batch
+    takes per-line images (paths relative to the file) and gives the same tokens."""
+    vl_ids = dict(
+        zip(
+            [
+                f"{k}_token_id"
+                for k in ("image", "image_start", "image_end", "video", "video_start", "video_end")
+            ],
+            range(4096, 4102),
+        )
+    )
+    _, path = make_hf_vl_model(tmp_path, vocab=4104, tokens=vl_ids)
+    shutil.copy(os.path.join(EMBEDDED_DIR, "tokenizer.model"), path)
+    image = os.path.join(EMBEDDED_DIR, "mnist", "00003.png")
+    r = _run(
+        "--checkpoint",
+        path,
+        "--prompt",
+        "This digit is",
+        "--image",
+        image,
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "5",
+    )
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer(path)
+    model = ernie_jax.load_pretrained(path)
+    pix, grid = preprocess_frames([load_rgb(image)])
+    assert grid == (1, 4, 4)
+    prompt = [tok.bos_id, 4097, *[4096] * 4, 4098, *tok.encode("This digit is")]
+    got = ernie_jax.generate(
+        model,
+        [prompt],
+        max_new_tokens=5,
+        temperature=0.0,
+        eos_token_ids=[tok.eos_id],
+        pixel_values=pix,
+        image_grid_thw=np.array([grid]),
+    )
+    ids = got.tokens[0, : got.lengths[0]].tolist()
+    assert r.stdout == tok.decode([i for i in ids if i != tok.eos_id]) + "\n"
+    shutil.copy(image, tmp_path / "digit.png")
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"prompt": "Plain text"})
+        + "\n"
+        + json.dumps({"prompt": "This digit is", "images": ["digit.png"]})
+    )
+    r = _run(
+        "--checkpoint",
+        path,
+        "--prompts",
+        str(tmp_path / "p.jsonl"),
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "5",
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows[1]["tokens"] == ids and rows[1]["images"] == ["digit.png"]

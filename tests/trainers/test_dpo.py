@@ -218,3 +218,23 @@ def test_damaged_reference_cache_is_one_line(tmp_path):
         with pytest.raises(CheckpointError, match=fragment) as e:
             read_reference_cache(str(path), 3)
         assert "\n" not in str(e.value)
+
+
+def test_eval_reports_held_out_rewards_not_a_perplexity(tmp_path):
+    r = _cli(
+        tmp_path / "w",
+        "train.steps=2",
+        "train.eval_interval=2",
+        "train.eval_steps=2",
+        "checkpoint.interval=2",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "w" / "metrics.jsonl") as f:
+        ev = [json.loads(line) for line in f if "eval_loss" in line][-1]
+    assert "eval_ppl" not in ev and ev["eval_pairs"] > 0
+    assert 0 <= ev["eval_reward_accuracy"] <= 1
+    # pair-weighted means over the eval batches: the margin is still chosen - rejected
+    assert ev["eval_reward_margin"] == pytest.approx(
+        ev["eval_reward_chosen"] - ev["eval_reward_rejected"], abs=1e-5
+    )
+    assert "eval @ 2: loss" in r.stdout and "reward_accuracy" in r.stdout and "ppl" not in r.stdout

@@ -167,3 +167,19 @@ def test_eval_without_target_tokens_reports_no_loss():
     )
     assert some["eval_loss"] == pytest.approx(2.5) and some["eval_tokens"] == 4.0
     assert describe_eval(some).startswith("loss 2.5000  ppl 12.18")
+
+
+def test_eval_means_are_weighted_by_the_reports_weights():
+    from ernie_jax.trainers.dpo import DPO_EVAL
+    from ernie_jax.trainers.evaluation import evaluate
+
+    batches = [
+        {"dpo_loss": 1.0, "reward_accuracy": 1.0, "pairs": 3.0, "lm_loss": 2.0, "tokens": 10.0},
+        {"dpo_loss": 3.0, "reward_accuracy": 0.0, "pairs": 1.0, "lm_loss": 4.0, "tokens": 30.0},
+    ]
+    for b in batches:
+        b.update(reward_margin=b["dpo_loss"], reward_chosen=0.0, reward_rejected=0.0)
+    ev = evaluate(lambda state, b: b, None, lambda: iter(batches), 4, DPO_EVAL)
+    assert ev["eval_loss"] == pytest.approx(1.5) and ev["eval_pairs"] == 4.0  # (3 x 1 + 1 x 3) / 4
+    assert ev["eval_reward_accuracy"] == pytest.approx(0.75) and ev["eval_lm_loss"] == pytest.approx(3.5)
+    assert "eval_ppl" not in ev

@@ -157,6 +157,15 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
         (["mesh.context=3"], "data.seq_len=32 is not divisible by 2 x mesh.context = 6"),
         (["stages=[{name: a/../../x, steps: 1}]"], "name 'a/../../x' must be a plain identifier"),
         (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be >= 1"),
+        (
+            ["data.eval_source=[/nonexistent/val.txt]"],
+            "data.eval_source val=/nonexistent/val.txt: no such file",
+        ),
+        (["data.eval_source=[a=x.txt, a=y.txt]"], "data.eval_source names must be unique"),
+        (
+            ["log.sample_prompts=[In the]", "log.sample_max_new_tokens=5000"],
+            "exceeds model.max_position_embeddings",
+        ),
     ],
 )
 def test_bad_input_one_line_before_compute(tmp_path, sets, fragment):
