@@ -81,7 +81,8 @@ def run(
             start.state,
             mesh,
         )
-        eval_step = jax.jit(make_eval_step(start.graphdef, cfg, task.objective, task.batch_inputs))
+        keys = task.eval_report.keys()
+        eval_step = jax.jit(make_eval_step(start.graphdef, cfg, task.objective, task.batch_inputs, keys))
         loop = Loop(
             cfg,
             task,

@@ -201,8 +201,14 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef, cfg: Config, objective: Objective, batch_inputs: BatchInputs | None = None
+    graphdef,
+    cfg: Config,
+    objective: Objective,
+    batch_inputs: BatchInputs | None = None,
+    keys: tuple[str, ...] = ("lm_loss", "tokens"),
 ) -> Callable[[TrainState, dict], dict]:
+    """The objective's metrics named in `keys` (what the task's EvalReport summarises) on one batch."""
+
     def step(state: TrainState, batch: dict) -> dict:
         if batch_inputs is not None:
             batch = batch_inputs(
@@ -210,6 +216,6 @@ def make_eval_step(
             )
         out = _forward(graphdef, state["params"], state["buffers"], batch)
         _, metrics = objective(out, batch, cfg)
-        return metrics  # the task's EvalReport picks what it summarises
+        return {k: metrics[k] for k in keys}
 
     return step

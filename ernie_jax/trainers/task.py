@@ -30,6 +30,10 @@ class EvalReport:
     loss: str = "lm_loss"
     per_token: bool = True
 
+    def keys(self) -> tuple[str, ...]:
+        """The metrics an eval step returns for this report (each mean and its weight)."""
+        return tuple(dict.fromkeys(k for pair in self.means for k in pair))
+
 
 @dataclasses.dataclass
 class Task:

@@ -120,3 +120,56 @@ def test_bad_export_requests_fail_in_one_line(run, tmp_path):
         ernie_jax.load_pretrained(str(tmp_path / "empty_run"))
     r = _run("ernie_jax.convert", "ernie-to-hf", str(tmp_path), str(tmp_path / "y"))
     assert r.returncode == 2 and "neither a training workdir" in r.stderr
+
+
+@pytest.mark.slow
+def test_exported_vl_run_loads_in_transformers_vl_class_with_equal_logits(tmp_path):
+    """A tiny VL training run (ViT, adapter, text + vision experts) exported from its workdir loads as
+    transformers' Ernie4_5_VLMoeForConditionalGeneration with our logits on an image prompt."""
+    from ernie_jax.data.images import load_rgb, preprocess_frames
+    from ernie_jax.data.tokenizer import EMBEDDED_DIR
+
+    work = tmp_path / "vl"
+    sets = [
+        "model.num_layers=2",
+        "vision.depth=1",
+        "data.seq_len=64",
+        "data.batch_size=2",
+        "data.max_patches=256",
+        "train.steps=2",
+        "train.eval_interval=100",
+        "checkpoint.interval=2",
+        "checkpoint.async_save=false",
+    ]
+    r = _run(
+        "ernie_jax.train",
+        "--config",
+        "configs/tiny_vl.yaml",
+        "--workdir",
+        str(work),
+        "--quiet",
+        *[a for s in sets for a in ("--set", s)],
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = str(tmp_path / "hf")
+    r = _run("ernie_jax.convert", "ernie-to-hf", str(work), out)
+    assert r.returncode == 0, r.stderr
+    hf = transformers.Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    ours = ernie_jax.load_pretrained(str(work))
+    v = ours.vision_cfg
+    pix, grid = preprocess_frames(
+        [load_rgb(os.path.join(EMBEDDED_DIR, "mnist", "00007.png"))], max_pixels=12544
+    )
+    n = grid[1] * grid[2] // 4
+    ids = np.array([[1, 300, v.image_start_token_id, *[v.image_token_id] * n, v.image_end_token_id, 52, 800]])
+    markers = [v.image_token_id, v.image_start_token_id, v.image_end_token_id]
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(pix),
+            image_grid_thw=torch.tensor([grid]),
+            mm_token_type_ids=torch.tensor((ids == v.image_token_id).astype(np.int64)),
+            moe_mm_token_type_ids=torch.tensor(np.isin(ids, markers).astype(np.int64)),
+        ).logits.numpy()
+    got = np.asarray(ours(ids, pixel_values=pix, image_grid_thw=np.array([grid])).logits)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
