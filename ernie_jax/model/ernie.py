@@ -371,12 +371,12 @@ class ErnieForCausalLM(nnx.Module):
                 k: None if v is None else jnp.take(v, restore, axis=2 if k.startswith("mtp") else 1)
                 for k, v in out.items()
             }
-        losses, load, dropped = router_stats.summarise(stats)
+        losses, load, vision_load, dropped = router_stats.summarise(stats)
         return ModelOutput(
             router_losses=losses,
             expert_load=load,
             dropped_fraction=dropped,
-            vision_expert_load=None if not stats else stats.get("vision_expert_load"),
+            vision_expert_load=vision_load,
             **out,
         )
 

@@ -18,7 +18,8 @@ from flax import nnx
 
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
-from ernie_jax.ops import matmul, router_stats
+from ernie_jax.ops import matmul
+from ernie_jax.ops.router_stats import GroupStats
 from ernie_jax.ops.moe_dispatch import (
     capacity_experts,
     dropless_experts,
@@ -218,7 +219,7 @@ class MoEBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, token_mask: jax.Array, modality: jax.Array | None = None):
         """x [B,S,H], token_mask [B,S] (1 = real token), modality [B,S] (0 text, 1 vision; None =
-        all text) -> (y [B,S,H], stats)."""
+        all text) -> (y [B,S,H], {group: GroupStats})."""
         b, s, hdim = x.shape
         xt = x.reshape(b * s, hdim).astype(self.dtype)
         mask = token_mask.reshape(b * s).astype(bool)
@@ -228,9 +229,8 @@ class MoEBlock(nnx.Module):
             live = mask & (vision if group == "vision" else ~vision)
             fp8 = self._quantizers(group)
             xq = fp8.act_for(0)(xt) if fp8 is not None else xt
-            y_g, stats_g = self._group(xt, xq, live, gate, experts, gcfg, fp8, (b, s))
+            y_g, stats[group] = self._group(xt, xq, live, gate, experts, gcfg, fp8, (b, s))
             y = y + y_g
-            stats.update(router_stats.named(group, stats_g))
         if self.shared_experts is not None:
             y = y + self.shared_experts(xt)
         return y.reshape(b, s, hdim).astype(x.dtype), stats
@@ -263,11 +263,11 @@ class MoEBlock(nnx.Module):
         groups = cfg.top_k if cfg.group_orthogonal and cfg.num_experts % cfg.top_k == 0 else 1
         load = (jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32) * maskf[:, None, None]).sum((0, 1))
         dropped = jnp.sum((~kept) * maskf[:, None])
-        return {
-            "aux_loss": router_losses.aux_balance_loss(probs, unbiased_idx, mask),
-            "z_loss": router_losses.z_loss(logits, mask),
-            "orth_loss": router_losses.orthogonal_loss(gate.kernel[...], groups),
-            "expert_load": jax.lax.stop_gradient(load),  # [E] tokens per expert
-            "dropped": jax.lax.stop_gradient(dropped),  # dropped assignments
-            "assignments": jnp.sum(maskf) * cfg.top_k,
-        }
+        return GroupStats(
+            aux_loss=router_losses.aux_balance_loss(probs, unbiased_idx, mask),
+            z_loss=router_losses.z_loss(logits, mask),
+            orth_loss=router_losses.orthogonal_loss(gate.kernel[...], groups),
+            expert_load=jax.lax.stop_gradient(load),
+            dropped=jax.lax.stop_gradient(dropped),
+            assignments=jnp.sum(maskf) * cfg.top_k,
+        )

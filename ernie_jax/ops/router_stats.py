@@ -1,47 +1,55 @@
-"""The router statistics a MoE block returns, and the one place their naming lives.
-
-Each expert group (text, and vision in VL layers) reports, per layer, its three losses and three
-counts under `<group prefix><name>`: `aux_loss`, `z_loss`, `orth_loss`, `expert_load` [E],
-`dropped`, `assignments`, e.g. `vision_z_loss`. The prefixes are the metric names users see, so
-they stay flat strings; every reader goes through the helpers here instead of matching suffixes.
+"""The router statistics a MoE block returns: one typed `GroupStats` per expert group (text, and
+vision in VL layers), stacked over layers by the layer scan, and the one place where they become
+the flat metric names users see (`aux_loss`, `vision_z_loss`, ...).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 GROUPS = ("text", "vision")
-PREFIX = {"text": "", "vision": "vision_"}
+PREFIX = {"text": "", "vision": "vision_"}  # metric names: `<prefix><field>`, e.g. vision_z_loss
 LOSSES = ("aux_loss", "z_loss", "orth_loss")
-COUNTS = ("expert_load", "dropped", "assignments")
 
 
-def named(group: str, values: dict) -> dict:
-    """One group's statistics under their flat names."""
-    return {PREFIX[group] + k: v for k, v in values.items()}
+@struct.dataclass
+class GroupStats:
+    """One expert group's statistics of one MoE layer ([L, ...] once the layer scan stacks them):
+    three losses (averaged over microbatches) and three counts (summed)."""
+
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    orth_loss: jax.Array
+    expert_load: jax.Array  # [E] tokens routed to each expert
+    dropped: jax.Array  # assignments past an expert's capacity
+    assignments: jax.Array  # tokens x top-k
+
+    def losses_over(self, microbatches) -> GroupStats:
+        """Losses summed over microbatches -> their mean (counts stay sums)."""
+        return self.replace(
+            aux_loss=self.aux_loss / microbatches,
+            z_loss=self.z_loss / microbatches,
+            orth_loss=self.orth_loss / microbatches,
+        )
 
 
-def is_loss(key: str) -> bool:
-    """Losses are averaged over microbatches; counts are summed."""
-    return any(key == PREFIX[g] + name for g in GROUPS for name in LOSSES)
+RouterStats = dict  # group name ("text" / "vision") -> GroupStats
 
 
-def _present(stats: dict) -> list[str]:
-    return [g for g in GROUPS if PREFIX[g] + "assignments" in stats]
-
-
-def summarise(stats: dict | None):
-    """Per-layer stats [L_moe, ...] -> (losses summed over layers, text expert load [L_moe, E],
-    fraction of assignments dropped over all groups); zero losses and no load without MoE layers."""
+def summarise(stats: RouterStats | None):
+    """Per-layer stats -> (losses summed over layers under their metric names, text expert load
+    [L_moe, E], vision expert load [L_moe, E_vision] or None, fraction of assignments dropped over all
+    groups); zero losses and no loads without MoE layers."""
     if not stats:
         zero = jnp.zeros((), jnp.float32)
-        return {name: zero for name in LOSSES}, None, None
-    groups = _present(stats)
-    losses = {PREFIX[g] + name: jnp.sum(stats[PREFIX[g] + name]) for g in groups for name in LOSSES}
-    dropped = sum(jnp.sum(stats[PREFIX[g] + "dropped"]) for g in groups)
-    assignments = sum(jnp.sum(stats[PREFIX[g] + "assignments"]) for g in groups)
-    return losses, stats["expert_load"], dropped / jnp.maximum(assignments, 1.0)
+        return {name: zero for name in LOSSES}, None, None, None
+    losses = {PREFIX[g] + name: jnp.sum(getattr(s, name)) for g, s in stats.items() for name in LOSSES}
+    dropped = sum(jnp.sum(s.dropped) for s in stats.values())
+    assignments = sum(jnp.sum(s.assignments) for s in stats.values())
+    vision = stats["vision"].expert_load if "vision" in stats else None
+    return losses, stats["text"].expert_load, vision, dropped / jnp.maximum(assignments, 1.0)
 
 
 def weighted_total(losses: dict, aux_weight: float, z_weight: float, orth_weight: float | None) -> jax.Array:

@@ -35,7 +35,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ernie_jax.errors import ConfigError
-from ernie_jax.ops import router_stats
 from ernie_jax.parallel.mesh import activation_batch_axes
 
 PIPELINE_AXIS = "pipeline"
@@ -198,5 +197,5 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
     (_, _, outputs, stats_acc), _ = jax.lax.scan(iteration, carry, jnp.arange(sched.iterations))
     # [S, R, L, ...] -> [R, S, L, ...] -> [U, ...]: chunk r*S + s, i.e. global layer order
     stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(padded, *a.shape[3:])[:units], stats_acc)
-    stats = {k: v / m_ if router_stats.is_loss(k) else v for k, v in stats.items()}
+    stats = {group: s.losses_over(m_) for group, s in stats.items()}
     return _constrain(from_microbatches(outputs), "all_batch"), stats

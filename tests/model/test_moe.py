@@ -41,8 +41,8 @@ def test_dropless_matches_per_token_reference():
     x = jax.random.normal(jax.random.key(0), (2, 5, 24))
     y, stats = block(x, jnp.ones((2, 5), bool))
     np.testing.assert_allclose(np.asarray(y).reshape(10, 24), _reference(block, x), atol=1e-4)
-    assert float(stats["dropped"]) == 0
-    assert float(stats["expert_load"].sum()) == 20  # 10 tokens x top-2
+    assert float(stats["text"].dropped) == 0
+    assert float(stats["text"].expert_load.sum()) == 20  # 10 tokens x top-2
 
 
 def test_capacity_equals_dropless_with_room_and_grads_match():
@@ -67,9 +67,9 @@ def test_capacity_drops_count_and_shared_still_applies():
     y, stats = block(x, mask)
     cap = expert_capacity(32, 2, 8, 0.25)
     assert cap == 2
-    load = np.asarray(stats["expert_load"])
+    load = np.asarray(stats["text"].expert_load)
     expected_drops = np.maximum(load - cap, 0).sum()
-    assert float(stats["dropped"]) == expected_drops > 0
+    assert float(stats["text"].dropped) == expected_drops > 0
     # a token whose every assignment was dropped still gets the shared expert output
     xt = x.reshape(32, 24)
     _, idx, w = route(block.gate(xt), block.gate.correction_bias[...], 2, 1e-12)
@@ -87,8 +87,8 @@ def test_padding_takes_no_capacity_and_no_load():
     mask = jnp.arange(16)[None] < 8
     y_pad, stats = padded(x, mask)
     y_real, stats_real = real_only(x[:, :8], jnp.ones((1, 8), bool))
-    assert float(stats["expert_load"].sum()) == 16  # 8 real tokens x 2
-    assert float(stats["dropped"]) == float(stats_real["dropped"])
+    assert float(stats["text"].expert_load.sum()) == 16  # 8 real tokens x 2
+    assert float(stats["text"].dropped) == float(stats_real["text"].dropped)
     np.testing.assert_allclose(y_pad[:, :8], y_real, atol=1e-5)
 
 
@@ -134,10 +134,10 @@ def test_capacity_is_per_device_under_a_mesh():
                 x[2 * r : 2 * r + 2, 8 * c : 8 * c + 8], mask[2 * r : 2 * r + 2, 8 * c : 8 * c + 8]
             )
             row.append(yp)
-            dropped += float(sp["dropped"])
+            dropped += float(sp["text"].dropped)
         parts.append(jnp.concatenate(row, axis=1))
     np.testing.assert_allclose(y, jnp.concatenate(parts, axis=0), atol=1e-5)
-    assert float(stats["dropped"]) == dropped > 0
+    assert float(stats["text"].dropped) == dropped > 0
 
 
 def test_dispatch_buffers_stay_per_device_under_data_parallelism():

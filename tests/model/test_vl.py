@@ -80,8 +80,8 @@ def test_modality_isolated_routing(dispatch):
     np.testing.assert_allclose(y2[~text], y1[~text], atol=1e-6)
     # every assignment lands in its own group: loads count each modality's tokens x top_k
     assert (
-        float(stats["expert_load"].sum()) == 2 * 6 * 2
-        and float(stats["vision_expert_load"].sum()) == 2 * 4 * 2
+        float(stats["text"].expert_load.sum()) == 2 * 6 * 2
+        and float(stats["vision"].expert_load.sum()) == 2 * 4 * 2
     )
 
 
@@ -94,12 +94,12 @@ def test_per_modality_router_losses_use_only_their_tokens():
     _, stats = block(x, jnp.ones((1, 8)), modality)
     xt = x.reshape(8, 32)
     vis = np.asarray(modality.reshape(-1) > 0)
-    for prefix, gate, sel in (("", block.gate, ~vis), ("vision_", block.vision_gate, vis)):
+    for group, gate, sel in (("text", block.gate, ~vis), ("vision", block.vision_gate, vis)):
         logits = gate(xt)
         z = rl.z_loss(logits, jnp.asarray(sel))
-        np.testing.assert_allclose(stats[prefix + "z_loss"], z, rtol=1e-6)
+        np.testing.assert_allclose(stats[group].z_loss, z, rtol=1e-6)
         np.testing.assert_allclose(
-            stats[prefix + "z_loss"], rl.z_loss(logits[sel], jnp.ones(sel.sum())), rtol=1e-6
+            stats[group].z_loss, rl.z_loss(logits[sel], jnp.ones(sel.sum())), rtol=1e-6
         )
 
 
