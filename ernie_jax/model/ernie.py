@@ -396,7 +396,9 @@ class ErnieForCausalLM(nnx.Module):
                 "mtp_label_nll": None,
                 "mtp_logits": None if mtp_hidden is None else self.head(mtp_hidden),
             }
-        nll = lambda h, lab: chunked_head_cross_entropy(self.head, h, lab, m.logits_chunk, shards)
+        nll = lambda h, lab: chunked_head_cross_entropy(
+            self.head, h, lab, m.logits_chunk, shards, constrain_batch
+        )
         mtp = (
             None
             if mtp_hidden is None
@@ -505,7 +507,9 @@ class ErnieForCausalLM(nnx.Module):
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0, None), out_axes=(nnx.Carry, 0))
         def body(h, layer, emb, ctx):
-            out = layer(h, emb, ctx)
+            # pinned to their devices' tokens like the main stack's blocks (under context
+            # parallelism the partitioner otherwise gathered the whole sequence for the MTP block)
+            out = constrain_batch(layer(constrain_batch(h), constrain_batch(emb), ctx))
             return out, out
 
         _, hidden = body(h, self.mtp, embs, ctx)  # the head stays out of the scan

@@ -25,18 +25,27 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def chunked_head_cross_entropy(
-    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array, chunk: int, shards: int = 1
+    head: Callable[[jax.Array], jax.Array],
+    hidden: jax.Array,
+    labels: jax.Array,
+    chunk: int,
+    shards: int = 1,
+    constrain: Callable[[jax.Array], jax.Array] = lambda x: x,
 ) -> jax.Array:
     """CE of `labels` [B,S] under `head(hidden)` ([B,s,H] -> [B,s,V] logits), computed `chunk`
     positions per sequence shard at a time; `shards` > 1 when the sequence is split over devices,
-    so every step of the scan works on all shards at once. Returns [B,S] fp32; equal to
+    so every step of the scan works on all shards at once. `constrain` pins a chunk's hidden
+    states and logits [B, s, ...] to their devices' tokens: without it the partitioner may keep the
+    head's kernel where it lies (split over the hidden dim) and gather every device's tokens
+    instead, i.e. compute all P x c positions' logits on each device. Returns [B,S] fp32; equal to
     `token_cross_entropy(head(hidden), labels)` up to float reassociation."""
     b, s, h = hidden.shape
     local = s // shards if s % shards == 0 else s
     shards = s // local
     c = min(chunk, local) if chunk > 0 else local
+    logits_of = lambda x: constrain(head(constrain(x)))
     if c >= local:
-        return token_cross_entropy(head(hidden), labels)
+        return token_cross_entropy(logits_of(hidden), labels)
     n = -(-local // c)
     pad = n * c - local
 
@@ -48,7 +57,7 @@ def chunked_head_cross_entropy(
 
     @jax.checkpoint
     def step(h_c, l_c):
-        return token_cross_entropy(head(h_c), l_c)
+        return token_cross_entropy(logits_of(h_c), l_c)
 
     def body(carry, xs):
         return carry, step(*xs)
