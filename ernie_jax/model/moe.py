@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
@@ -98,31 +99,41 @@ def local_experts(x, idx, weights, live, kernels, cfg, fp8=None):
 
 
 def per_device_experts(x, idx, weights, live, kernels, cfg, fp8, shape):
-    """`local_experts` once per device's tokens, vmapped over the devices' token groups
-    (`token_groups`), so the partitioner keeps every dispatch buffer on its device. Over all tokens
-    at once, the slot counts and the [E, C, H] buffers (C from the global token count) were
-    replicated on every device: 8-way data parallel took 1.7x (capacity) and 5.8x (dropless) the
-    step temp memory of one device (scripts/bench_memory.py --shards 8). Capacity is per device, as
-    in GShard's groups and the expert-parallel transports."""
+    """`local_experts` once per device's tokens (`token_groups`), so every dispatch buffer stays on
+    its device. Over all tokens at once, the slot counts and the [E, C, H] buffers (C from the global
+    token count) were replicated on every device: 8-way data parallel took 1.7x (capacity) and 5.8x
+    (dropless) the step temp memory of one device (scripts/bench_memory.py --shards 8). Capacity is
+    per device, as in GShard's groups and the expert-parallel transports.
+
+    Capacity dispatch is vmapped over the groups (the partitioner places one per device). Dropless
+    runs in a `shard_map` over them: a vmapped `ragged_dot` is a batched ragged dot, which the TPU
+    compiler does not take (`Failed to create RaggedConvSpec ... number of batch dimensions should
+    be 0`); inside the shard_map each device's ragged dot is unbatched."""
     b, s = shape
     # under an expert axis (moe.transport=auto) the groups leave it to the experts' dim
     rows, seqs, axes = token_groups(b, s, skip=("pipeline", "expert"))
     if rows * seqs == 1:
         return local_experts(x, idx, weights, live, kernels, cfg, fp8)
-    groups = rows * seqs
     split = lambda a: constrain_groups(split_groups(a, b, s, rows, seqs), axes)
-    # ragged_dot batches only with its kernels batched too: one (broadcast) copy per group, which
-    # the partitioner places one per device
-    dropless = cfg.dispatch == "dropless"
-    batched = (
-        tuple(constrain_groups(jnp.broadcast_to(k, (groups, *k.shape)), axes) for k in kernels)
-        if dropless
-        else kernels
-    )
-    y, kept = jax.vmap(
-        lambda x, i, w, lv, k: local_experts(x, i, w, lv, k, cfg, fp8),
-        in_axes=(0, 0, 0, 0, 0 if dropless else None),
-    )(split(x), split(idx), split(weights), split(live), batched)
+    tokens = (split(x), split(idx), split(weights), split(live))
+    if cfg.dispatch == "dropless":
+        group = P(axes)
+
+        def one_device(x, i, w, lv, *k):
+            y, kept = local_experts(x[0], i[0], w[0], lv[0], k, cfg, fp8)
+            return y[None], kept[None]
+
+        y, kept = jax.shard_map(
+            one_device,
+            mesh=jax.sharding.get_abstract_mesh(),
+            in_specs=(group,) * 4 + (P(),) * len(kernels),
+            out_specs=(group, group),
+            check_vma=False,
+        )(*tokens, *kernels)
+    else:
+        y, kept = jax.vmap(
+            lambda x, i, w, lv: local_experts(x, i, w, lv, kernels, cfg, fp8), in_axes=(0, 0, 0, 0)
+        )(*tokens)
     return merge_groups(y, b, s, rows, seqs), merge_groups(kept, b, s, rows, seqs)
 
 

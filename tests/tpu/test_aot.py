@@ -36,6 +36,23 @@ def test_tiny_moe_compiles_with_splash_for_v5e():
 
 
 @needs_libtpu
+def test_dropless_moe_compiles_data_parallel():
+    """Per-device dropless dispatch is one unbatched ragged dot per device (a vmapped, batched one
+    is refused by the TPU compiler)."""
+    r = _aot(
+        "--config",
+        "configs/tiny_moe.yaml",
+        "--topology",
+        "v5e:2x2",
+        "--json",
+        "--set",
+        "moe.dispatch=dropless",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["mesh"] == "data=4"
+
+
+@needs_libtpu
 def test_context_parallel_splash_compiles():
     r = _aot(
         "--config",
