@@ -14,15 +14,17 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
-from dataclasses import dataclass
 
 from ernie_jax.config import DataConfig, VisionConfig
 from ernie_jax.convert import load_pretrained
 from ernie_jax.convert.run_export import checkpoint_tokenizer
-from ernie_jax.data.chat import END, ChatError, markers, render_prompt
+from ernie_jax.data.chat import ChatError, end_ids, markers, render_prompt
 from ernie_jax.data.images import ImageError, load_rgb, preprocess_frames
+from ernie_jax.data.multimodal import vision_token_ids
+from ernie_jax.model.positions import IMAGE
 from ernie_jax.data.tokenizer import Tokenizer
 from ernie_jax.errors import ConfigError, DataError, ErnieJaxError
 from ernie_jax.generation import generate, pad_prompts
@@ -169,10 +171,7 @@ def encode(tok: Tokenizer, req: Request, mode: str, vision: VisionConfig, pixels
                 )
             except ImageError as e:
                 raise DataError(f"image {seg['image']}: {e}") from None
-            n = grid[1] * grid[2] // vision.spatial_merge**2
-            out.ids += (
-                [vision.image_start_token_id] + [vision.image_token_id] * n + [vision.image_end_token_id]
-            )
+            out.ids += vision_token_ids(vision, IMAGE, grid)
             out.patches.append(patches)
             out.grids.append(grid)
         else:
@@ -221,8 +220,7 @@ def main(argv=None) -> int:
         pixels = (args.min_pixels, args.max_pixels)
         encoded = [encode(tok, r, args.mode, model.vision_cfg, pixels) for r in requests]
         m = model.model_cfg
-        end_marker = tok.piece_id(END)
-        ends = sorted({m.eos_token_id, tok.eos_id, *([end_marker] if end_marker is not None else [])})
+        ends = end_ids(tok, m.eos_token_id)
         sampling = dict(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,

@@ -40,18 +40,25 @@ class ChatError(ValueError):
 
 
 def is_chat_file(path: str) -> bool:
-    """A JSONL file whose first record has "messages" (else: text documents)."""
+    """A JSONL file whose first record has "messages" (else: text documents); reads that line only."""
     if not path.endswith((".jsonl", ".jsonl.gz")):
         return False
-    raw = as_path(path).read_bytes()
-    text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8", errors="replace")
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                return isinstance(json.loads(line).get("messages"), list)
-            except (ValueError, AttributeError):
-                return False
+    with as_path(path).open("rb") as raw:
+        lines = gzip.open(raw) if path.endswith(".gz") else raw
+        for line in lines:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line).get("messages"), list)
+                except (ValueError, AttributeError):
+                    return False
     return False
+
+
+def end_ids(tokenizer, model_eos: int) -> list[int]:
+    """The ids that end a generated answer: the model's eos, the tokenizer's and the chat format's
+    end marker when the vocabulary has it."""
+    end = tokenizer.piece_id(END)
+    return sorted({model_eos, tokenizer.eos_id, *([end] if end is not None else [])})
 
 
 def markers(tokenizer) -> tuple[int, int]:

@@ -183,6 +183,17 @@ def read_samples(source: str) -> tuple[list[tuple[str, dict]], MultimodalStats]:
     return read_jsonl(source, EMBEDDED_VL, parse)
 
 
+def vision_token_ids(v, kind: int, grid: tuple[int, int, int]) -> list[int]:
+    """An image's (kind IMAGE) or video's (VIDEO) tokens for its patch grid (t, h, w): the start
+    marker, one placeholder per merged patch (2x2 spatially, pairs of frames for a video), the end
+    marker; `v` is the VisionConfig."""
+    t, gh, gw = grid
+    n = (t // v.temporal_merge if kind == VIDEO else 1) * (gh // v.spatial_merge) * (gw // v.spatial_merge)
+    if kind == IMAGE:
+        return [v.image_start_token_id] + [v.image_token_id] * n + [v.image_end_token_id]
+    return [v.video_start_token_id] + [v.video_token_id] * n + [v.video_end_token_id]
+
+
 class SampleEncoder:
     """(base dir, content[, wrap]) -> packable features, or None (skipped and counted).
 
@@ -253,13 +264,9 @@ class SampleEncoder:
                 self.stats.warn_once(files[0], f"skipping samples with image {files[0]}: it is unusable: {e}")
                 self.stats.add("bad_image")
                 return None
-            n = (t // v.temporal_merge if kind == VIDEO else 1) * (gh // self.merge) * (gw // self.merge)
-            start, ph, end = (
-                (v.image_start_token_id, v.image_token_id, v.image_end_token_id)
-                if kind == IMAGE
-                else (v.video_start_token_id, v.video_token_id, v.video_end_token_id)
-            )
-            tokens += [start] + [ph] * n + [end]
+            ids = vision_token_ids(v, kind, (t, gh, gw))
+            n = len(ids) - 2
+            tokens += ids
             types += [TEXT] + [kind] * n + [TEXT]
             targets += [0] * (n + 1) + [1]  # the end marker is predictable text; placeholders are not
             patches.append(pix)

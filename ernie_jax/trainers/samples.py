@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.config import Config
-from ernie_jax.data.chat import END, ChatError, prompt_ids
+from ernie_jax.data.chat import ChatError, end_ids, prompt_ids
 from ernie_jax.errors import ConfigError
 from ernie_jax.generation import generate, pad_prompts
 
@@ -45,8 +45,7 @@ class PromptSampler:
                 f"{self.max_new_tokens} exceeds model.max_position_embeddings={m.max_position_embeddings}; "
                 f"shorten the prompt or lower log.sample_max_new_tokens"
             )
-        end = tokenizer.piece_id(END)
-        self.ends = sorted({m.eos_token_id, tokenizer.eos_id, *([end] if end is not None else [])})
+        self.ends = end_ids(tokenizer, m.eos_token_id)
 
     def __call__(self, graphdef, state: dict) -> list[dict]:
         """[{"prompt", "completion", "tokens"}] from the train state's params (greedy)."""
