@@ -119,7 +119,7 @@ def compile_report(cfg, topology: str) -> dict:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=backend))
     mesh = build_mesh(cfg, devices)
     check_run_settings(cfg, mesh, "tpu")
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze, cfg.lora.lora_plus_ratio)
     graphdef, state = abstract_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
     step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, cfg.train.steps), state, mesh)
     kind = devices[0].device_kind

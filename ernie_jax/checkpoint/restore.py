@@ -73,11 +73,13 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def state_from_workdir(
-    path: str, cfg: Config, state: dict, keys=("params", "buffers")
+    path: str, cfg: Config, state: dict, keys=("params", "buffers"), adapters: bool = False
 ) -> tuple[dict, int, int]:
     """Params and buffers (and optionally opt_state) of the newest checkpoint of a training workdir.
     Leaves the checkpoint lacks (e.g. the vision parts when a text stage feeds a VL stage) keep their
-    fresh initialisation; returns (updated parts, leaves restored, source leaves left out)."""
+    fresh initialisation; returns (updated parts, leaves restored, source leaves left out).
+    `adapters`: the source is a LoRA run whose adapters are wanted (lora.init_from); otherwise a LoRA
+    run, whose params are adapters only, is refused."""
     ckpt = Checkpointer(join(path, "checkpoints"), 1, False)
     newest = ckpt.newest_config(set_aside=False) if ckpt.steps() else None
     if newest is None:
@@ -86,6 +88,14 @@ def state_from_workdir(
             f"{'readable ' if ckpt.steps() else ''}checkpoints"
         )
     check_same_model(newest[1], cfg, path, "fix checkpoint.init_from", droppable=DROPPABLE)
+    source_lora = bool(newest[1].get("lora", {}).get("enabled"))
+    if source_lora != adapters:
+        raise CheckpointError(
+            f"lora.init_from={path} is not a LoRA run; point it at a LoRA workdir or a PEFT directory"
+            if adapters
+            else f"checkpoint.init_from={path} is a LoRA run (adapters only); export it merged "
+            f"(ernie-to-hf {path} DST --merge-lora) and start from DST, or set lora.init_from"
+        )
     steps = [newest[0]]
     target = {
         k: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state[k])

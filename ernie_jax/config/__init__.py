@@ -2,11 +2,12 @@
 with `base:` inheritance and `--set a.b=c` overrides (`load`). Every user mistake fails at load time
 with one line naming the key."""
 
-from ernie_jax.config.checks import check_config, check_same_model, stage_config, validate
+from ernie_jax.config.checks import check_config, check_same_model, lora_difference, stage_config, validate
 from ernie_jax.config.load import load_config
 from ernie_jax.config.schema import (
     DROPPABLE,
     FREEZE_GROUPS,
+    LORA_TARGETS,
     SHAPE_FIELDS,
     CheckpointConfig,
     Config,
@@ -14,6 +15,7 @@ from ernie_jax.config.schema import (
     DPOConfig,
     LayerPlan,
     LogConfig,
+    LoraConfig,
     MeshConfig,
     MixtureSource,
     ModelConfig,
@@ -36,11 +38,13 @@ from ernie_jax.config.schema import (
 __all__ = [
     "check_config",
     "check_same_model",
+    "lora_difference",
     "stage_config",
     "validate",
     "load_config",
     "DROPPABLE",
     "FREEZE_GROUPS",
+    "LORA_TARGETS",
     "SHAPE_FIELDS",
     "CheckpointConfig",
     "Config",
@@ -48,6 +52,7 @@ __all__ = [
     "DPOConfig",
     "LayerPlan",
     "LogConfig",
+    "LoraConfig",
     "MeshConfig",
     "MixtureSource",
     "ModelConfig",

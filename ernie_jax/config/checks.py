@@ -7,7 +7,9 @@ import re
 from ernie_jax.config.schema import (
     DROPPABLE,
     FREEZE_GROUPS,
+    LORA_TARGETS,
     Config,
+    LoraConfig,
     StageConfig,
     _apply_override,
     from_dict,
@@ -142,6 +144,7 @@ def check_config(cfg: Config) -> None:
             name != "vision_experts" or e.vision_num_experts > 0,
             "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it",
         )
+    _check_lora(cfg)
     o = cfg.optimizer
     _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
@@ -301,6 +304,48 @@ def _validate_pipeline(cfg: Config) -> None:
         cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
         "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise",
     )
+
+
+def _check_lora(cfg: Config) -> None:
+    lo = cfg.lora
+    _require(
+        lo.enabled or cfg.dpo.reference != "base",
+        "dpo.reference=base needs adapters (lora.enabled=true); use copy or cached",
+    )
+    if not lo.enabled:
+        return
+    _require(lo.rank > 0, f"lora.rank={lo.rank} must be > 0 (e.g. 8, 16, 32)")
+    _require(lo.alpha >= 0, f"lora.alpha={lo.alpha} must be >= 0 (0: 2 x lora.rank)")
+    _require(
+        lo.dropout == 0,
+        f"lora.dropout={lo.dropout}: adapter dropout is not implemented yet; set lora.dropout=0",
+    )
+    _require(lo.lora_plus_ratio > 0, f"lora.lora_plus_ratio={lo.lora_plus_ratio} must be > 0 (1: plain LoRA)")
+    _require(
+        lo.base_dtype in ("", "bfloat16", "float32"),
+        f"lora.base_dtype={lo.base_dtype!r} must be bfloat16, float32 or empty (model.param_dtype)",
+    )
+    _require(bool(lo.targets), f"lora.targets is empty; name groups from {LORA_TARGETS} or path patterns")
+    for t in lo.targets:
+        if t in LORA_TARGETS:
+            continue
+        try:
+            re.compile(t)
+        except re.error as err:
+            raise ConfigError(
+                f"lora.targets: {t!r} is neither a group {LORA_TARGETS} nor a valid pattern ({err})"
+            ) from None
+
+
+def lora_difference(saved: dict, cfg: Config) -> str | None:
+    """Why a run's checkpoint cannot resume under `cfg`'s adapters (other rank, targets or on/off), or None."""
+    old, new = saved.get("lora", {}), to_dict(cfg)["lora"]
+    for key in ("enabled", "rank", "targets"):
+        was, now = old.get(key, LoraConfig.__dataclass_fields__[key].default), new[key]
+        was, now = (tuple(v) if isinstance(v, list) else v for v in (was, now))
+        if now != was:
+            return f"lora.{key}={was!r} in the checkpoint but {now!r} in the config"
+    return None
 
 
 def validate(cfg: Config) -> None:

@@ -237,8 +237,35 @@ class DPOConfig:
     pref_loss_ratio: float = 1.0
     sft_loss_ratio: float = 0.0  # + ratio * NLL of the chosen response
     # copy: a frozen copy of the starting policy runs beside it; cached: one pass over the data before
-    # training stores the reference log-probs (workdir/reference_logps.npz), no second model in memory
-    reference: Literal["copy", "cached"] = "copy"
+    # training stores the reference log-probs (workdir/reference_logps.npz), no second model in memory;
+    # base (LoRA runs): the policy with its adapters switched off, no copy at all
+    reference: Literal["copy", "cached", "base"] = "copy"
+
+
+LORA_TARGETS = ("attention", "mlp", "shared_experts", "experts", "vision_experts", "vit", "adapter")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + scale * B(A(dropout(x))) on the targeted matmuls,
+    the base frozen. ERNIEKit's settings: rank, alpha (2 x rank when 0), rsLoRA, LoRA+."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 0.0  # 0: 2 x rank (ERNIEKit's lora_alpha=-1)
+    dropout: float = 0.0  # on the adapter's input (not implemented yet: must be 0)
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski 2023)
+    lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate = ratio x A's
+    # named groups (LORA_TARGETS) or regular expressions matched against module paths such as
+    # units/moe/self_attn/q_proj or units/moe/mlp/experts (re.search)
+    targets: tuple[str, ...] = ("attention", "mlp", "shared_experts", "experts")
+    # the frozen base's storage dtype (bfloat16 halves its memory; empty: model.param_dtype)
+    base_dtype: str = ""
+    # an adapter to start from: a PEFT directory (adapter_config.json) or an ernie_jax LoRA workdir
+    init_from: str = ""
+    # store the frozen base in checkpoints too (default: adapters only; resume re-reads the base
+    # from checkpoint.init_from)
+    save_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -290,6 +317,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
     stages: tuple[StageConfig, ...] = ()  # multi-stage pretraining (trainers/stages.py); empty: one run
 

@@ -78,6 +78,7 @@ class Linear(nnx.Module):
             if isinstance(dot_general, DelayedFp8)
             else None
         )
+        self.lora = None  # a model/lora.py LoraAdapter once adapters are attached: y += scale * x A B
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -88,6 +89,8 @@ class Linear(nnx.Module):
             else self.dot_general.dot_general_with(self.fp8_meta[...])
         )
         y = dot(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ernie_jax.model import router_losses
 from ernie_jax.model.layers import DotGeneral, SwiGLU, normal_init
 from ernie_jax.ops import matmul
+from ernie_jax.ops.lora import ExpertKernel
 from ernie_jax.ops.router_stats import GroupStats
 from ernie_jax.ops.moe_dispatch import (
     capacity_experts,
@@ -51,6 +52,9 @@ class Router(nnx.Module):
         return jnp.dot(x.astype(jnp.float32), self.kernel[...], precision=jax.lax.Precision.HIGHEST)
 
 
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 class Experts(nnx.Module):
     """E SwiGLU experts stored as stacked kernels gate/up [E,H,I] and down [E,I,H]."""
 
@@ -77,8 +81,17 @@ class Experts(nnx.Module):
             init(rngs.params(), (num_experts, inter, hidden), param_dtype), axes=("exp", "mlp", "embed")
         )
 
+        # a projection's LoraAdapter, once model/lora.py attaches one
+        self.gate_proj_lora = self.up_proj_lora = self.down_proj_lora = None
+
     def kernels(self):
-        return tuple(p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj))
+        """(gate, up, down) in the compute dtype; an `ExpertKernel` where a projection has an adapter."""
+        out = []
+        for name in PROJECTIONS:
+            w = getattr(self, name)[...].astype(self.dtype)
+            adapter = getattr(self, name + "_lora")
+            out.append(w if adapter is None else adapter.expert_kernel(w, self.dtype))
+        return tuple(out)
 
 
 def expert_parallel_mesh():
@@ -258,8 +271,13 @@ class MoEBlock(nnx.Module):
         logits = gate(xt)
         probs, idx, weights = route(logits, gate.correction_bias[...], cfg.top_k, cfg.norm_min)
         kernels = experts.kernels()
-        if fp8 is not None:
-            kernels = tuple(fp8.weight_for(i)(k) for i, k in enumerate(kernels))
+        if fp8 is not None:  # the base is quantized; an adapter stays in the compute dtype
+            kernels = tuple(
+                k.with_base(fp8.weight_for(i)(k.base))
+                if isinstance(k, ExpertKernel)
+                else fp8.weight_for(i)(k)
+                for i, k in enumerate(kernels)
+            )
         ep_mesh = expert_parallel_mesh() if self.expert_parallel else None
         if ep_mesh is not None:
             y, kept = expert_parallel_experts(xq, idx, weights, live, kernels, cfg, ep_mesh, fp8)

@@ -35,7 +35,8 @@ ROUTER_PATH = ("units", "moe", "mlp")
 class ParamPart:
     component: str  # one of COMPONENTS
     freeze_group: str  # vit | adapter | vision_experts | language_model (config FREEZE_GROUPS)
-    optimizer_group: str  # router (LR x router_lr_ratio) | no_decay (norms, biases) | decay
+    # router (LR x router_lr_ratio) | no_decay (norms, biases) | lora_b (LR x lora_plus_ratio) | decay
+    optimizer_group: str
 
 
 def _names(path) -> list[str]:
@@ -59,6 +60,8 @@ def _freeze_group(names: list[str]) -> str:
 
 
 def _optimizer_group(names: list[str]) -> str:
+    if len(names) >= 2 and names[-2].endswith("lora") and names[-1] == "b":
+        return "lora_b"
     if len(names) >= 2 and names[-2] in ("gate", "vision_gate") and names[-1] == "kernel":
         return "router"
     if names[-1] == "bias" or (

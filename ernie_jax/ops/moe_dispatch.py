@@ -5,6 +5,8 @@ tokens, shared by the MoE block (model/moe.py) and the expert-parallel transport
 - capacity: scatter into fixed buffers [E, C, H], batched einsum, gather back; assignments past
   an expert's capacity are dropped (GShard priority: first choices before second choices).
 
+A kernel is an array [E, K, N] or an `ops.lora.ExpertKernel` (with its low-rank adapter).
+
 Dims: T tokens, H hidden, E experts, K top-k, C capacity, I expert width.
 """
 
@@ -15,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.ops import matmul
+from ernie_jax.ops.lora import buffer_dot, grouped_dot
 from ernie_jax.precision.remat import checkpoint_name
 
 
@@ -48,10 +50,10 @@ def dropless_experts(
     xs = checkpoint_name(jnp.take(x, tokens, axis=0), "moe_dispatch")  # [T*K, H] grouped by expert
     sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
     out = [fp8.out_for(i) if fp8 is not None else (lambda v: v) for i in range(3)]
-    h = jax.nn.silu(out[0](jax.lax.ragged_dot(xs, gate, sizes))) * out[1](jax.lax.ragged_dot(xs, up, sizes))
+    h = jax.nn.silu(out[0](grouped_dot(xs, gate, sizes))) * out[1](grouped_dot(xs, up, sizes))
     if fp8 is not None:
         h = fp8.act_for(1)(h)
-    ys = checkpoint_name(out[2](jax.lax.ragged_dot(h, down, sizes)), "expert_out")  # [T*K, H]
+    ys = checkpoint_name(out[2](grouped_dot(h, down, sizes)), "expert_out")  # [T*K, H]
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
 
@@ -87,10 +89,10 @@ def swiglu_experts(buf: jax.Array, gate, up, down, fp8=None) -> jax.Array:
     """[..., E, C, H] through expert e's SwiGLU for every buffer row of expert e. With `fp8`, the
     inputs arrive quantized; the hidden activation is quantized here and output gradients go e5m2."""
     out = [fp8.out_for(i) if fp8 is not None else (lambda v: v) for i in range(3)]
-    h = jax.nn.silu(out[0](matmul.expert_matmul(buf, gate))) * out[1](matmul.expert_matmul(buf, up))
+    h = jax.nn.silu(out[0](buffer_dot(buf, gate))) * out[1](buffer_dot(buf, up))
     if fp8 is not None:
         h = fp8.act_for(1)(h)
-    return checkpoint_name(out[2](matmul.expert_matmul(h, down)), "expert_out")
+    return checkpoint_name(out[2](buffer_dot(h, down)), "expert_out")
 
 
 def combine(out: jax.Array, expert_km, slot, keep, weights: jax.Array) -> jax.Array:

@@ -23,7 +23,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ernie_jax.config import Config
 from ernie_jax.data.chat import EMBEDDED_PREFERENCE, ChatError, markers, render_answer, render_prompt
@@ -41,6 +40,7 @@ from ernie_jax.model.ernie import router_loss_total
 from ernie_jax.parallel.mesh import place_batch
 from ernie_jax.paths import as_path, join, write_atomic
 from ernie_jax.trainers.lm import token_nll
+from ernie_jax.trainers.state import model_of
 from ernie_jax.trainers.task import EvalReport, Task
 
 CACHE_FILE = "reference_logps.npz"
@@ -274,6 +274,13 @@ def reference_inputs(forward, state: dict, micro: dict) -> dict:
     return {**micro, "ref_logp": reference_logps(forward(state["ref_params"], micro), micro)}
 
 
+def base_reference_inputs(forward, state: dict, micro: dict) -> dict:
+    """`dpo.reference: base` (LoRA): the reference is the policy with zeroed adapters, i.e. the frozen
+    base itself; no copy of anything is kept."""
+    off = jax.tree.map(jnp.zeros_like, state["params"])
+    return {**micro, "ref_logp": reference_logps(forward(jax.lax.stop_gradient(off), micro), micro)}
+
+
 def read_reference_cache(path: str, samples: int) -> np.ndarray:
     """The cached reference log-prob sums of a resumed run: [samples, 2], finite, or one clear error."""
     fix = (
@@ -300,8 +307,8 @@ def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
     reference log-probs of the chosen | rejected response."""
 
     @jax.jit
-    def logps(params, buffers, batch):
-        out = nnx.merge(graphdef, params, buffers).apply_batch(batch)
+    def logps(state, batch):
+        out = model_of(graphdef, state).apply_batch(batch)
         return reference_logps(out, batch) * batch["loss_mask"]
 
     cache = np.zeros((dpo.data.stats.samples, 2), np.float32)
@@ -310,9 +317,7 @@ def compute_reference_cache(dpo: DPOTask, graphdef, state, mesh) -> np.ndarray:
             continue
         for batch in dpo.batches(samples, 0, False):
             with jax.set_mesh(mesh):
-                lp = np.asarray(
-                    jax.device_get(logps(state["params"], state["buffers"], place_batch(batch, mesh, 0)))
-                )
+                lp = np.asarray(jax.device_get(logps(state, place_batch(batch, mesh, 0))))
             seg, ex = batch["segment_ids"], batch["example"]
             for b in range(seg.shape[0]):
                 for s in np.unique(seg[b][seg[b] > 0]):
@@ -339,6 +344,7 @@ DPO_EVAL = EvalReport(
 def dpo_task(cfg: Config) -> Task:
     dpo = DPOTask(cfg)
     copy = cfg.dpo.reference == "copy"
+    inputs = {"copy": reference_inputs, "base": base_reference_inputs}.get(cfg.dpo.reference)
     return Task(
         objective=dpo_objective,
         train_iter=None,
@@ -348,7 +354,7 @@ def dpo_task(cfg: Config) -> Task:
         eval_report=DPO_EVAL,
         tokenizer=dpo.data.tokenizer,
         init_state=frozen_reference if copy else None,
-        batch_inputs=reference_inputs if copy else None,
+        batch_inputs=inputs,
         prepare=dpo.prepare,
         description=f"preference data: {dpo.data.stats.summary()}, {len(dpo.data.train)} train / "
         f"{len(dpo.data.eval)} eval pairs, {cfg.dpo.loss_type} loss, beta {cfg.dpo.beta}, "

@@ -36,7 +36,7 @@ from ernie_jax.trainers.startup import (
     open_checkpoints,
     starting_state,
 )
-from ernie_jax.trainers.state import make_optimizer
+from ernie_jax.trainers.state import checkpointed, make_optimizer
 from ernie_jax.trainers.step import make_eval_step, make_train_step
 from ernie_jax.trainers.task import Task
 
@@ -66,7 +66,7 @@ def run(
         ckpt = open_checkpoints(workdir, cfg)
         mesh = build_mesh(cfg)
         check_run_settings(cfg, mesh, jax.default_backend())
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze)
+        tx = make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.freeze, cfg.lora.lora_plus_ratio)
         start = starting_state(cfg, task, ckpt, tx, mesh, console, keep_optimizer_from)
         if task.prepare is not None:
             task = dataclasses.replace(
@@ -222,7 +222,9 @@ class Loop:
                 f"(the newest one is kept)"
             )
             return
-        self.ckpt.save(step, state, self.task.train_iter.get_state(), self.config_dict)
+        self.ckpt.save(
+            step, checkpointed(state, self.cfg), self.task.train_iter.get_state(), self.config_dict
+        )
 
     def check_skips(self, step: int) -> None:
         """Counts the skipped steps since the last check (one host read); stops on a run of them."""

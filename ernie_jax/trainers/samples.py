@@ -4,12 +4,12 @@ model writes as it learns (rows of <workdir>/samples.jsonl and TensorBoard text)
 from __future__ import annotations
 
 import numpy as np
-from flax import nnx
 
 from ernie_jax.config import Config
 from ernie_jax.data.chat import ChatError, end_ids, prompt_ids
 from ernie_jax.errors import ConfigError
 from ernie_jax.generation import generate, pad_prompts
+from ernie_jax.trainers.state import model_of
 
 PAD_TO = 32  # one compiled program for the whole run: the prompts never change
 
@@ -49,7 +49,7 @@ class PromptSampler:
 
     def __call__(self, graphdef, state: dict) -> list[dict]:
         """[{"prompt", "completion", "tokens"}] from the train state's params (greedy)."""
-        model = nnx.merge(graphdef, state["params"], state["buffers"])
+        model = model_of(graphdef, state)
         got = generate(
             model,
             self.ids,

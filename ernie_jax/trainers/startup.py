@@ -10,17 +10,19 @@ import jax.numpy as jnp
 
 from ernie_jax.checkpoint.manager import Checkpointer, abstract_like
 from ernie_jax.checkpoint.restore import kept_optimizer_state, state_from_workdir
-from ernie_jax.config import Config, check_same_model, layer_plan
+from ernie_jax.config import Config, check_same_model, layer_plan, lora_difference
 from ernie_jax.convert.convert import params_from_pretrained
-from ernie_jax.errors import ConfigError, DataError
+from ernie_jax.convert.peft import adapters_from_peft
+from ernie_jax.errors import CheckpointError, ConfigError, DataError
 from ernie_jax.metrics import Console, device_peak_flops
 from ernie_jax.model import build_model
+from ernie_jax.model.lora import base_config
 from ernie_jax.ops.attention import check_backend
 from ernie_jax.parallel.mesh import data_parallel_size, describe
 from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
 from ernie_jax.paths import as_path, join, shown
 from ernie_jax.summary import count_params
-from ernie_jax.trainers.state import init_opt_state, init_train_state
+from ernie_jax.trainers.state import checkpointed, init_opt_state, init_train_state
 from ernie_jax.trainers.task import Task
 
 
@@ -51,6 +53,11 @@ def open_checkpoints(workdir: str, cfg: Config) -> Checkpointer:
     newest = ckpt.newest_config() if ckpt.steps() else None
     if newest is not None:
         check_same_model(newest[1], cfg, workdir)
+        why = lora_difference(newest[1], cfg)
+        if why:
+            raise CheckpointError(
+                f"{workdir} holds a checkpoint with {why}; use another --workdir or match it"
+            )
     return ckpt
 
 
@@ -83,25 +90,37 @@ def starting_state(
     graphdef, state = init_train_state(cfg, lambda rngs: build_model(cfg, rngs), tx, mesh)
     if task.init_state is not None:  # before the restore: its entries are part of the checkpoint
         state.update(task.init_state(state))
-    restored = ckpt.restore_latest(abstract_like(state)) if ckpt.steps() else None
+    restored = ckpt.restore_latest(abstract_like(checkpointed(state, cfg))) if ckpt.steps() else None
     if had_steps and restored is None:
         console.say(
             f"warning: every checkpoint in {ckpt.directory} is damaged (set aside as <step>.damaged-*); "
             f"starting from scratch"
         )
     if restored is not None:
-        step0, state, data_state = restored
+        step0, restored_state, data_state = restored
+        if "base" in state and "base" not in restored_state:  # adapters-only checkpoint: base re-read
+            restored_state["base"] = state["base"]
+            if cfg.checkpoint.init_from:
+                restored_state["base"], _, _ = initial_base(cfg.checkpoint.init_from, cfg, state)
         console.say(f"resumed from {ckpt.directory} at step {step0}")
-        return Start(graphdef, state, data_state, resumed=True)
+        return Start(graphdef, restored_state, data_state, resumed=True)
+    loaded = []
     if cfg.checkpoint.init_from:
-        state["params"], state["buffers"], note = initial_params(cfg.checkpoint.init_from, cfg, state)
+        load = initial_base if cfg.lora.enabled else initial_params
+        key = "base" if cfg.lora.enabled else "params"
+        state[key], state["buffers"], note = load(cfg.checkpoint.init_from, cfg, state)
+        loaded.append(f"{'base ' if cfg.lora.enabled else ''}params from {cfg.checkpoint.init_from}{note}")
+    if cfg.lora.enabled and cfg.lora.init_from:
+        state["params"] = initial_adapters(cfg.lora.init_from, cfg, state)
+        loaded.append(f"adapters from {cfg.lora.init_from}")
+    if loaded:
         state["opt_state"] = init_opt_state(tx, state["params"], mesh)
         if keep_optimizer_from:
             state["opt_state"] = kept_optimizer_state(keep_optimizer_from, state["opt_state"])
-            note += "; optimizer moments kept, schedule restarted"
+            loaded[-1] += "; optimizer moments kept, schedule restarted"
         if task.init_state is not None:  # e.g. DPO's reference: the params just loaded
             state.update(task.init_state(state))
-        console.say(f"initialised params from {cfg.checkpoint.init_from}{note}")
+        console.say(f"initialised {' and '.join(loaded)}")
     return Start(graphdef, state)
 
 
@@ -120,6 +139,27 @@ def initial_params(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str
         return parts["params"], parts["buffers"], note
     params, buffers = params_from_pretrained(path, cfg, state["params"], state["buffers"])
     return params, buffers, ""
+
+
+def initial_base(path: str, cfg: Config, state: dict) -> tuple[dict, dict, str]:
+    """(base, buffers, note) of a LoRA run: the frozen weights from a full-weight source (a training
+    workdir, a converted orbax dir or a HF directory), in lora.base_dtype."""
+    full = {**state, "params": state["base"]}
+    params, buffers, note = initial_params(path, base_config(cfg), full)
+    return params, buffers, note
+
+
+def initial_adapters(path: str, cfg: Config, state: dict) -> dict:
+    """lora.init_from: the adapters of a PEFT directory or of an ernie_jax LoRA workdir's newest step."""
+    if as_path(join(path, "checkpoints")).is_dir():
+        parts, n, _ = state_from_workdir(path, cfg, state, keys=("params",), adapters=True)
+        if n != len(jax.tree.leaves(state["params"])):
+            raise CheckpointError(
+                f"lora.init_from={path}: its adapters cover {n} of this run's "
+                f"{len(jax.tree.leaves(state['params']))} adapter tensors; match lora.targets and lora.rank"
+            )
+        return parts["params"]
+    return adapters_from_peft(path, cfg, state["params"])
 
 
 def announce(cfg: Config, task: Task, mesh, workdir: str, log_dir: str | None, console: Console) -> tuple:

@@ -1,7 +1,9 @@
 """Train state (pure pytrees: params, buffers, optimizer state, step, rng) and the optimizer factory.
 
 params are the trainable nnx.Param leaves (fp32 master copy); buffers are every other variable
-(the routing correction bias): the optimizer never sees them, pure update rules change them.
+(the routing correction bias): the optimizer never sees them, pure update rules change them. Under
+LoRA, params are the adapters and the frozen weights are the state's `base`: read by the forward,
+never differentiated, updated or (unless lora.save_base) checkpointed.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ernie_jax.config import Config, OptimizerConfig
+from ernie_jax.errors import ConfigError
+from ernie_jax.model.lora import FrozenParam
 from ernie_jax.model.param_parts import param_part
 from ernie_jax.parallel.mesh import state_shardings
 
-TrainState = dict  # {"step", "params", "buffers", "opt_state", "rng"}
+TrainState = dict  # {"step", "params", "buffers", "opt_state", "rng"} (+ "base" under LoRA)
 
 
 def lr_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -47,7 +51,8 @@ def lr_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
 def param_groups(params: dict, freeze: tuple[str, ...] = ()) -> dict:
     """'frozen' (parts in `freeze`: no update, no optimizer state), 'router' (gate kernels, LR x
-    router_lr_ratio), 'no_decay' (norm weights, biases), 'decay' (the rest)."""
+    router_lr_ratio), 'no_decay' (norm weights, biases), 'lora_b' (adapters' B, LR x
+    lora.lora_plus_ratio), 'decay' (the rest)."""
 
     def label(path, _):
         part = param_part(path)
@@ -57,10 +62,11 @@ def param_groups(params: dict, freeze: tuple[str, ...] = ()) -> dict:
 
 
 def make_optimizer(
-    o: OptimizerConfig, total_steps: int, freeze: tuple[str, ...] = ()
+    o: OptimizerConfig, total_steps: int, freeze: tuple[str, ...] = (), lora_plus_ratio: float = 1.0
 ) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW per group (router LR scaled, norms without weight decay);
-    frozen parts get `set_to_zero` (their moments are never allocated)."""
+    """Global-norm clipping, then AdamW per group (router LR scaled, norms without weight decay,
+    LoRA+: adapters' B at lora_plus_ratio x LR); frozen parts get `set_to_zero` (their moments are
+    never allocated)."""
     sched = lr_schedule(o, total_steps)
 
     def adamw(lr, wd):
@@ -70,6 +76,7 @@ def make_optimizer(
         "decay": adamw(sched, o.weight_decay),
         "no_decay": adamw(sched, 0.0),
         "router": adamw(lambda s: sched(s) * o.router_lr_ratio, o.weight_decay),
+        "lora_b": adamw(lambda s: sched(s) * lora_plus_ratio, o.weight_decay),
         "frozen": optax.set_to_zero(),
     }
     return optax.chain(
@@ -78,10 +85,36 @@ def make_optimizer(
     )
 
 
-def split_model(model: nnx.Module) -> tuple[Any, dict, dict]:
-    """(graphdef, params, buffers) as pure dicts."""
-    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers)
+def split_model(model: nnx.Module) -> tuple[Any, dict, dict, dict]:
+    """(graphdef, params, buffers, base) as pure dicts; base ({} without LoRA) holds the frozen weights."""
+    graphdef, params, base, buffers = nnx.split(model, nnx.Param, FrozenParam, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(buffers), nnx.to_pure_dict(base)
+
+
+def model_of(graphdef, state: TrainState, params: dict | None = None) -> nnx.Module:
+    """The model of a train state (with other `params`, e.g. a reference copy or zeroed adapters)."""
+    parts = (state["params"] if params is None else params, state["buffers"])
+    return nnx.merge(graphdef, *parts, *((state["base"],) if "base" in state else ()))
+
+
+def checkpointed(state: TrainState, cfg: Config) -> TrainState:
+    """What a checkpoint stores: the state, less the frozen base of a LoRA run (unless lora.save_base;
+    a resumed run reads the base again from checkpoint.init_from)."""
+    if "base" in state and not cfg.lora.save_base:
+        return {k: v for k, v in state.items() if k != "base"}
+    return state
+
+
+def check_trainable(params: dict, cfg: Config) -> None:
+    """LoRA whose every adapter sits in a train.freeze group would train nothing: refused."""
+    if not cfg.lora.enabled or not cfg.train.freeze:
+        return
+    groups = {param_part(p).freeze_group for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    if groups <= set(cfg.train.freeze):
+        raise ConfigError(
+            f"lora.targets only reach the frozen group(s) {sorted(groups)} (train.freeze); "
+            f"unfreeze them or target other groups"
+        )
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params: dict, mesh: Mesh):
@@ -115,22 +148,28 @@ def abstract_train_state(
 ) -> tuple[Any, TrainState]:
     """(graphdef, the train state as ShapeDtypeStructs with their shardings): what
     `init_train_state` would build, without allocating it (ahead-of-time compilation)."""
-    graphdef, params, buffers = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, ...)
+    graphdef, params, base, buffers = nnx.split(
+        nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, FrozenParam, ...
+    )
     sds = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh
     )
     params = sds(nnx.to_pure_dict(params), state_shardings(params, mesh))
+    check_trainable(params, cfg)
     buffers = sds(nnx.to_pure_dict(buffers), state_shardings(buffers, mesh))
     opt = jax.eval_shape(tx.init, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-    return graphdef, {
+    state = {
         "step": scalar((), jnp.int32),
         "params": params,
         "buffers": buffers,
         "opt_state": sds(opt, opt_state_shardings(tx, params, mesh)),
         "rng": scalar((2,), jnp.uint32),
     }
+    if cfg.lora.enabled:
+        state["base"] = sds(nnx.to_pure_dict(base), state_shardings(base, mesh))
+    return graphdef, state
 
 
 def init_train_state(
@@ -138,16 +177,16 @@ def init_train_state(
 ) -> tuple[Any, TrainState]:
     """Initialise directly into the mesh layout: params/buffers by the logical-axis rules, optimizer
     moments inherit the param shardings, scalars are replicated."""
-    graphdef, abstract_params, abstract_buffers = nnx.split(
-        nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, ...
+    graphdef, abstract_params, abstract_base, abstract_buffers = nnx.split(
+        nnx.eval_shape(lambda: make_model(nnx.Rngs(0))), nnx.Param, FrozenParam, ...
     )
-    shardings = (state_shardings(abstract_params, mesh), state_shardings(abstract_buffers, mesh))
+    check_trainable(nnx.to_pure_dict(abstract_params), cfg)
+    shardings = tuple(state_shardings(s, mesh) for s in (abstract_params, abstract_buffers, abstract_base))
 
     def init():
-        _, params, buffers = split_model(make_model(nnx.Rngs(cfg.train.seed)))
-        return params, buffers
+        return split_model(make_model(nnx.Rngs(cfg.train.seed)))[1:]
 
-    params, buffers = jax.jit(init, out_shardings=shardings)()
+    params, buffers, base = jax.jit(init, out_shardings=shardings)()
     replicated = NamedSharding(mesh, PartitionSpec())
     state = {
         "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
@@ -156,4 +195,6 @@ def init_train_state(
         "opt_state": init_opt_state(tx, params, mesh),
         "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed)), replicated),
     }
+    if cfg.lora.enabled:
+        state["base"] = base
     return graphdef, state

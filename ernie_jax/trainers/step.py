@@ -29,8 +29,9 @@ Objective = Callable[[Any, dict, Config], tuple[jax.Array, dict]]
 BatchInputs = Callable[[Callable, TrainState, dict], dict]
 
 
-def _forward(graphdef, params, buffers, batch):
-    model = nnx.merge(graphdef, params, buffers)
+def _forward(graphdef, params, buffers, base, batch):
+    """The model's outputs on `batch`; `base`: the frozen weights of a LoRA run, else {}."""
+    model = nnx.merge(graphdef, params, buffers, *((base,) if base else ()))
     return model.apply_batch(batch)
 
 
@@ -48,7 +49,8 @@ def _post_step_rules(cfg: Config, params: dict, buffers: dict, loads: dict) -> t
     """Rules outside the optimizer, per router (text, and vision in VL layers): correction-bias
     balancing and the decoupled orthogonal step. A frozen part's routers are left alone."""
     e = cfg.moe
-    if not loads or ROUTER_PATH[0] not in params:
+    # under LoRA the routers are part of the frozen base: a bias moved here would be lost on export
+    if not loads or cfg.lora.enabled or ROUTER_PATH[0] not in params:
         return params, buffers
     for name in ROUTERS:
         path = ROUTER_PATH + (name,)
@@ -121,8 +123,8 @@ def make_train_step(
     """`batch_inputs(forward, state, micro)`: the task's extra inputs from the state (trainers/task.py)."""
     schedule = lr_schedule(cfg.optimizer, total_steps)
 
-    def loss_fn(params, buffers, micro):
-        out = _forward(graphdef, params, buffers, micro)
+    def loss_fn(params, buffers, base, micro):
+        out = _forward(graphdef, params, buffers, base, micro)
         loss, metrics = objective(out, micro, cfg)
         loads = {}
         if out.expert_load is not None:
@@ -134,10 +136,11 @@ def make_train_step(
     def with_task_inputs(state, buffers, micro):
         if batch_inputs is None:
             return micro
-        return batch_inputs(lambda params, batch: _forward(graphdef, params, buffers, batch), state, micro)
+        base = state.get("base", {})
+        return batch_inputs(lambda params, b: _forward(graphdef, params, buffers, base, b), state, micro)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        params, buffers = state["params"], state["buffers"]
+        params, buffers, base = state["params"], state["buffers"], state.get("base", {})
         # delayed-scaling FP8: differentiate w.r.t. the buffers too; the amax histories' cotangents
         # carry this step's amaxes (max over micro-batches), rolled in after the update
         fp8_state = _has_fp8_meta(buffers)
@@ -145,7 +148,7 @@ def make_train_step(
 
         def micro_step(acc, micro):
             micro = with_task_inputs(state, buffers, micro)
-            (loss, (metrics, load)), grads = grad_fn(params, buffers, micro)
+            (loss, (metrics, load)), grads = grad_fn(params, buffers, base, micro)
             grads, amax = grads if fp8_state else (grads, None)
             if cfg.train.modality_detach:
                 grads = _detach_language_model(grads, micro, cfg)
@@ -158,7 +161,7 @@ def make_train_step(
 
         first = with_task_inputs(state, buffers, jax.tree.map(lambda x: x[0], batch))
         (loss_shape, (metrics_shape, load_shape)), grads_shape = jax.eval_shape(
-            grad_fn, params, buffers, first
+            grad_fn, params, buffers, base, first
         )
         grads_shape, amax_shape = grads_shape if fp8_state else (grads_shape, None)
         zeros = jax.tree.map(
@@ -210,11 +213,12 @@ def make_eval_step(
     """The objective's metrics named in `keys` (what the task's EvalReport summarises) on one batch."""
 
     def step(state: TrainState, batch: dict) -> dict:
+        base = state.get("base", {})
         if batch_inputs is not None:
             batch = batch_inputs(
-                lambda params, b: _forward(graphdef, params, state["buffers"], b), state, batch
+                lambda params, b: _forward(graphdef, params, state["buffers"], base, b), state, batch
             )
-        out = _forward(graphdef, state["params"], state["buffers"], batch)
+        out = _forward(graphdef, state["params"], state["buffers"], base, batch)
         _, metrics = objective(out, batch, cfg)
         return {k: metrics[k] for k in keys}
 
