@@ -338,7 +338,7 @@ def _check_lora(cfg: Config) -> None:
 
 
 def lora_difference(saved: dict, cfg: Config) -> str | None:
-    """Why a run's checkpoint cannot resume under `cfg`'s adapters (other rank, targets or on/off), or None."""
+    """Why a checkpoint cannot resume under `cfg`'s adapters (other rank, targets, on/off), or None."""
     old, new = saved.get("lora", {}), to_dict(cfg)["lora"]
     for key in ("enabled", "rank", "targets"):
         was, now = old.get(key, LoraConfig.__dataclass_fields__[key].default), new[key]

@@ -33,6 +33,15 @@ def main(argv=None) -> int:
         choices=["bfloat16", "float32"],
         help="dtype of the written tensors",
     )
+    lora = b.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--merge-lora", action="store_true", help="LoRA run: write full weights W + scale * A B"
+    )
+    lora.add_argument(
+        "--lora-adapter",
+        action="store_true",
+        help="LoRA run: write only the adapters as a PEFT directory (adapter_config.json + safetensors)",
+    )
     for p in (a, b):
         p.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -49,6 +58,8 @@ def main(argv=None) -> int:
                 quiet=args.quiet,
                 step=args.step,
                 dtype=args.export_dtype,
+                merge_lora=args.merge_lora,
+                lora_adapter=args.lora_adapter,
             )
     except ErnieJaxError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,12 +23,24 @@ from flax import nnx
 
 from ernie_jax.config import Config, check_same_model, from_dict, to_dict, to_json
 from ernie_jax.convert.hf_text import HFCheckpoint, config_from_hf, config_to_hf, key_table, to_hf, to_ours
-from ernie_jax.convert.run_export import find_checkpoint, is_run, leaf_loader, model_files, with_dtype
+from ernie_jax.convert.peft import adapter_path, write_peft
+from ernie_jax.convert.run_export import (
+    RunCheckpoint,
+    param_paths,
+    adapter_arrays,
+    find_checkpoint,
+    is_run,
+    leaf_loader,
+    model_files,
+    with_dtype,
+)
 from ernie_jax.convert.safetensors_io import save_file
 from ernie_jax.data.tokenizer import Tokenizer
 from ernie_jax.errors import CheckpointError
 from ernie_jax.model import build_model
 from ernie_jax.model.ernie import ErnieForCausalLM
+from ernie_jax.model.lora import merged_kernel
+from ernie_jax.ops.lora import lora_scale
 from ernie_jax.paths import as_path, files_under, is_remote, join, shown
 
 CONFIG_FILE = "ernie_config.json"
@@ -129,7 +141,7 @@ def load_pretrained(
     if is_run(path) and not as_path(join(path, CONFIG_FILE)).is_file():
         run = find_checkpoint(path, step)
         cfg = with_dtype(run.config, dtype)
-        load = leaf_loader(run)
+        load = run_loader(run)
         shapes = nnx.to_pure_dict(abstract_state(cfg)[1])
         return model_from_params(cfg, jax.tree_util.tree_map_with_path(lambda p, _: load(p), shapes))
     if step is not None:
@@ -408,15 +420,20 @@ def ernie_to_hf(
     quiet: bool = False,
     step: int | None = None,
     dtype: str = "float32",
+    merge_lora: bool = False,
+    lora_adapter: bool = False,
 ) -> Config:
     """A converted directory (hf-to-ernie) or a training run (a training workdir: its newest good
     checkpoint or `step`; a stages workdir: its last stage) -> HF directory, one param at a time.
-    A run's export also carries its tokenizer (with the chat template) and generation_config.json."""
+    A run's export also carries its tokenizer (with the chat template) and generation_config.json.
+    A LoRA run exports `merge_lora` (full weights W + scale * A B) or `lora_adapter` (a PEFT directory)."""
     if as_path(join(src, CONFIG_FILE)).is_file():
         if step is not None:
             raise CheckpointError(
                 f"--step {step} applies to training workdirs; {shown(src)} is a converted one"
             )
+        if merge_lora or lora_adapter:
+            raise CheckpointError(f"{shown(src)} holds no adapters; drop --merge-lora / --lora-adapter")
         cfg = _read_our_config(src)
         check_destination(dst)
         _log(f"exporting {src} -> {dst}", quiet)
@@ -424,10 +441,22 @@ def ernie_to_hf(
     elif is_run(src):
         run = find_checkpoint(src, step)
         cfg = run.config
-        extras = model_files(cfg, Tokenizer(cfg.data.tokenizer))
+        if run.lora.enabled != (merge_lora or lora_adapter) or (merge_lora and lora_adapter):
+            raise CheckpointError(
+                f"{shown(run.workdir)} is a LoRA run: pass --merge-lora (full weights) or --lora-adapter "
+                f"(a PEFT directory)"
+                if run.lora.enabled
+                else f"{shown(run.workdir)} has no adapters (lora.enabled=false); drop --merge-lora / "
+                f"--lora-adapter"
+            )
         check_destination(dst)
+        if lora_adapter:
+            _log(f"writing the adapters of {shown(run.workdir)} step {run.step} -> {dst} (PEFT)", quiet)
+            write_peft(dataclasses.replace(cfg, lora=run.lora), adapter_arrays(run), dst)
+            return cfg
+        extras = model_files(cfg, Tokenizer(cfg.data.tokenizer))
+        load = run_loader(run)
         _log(f"exporting {shown(run.workdir)} step {run.step} -> {dst}", quiet)
-        load = leaf_loader(run)
     else:
         raise CheckpointError(
             f"{shown(src)} is neither a training workdir (checkpoints/), a stages workdir nor a "
@@ -435,6 +464,49 @@ def ernie_to_hf(
         )
     write_hf(cfg, load, dst, shard_bytes=shard_bytes, quiet=quiet, dtype=dtype, extras=extras)
     return cfg
+
+
+def run_loader(run: RunCheckpoint) -> Callable[[tuple], np.ndarray]:
+    """path -> np.ndarray of one array of the model a run's step holds; for a LoRA run, the base
+    weight (saved with the run, or read from its checkpoint.init_from) plus scale * A B of its adapter."""
+    if not run.lora.enabled:
+        return leaf_loader(run)
+    base = _base_loader(run)
+    buffers = leaf_loader(run)  # the run's buffers (routing biases): stay as the base had them
+    params = param_paths(run.config)
+    adapters = {p[:-1] for p in param_paths(dataclasses.replace(run.config, lora=run.lora))}
+    scale = lora_scale(run.lora.alpha, run.lora.rank, run.lora.rslora)
+
+    def load(path: tuple) -> np.ndarray:
+        key = tuple(str(getattr(p, "key", p)) for p in path)
+        if key not in params:
+            return buffers(key)
+        w = np.asarray(base(key), np.float32)
+        ab = adapter_path(key)
+        if ab in adapters:
+            a, b = (np.asarray(restore_leaf(run.state_dir, ("params", *ab, n)), np.float32) for n in "ab")
+            w = merged_kernel(w, a, b, scale)
+        return w
+
+    return load
+
+
+def _base_loader(run: RunCheckpoint) -> Callable[[tuple], np.ndarray]:
+    """The frozen base of a LoRA run: its checkpoint's (lora.save_base) or checkpoint.init_from's."""
+    if run.lora.save_base:
+        return leaf_loader(run, params_part="base")
+    src = run.config.checkpoint.init_from
+    if not src:  # a LoRA run from scratch: its base is the seed's initialisation, rebuilt here
+        model = build_model(run.config, nnx.Rngs(run.config.train.seed))
+        dtype = run.lora.base_dtype or run.config.model.param_dtype
+        params = jax.tree.map(lambda x: np.asarray(x.astype(dtype)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        return lambda key: _get(params, key)
+    if as_path(join(src, CONFIG_FILE)).is_file():
+        return lambda key: restore_param(src, key)
+    if is_run(src):
+        return leaf_loader(find_checkpoint(src))
+    params = read_hf_params(HFCheckpoint(src), run.config)
+    return lambda key: _get(params, key)
 
 
 def restore_param(path: str, param_path: tuple[str, ...]) -> np.ndarray:

@@ -15,11 +15,12 @@ from flax import nnx
 
 from ernie_jax.checkpoint.manager import Checkpointer
 from ernie_jax.checkpoint.restore import restore_leaf
-from ernie_jax.config import Config, MeshConfig, PipelineConfig, PrecisionConfig, from_dict
+from ernie_jax.config import Config, LoraConfig, MeshConfig, PipelineConfig, PrecisionConfig, from_dict
 from ernie_jax.data.chat import BEGIN, END
 from ernie_jax.data.tokenizer import EMBEDDED_DIR, Tokenizer
 from ernie_jax.errors import CheckpointError, ConfigError, DataError
 from ernie_jax.model import build_model
+from ernie_jax.model.lora import base_config
 from ernie_jax.paths import as_path, join, shown
 
 CHECKPOINTS = "checkpoints"
@@ -36,7 +37,8 @@ class RunCheckpoint:
 
     workdir: str
     step: int
-    config: Config
+    config: Config  # the model's config (without adapters: the weights export writes)
+    lora: LoraConfig = LoraConfig()  # the run's adapters (enabled: params hold adapters only)
 
     @property
     def state_dir(self) -> str:
@@ -79,14 +81,19 @@ def find_checkpoint(path: str, step: int | None = None) -> RunCheckpoint:
             raise CheckpointError(
                 f"--step {step}: {shown(workdir)} has steps {', '.join(map(str, steps))}; pick one of them"
             )
-        return RunCheckpoint(workdir, step, model_config(ckpt.verified_config(step), workdir))
+        return _run_checkpoint(workdir, step, ckpt.verified_config(step))
     problems = []
     for s in reversed(steps):
         try:
-            return RunCheckpoint(workdir, s, model_config(ckpt.verified_config(s), workdir))
+            return _run_checkpoint(workdir, s, ckpt.verified_config(s))
         except CheckpointError as e:
             problems.append(str(e))
     raise CheckpointError(f"{shown(workdir)}: no readable checkpoint ({problems[0]}); pass an older --step")
+
+
+def _run_checkpoint(workdir: str, step: int, saved: dict) -> RunCheckpoint:
+    cfg = model_config(saved, workdir)
+    return RunCheckpoint(workdir, step, base_config(cfg), cfg.lora)
 
 
 def checkpoint_tokenizer(checkpoint: str, override: str | None = None, step: int | None = None) -> Tokenizer:
@@ -125,14 +132,15 @@ def with_dtype(cfg: Config, dtype: str) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype, param_dtype="float32"))
 
 
-def leaf_loader(run: RunCheckpoint):
-    """path -> np.ndarray of one model array of the run's step (params or buffers)."""
-    params = _param_paths(run.config)
+def leaf_loader(run: RunCheckpoint, params_part: str = "params"):
+    """path -> np.ndarray of one model array of the run's step (params or buffers); `params_part`:
+    where the weights are ("base" in a LoRA run that saved its base)."""
+    params = param_paths(run.config)
 
     def load(path: tuple) -> np.ndarray:
         key = tuple(str(getattr(p, "key", p)) for p in path)
         try:
-            return restore_leaf(run.state_dir, ("params" if key in params else "buffers", *key))
+            return restore_leaf(run.state_dir, (params_part if key in params else "buffers", *key))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             raise CheckpointError(
                 f"{shown(run.workdir)} step {run.step}: cannot read {'.'.join(key)} "
@@ -142,7 +150,18 @@ def leaf_loader(run: RunCheckpoint):
     return load
 
 
-def _param_paths(cfg: Config) -> set[tuple[str, ...]]:
+def adapter_arrays(run: RunCheckpoint) -> dict:
+    """The run's adapters as a nested dict of numpy arrays ({... "q_proj": {"lora": {"a", "b"}}})."""
+    out: dict = {}
+    for path in sorted(param_paths(dataclasses.replace(run.config, lora=run.lora))):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = restore_leaf(run.state_dir, ("params", *path))
+    return out
+
+
+def param_paths(cfg: Config) -> set[tuple[str, ...]]:
     _, params, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))), nnx.Param, ...)
     return {tuple(str(k) for k in path) for path, _ in nnx.to_flat_state(params)}
 
