@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ernie_jax.checkpoint.restore import restore_leaf
 from ernie_jax.config import Config, check_same_model, from_dict, to_dict, to_json
 from ernie_jax.convert.hf_text import HFCheckpoint, config_from_hf, config_to_hf, key_table, to_hf, to_ours
 from ernie_jax.convert.peft import adapter_path, write_peft
@@ -499,7 +500,9 @@ def _base_loader(run: RunCheckpoint) -> Callable[[tuple], np.ndarray]:
     if not src:  # a LoRA run from scratch: its base is the seed's initialisation, rebuilt here
         model = build_model(run.config, nnx.Rngs(run.config.train.seed))
         dtype = run.lora.base_dtype or run.config.model.param_dtype
-        params = jax.tree.map(lambda x: np.asarray(x.astype(dtype)), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        params = jax.tree.map(
+            lambda x: np.asarray(x.astype(dtype)), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        )
         return lambda key: _get(params, key)
     if as_path(join(src, CONFIG_FILE)).is_file():
         return lambda key: restore_param(src, key)

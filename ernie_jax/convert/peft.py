@@ -75,7 +75,13 @@ def peft_tensors(cfg: Config, adapters: dict) -> dict[str, np.ndarray]:
 
 
 def peft_config(cfg: Config, modules: list[str]) -> dict:
+    """adapter_config.json. PEFT rewrites the targets of an ERNIE 4.5 MoE model on load: every target
+    module named *.gate_proj / up_proj / down_proj is taken for a routed expert and moved onto the fused
+    3D expert parameters. Dense FFN and shared-expert projections are therefore named as parameters
+    (`target_parameters`: their `.weight`), which it leaves alone; the state-dict keys are the same."""
     lo = cfg.lora
+    routed = lambda m: ".mlp.experts." in m
+    ffn = lambda m: m.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj") and not routed(m)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -84,7 +90,8 @@ def peft_config(cfg: Config, modules: list[str]) -> dict:
         "use_rslora": lo.rslora,
         "lora_dropout": lo.dropout,
         # the exact modules adapted (PEFT matches names by suffix): one entry per layer and expert
-        "target_modules": sorted(modules),
+        "target_modules": sorted(m for m in modules if not ffn(m)),
+        "target_parameters": sorted(f"{m}.weight" for m in modules if ffn(m)) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -45,7 +45,11 @@ def _trained_adapters(block, seed=3):
     """Non-zero B everywhere (a fresh B is 0), so the adapters change the outputs."""
     keys = iter(jax.random.split(jax.random.key(seed), 64))
     for _, node in nnx.iter_graph(block):
-        if isinstance(node, nnx.Module) and hasattr(node, "a") and isinstance(getattr(node, "b", None), LoraParam):
+        if (
+            isinstance(node, nnx.Module)
+            and hasattr(node, "a")
+            and isinstance(getattr(node, "b", None), LoraParam)
+        ):
             node.b[...] = 0.3 * jax.random.normal(next(keys), node.b[...].shape)
     return block
 
@@ -55,7 +59,9 @@ def _merged(block, scale):
     plain = _block(block.cfg.dispatch)
     for name in PROJECTIONS:
         ad = getattr(block.experts, name + "_lora")
-        getattr(plain.experts, name)[...] = getattr(block.experts, name)[...] + scale * (ad.a[...] @ ad.b[...])
+        getattr(plain.experts, name)[...] = getattr(block.experts, name)[...] + scale * (
+            ad.a[...] @ ad.b[...]
+        )
         lin = getattr(block.shared_experts, name)
         getattr(plain.shared_experts, name).kernel[...] = lin.kernel[...] + scale * (
             lin.lora.a[...] @ lin.lora.b[...]
@@ -110,7 +116,10 @@ def test_adapters_equal_merged_weights_with_grads(dispatch, transport, mesh):
         }
         return jnp.sum(nnx.merge(graphdef, {**pure, "experts": experts})(x, mask)[0] ** 2)
 
-    ab = {n: (getattr(block.experts, n + "_lora").a[...], getattr(block.experts, n + "_lora").b[...]) for n in PROJECTIONS}
+    ab = {
+        n: (getattr(block.experts, n + "_lora").a[...], getattr(block.experts, n + "_lora").b[...])
+        for n in PROJECTIONS
+    }
     want_g = jax.grad(merged_loss)(ab)
     loss = lambda m: jnp.sum(m(x, mask)[0] ** 2)
     if mesh is None:
@@ -137,7 +146,9 @@ def test_targets_by_group_and_pattern_and_errors():
         "units/moe/self_attn/q_proj",
         "units/moe/self_attn/v_proj",
     ]
-    with pytest.raises(ConfigError, match=r"'vit' matches nothing in this model; its groups are attention, mlp"):
+    with pytest.raises(
+        ConfigError, match=r"'vit' matches nothing in this model; its groups are attention, mlp"
+    ):
         targeted_modules(model, ("vit",))
     with pytest.raises(ConfigError, match="lora.rank=0 must be > 0"):
         load_config("configs/tiny_moe.yaml", ["lora.enabled=true", "lora.rank=0"])
