@@ -325,7 +325,6 @@ def _check_lora(cfg: Config) -> None:
         lo.base_dtype in ("", "bfloat16", "float32"),
         f"lora.base_dtype={lo.base_dtype!r} must be bfloat16, float32 or empty (model.param_dtype)",
     )
-    _require(bool(lo.targets), f"lora.targets is empty; name groups from {LORA_TARGETS} or path patterns")
     for t in lo.targets:
         if t in LORA_TARGETS:
             continue

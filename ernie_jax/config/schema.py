@@ -257,8 +257,9 @@ class LoraConfig:
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski 2023)
     lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate = ratio x A's
     # named groups (LORA_TARGETS) or regular expressions matched against module paths such as
-    # units/moe/self_attn/q_proj or units/moe/mlp/experts (re.search)
-    targets: tuple[str, ...] = ("attention", "mlp", "shared_experts", "experts")
+    # units/moe/self_attn/q_proj or units/moe/mlp/experts (re.search); each must match something.
+    # Empty: every language-model group the model has (attention, mlp, shared_experts, experts)
+    targets: tuple[str, ...] = ()
     # the frozen base's storage dtype (bfloat16 halves its memory; empty: model.param_dtype)
     base_dtype: str = ""
     # an adapter to start from: a PEFT directory (adapter_config.json) or an ernie_jax LoRA workdir

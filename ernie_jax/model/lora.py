@@ -39,6 +39,9 @@ GROUP_OF_COMPONENT = {
 }
 
 
+DEFAULT_TARGETS = ("attention", "mlp", "shared_experts", "experts")
+
+
 class LoraParam(nnx.Param):
     """An adapter matrix: trainable (a Param), told apart from the base for export and init_from."""
 
@@ -81,6 +84,9 @@ def targeted_modules(model: nnx.Module, targets: tuple[str, ...]) -> list[tuple[
         if isinstance(node, (Linear, Experts))
     ]
     chosen, present = {}, sorted({g for _, _, g in candidates if g}, key=LORA_TARGETS.index)
+    if not targets:  # the default: every language-model group this model has
+        targets = tuple(g for g in DEFAULT_TARGETS if g in present)
+    example = next((p for p, _, g in candidates if g == "attention"), candidates[0][0])
     for t in targets:
         hits = [
             (path, node)
@@ -90,7 +96,7 @@ def targeted_modules(model: nnx.Module, targets: tuple[str, ...]) -> list[tuple[
         if not hits:
             raise ConfigError(
                 f"lora.targets: {t!r} matches nothing in this model; its groups are {', '.join(present)} "
-                f"(patterns match module paths such as {candidates[0][0]})"
+                f"(patterns match module paths such as {example})"
             )
         chosen.update({path: node for path, node in hits})
     return sorted(chosen.items())
