@@ -9,6 +9,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from ernie_jax.config import load_config
@@ -238,3 +239,23 @@ def test_eval_reports_held_out_rewards_not_a_perplexity(tmp_path):
         ev["eval_reward_chosen"] - ev["eval_reward_rejected"], abs=1e-5
     )
     assert "eval @ 2: loss" in r.stdout and "reward_accuracy" in r.stdout and "ppl" not in r.stdout
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
+    """dpo.reference=base: no copy; at step 1 the adapters are zero, so policy == reference exactly."""
+    r = _cli(
+        tmp_path / "w",
+        "lora.enabled=true",
+        "dpo.reference=base",
+        "train.steps=2",
+        "log.interval=1",
+        "data.seq_len=256",
+        "train.eval_interval=100",
+        "checkpoint.interval=2",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = _rows(tmp_path / "w")[0]
+    assert abs(first["dpo_loss"] - np.log(2)) < 1e-6 and first["reward_margin"] == 0.0
+    with ocp.StandardCheckpointer() as c:
+        state = c.restore(str(tmp_path / "w" / "checkpoints" / "2" / "state"))
+    assert "ref_params" not in state and "base" not in state
