@@ -134,11 +134,11 @@ def sft_comparison(steps: int) -> None:
     print(
         f"\nSFT on sft_tiny, {steps} steps from the same base (eval loss at start {start['eval_loss']:.4f}):"
     )
-    print("| run | eval loss | drop | step time | tok/s | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| run | eval loss | drop | step time | peak RSS |")
+    print("|---|---|---|---|---|")
     for name, r, d in (("full FT (lr 1e-3)", full, drop_full), ("LoRA r=16 (lr 5e-3)", lora, drop_lora)):
         ms, mib = r["step_s"] * 1e3, r["rss"] / 2**20
-        print(f"| {name} | {r['eval_loss']:.4f} | {d:.4f} | {ms:.1f} ms | {r['tok_s']:.0f} | {mib:.0f} MiB |")
+        print(f"| {name} | {r['eval_loss']:.4f} | {d:.4f} | {ms:.1f} ms | {mib:.0f} MiB |")
     print(
         f"LoRA / full: eval-loss drop {drop_lora / drop_full:.3f} (target >= 0.9), "
         f"step time {lora['step_s'] / full['step_s']:.2f}x, peak RSS {lora['rss'] / full['rss']:.2f}x"

@@ -316,9 +316,11 @@ def _check_lora(cfg: Config) -> None:
         return
     _require(lo.rank > 0, f"lora.rank={lo.rank} must be > 0 (e.g. 8, 16, 32)")
     _require(lo.alpha >= 0, f"lora.alpha={lo.alpha} must be >= 0 (0: 2 x lora.rank)")
+    _require(0 <= lo.dropout < 1, f"lora.dropout={lo.dropout} must be in [0, 1)")
     _require(
-        lo.dropout == 0,
-        f"lora.dropout={lo.dropout}: adapter dropout is not implemented yet; set lora.dropout=0",
+        not lo.dropout or cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
+        "lora.dropout with precision.fp8_recipe=delayed is not supported; use fp8_recipe=current or "
+        "lora.dropout=0",
     )
     _require(lo.lora_plus_ratio > 0, f"lora.lora_plus_ratio={lo.lora_plus_ratio} must be > 0 (1: plain LoRA)")
     _require(

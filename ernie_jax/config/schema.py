@@ -253,7 +253,7 @@ class LoraConfig:
     enabled: bool = False
     rank: int = 8
     alpha: float = 0.0  # 0: 2 x rank (ERNIEKit's lora_alpha=-1)
-    dropout: float = 0.0  # on the adapter's input (not implemented yet: must be 0)
+    dropout: float = 0.0  # on each adapter's input, in training steps only
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank (Kalajdzievski 2023)
     lora_plus_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate = ratio x A's
     # named groups (LORA_TARGETS) or regular expressions matched against module paths such as

@@ -88,7 +88,8 @@ def peft_config(cfg: Config, modules: list[str]) -> dict:
         "r": lo.rank,
         "lora_alpha": lo.alpha or 2 * lo.rank,
         "use_rslora": lo.rslora,
-        "lora_dropout": lo.dropout,
+        # training-only, and PEFT refuses dropout on parameter targets (the experts): written as 0
+        "lora_dropout": 0.0,
         # the exact modules adapted (PEFT matches names by suffix): one entry per layer and expert
         "target_modules": sorted(m for m in modules if not ffn(m)),
         "target_parameters": sorted(f"{m}.weight" for m in modules if ffn(m)) or None,

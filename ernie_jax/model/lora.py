@@ -14,7 +14,9 @@ the weights beside them. B starts at zero: a fresh adapter leaves the model's ou
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -50,19 +52,39 @@ class FrozenParam(nnx.Variable):
     """A base weight under LoRA: read by the model, never differentiated or updated."""
 
 
-class LoraAdapter(nnx.Module):
-    """a [..., K, r] (uniform +-1/sqrt(K), PEFT's default), b [..., r, N] = 0; y += scale * x a b."""
+class DropoutSeed(nnx.Variable):
+    """An adapter's dropout key [..., 2] (uint32): zeros in the state (dropout off); the train step
+    fills it per micro-batch (`with_dropout_seeds`) for the forward pass only."""
 
-    def __init__(self, a, b, scale: float, axes_a: tuple, axes_b: tuple):
+
+class LoraAdapter(nnx.Module):
+    """a [..., K, r] (uniform +-1/sqrt(K), PEFT's default), b [..., r, N] = 0;
+    y += scale * dropout(x) a b."""
+
+    def __init__(
+        self, a, b, scale: float, axes_a: tuple, axes_b: tuple, dropout: float = 0.0, experts: bool = False
+    ):
         self.a = LoraParam(a, axes=axes_a)
         self.b = LoraParam(b, axes=axes_b)
-        self.scale = scale
+        self.scale, self.rate = scale, dropout
+        # one key per stacked layer (an expert stack's rows share it: each row gets its own mask)
+        lead = a.shape[: -3 if experts else -2]
+        self.dropout_seed = (
+            DropoutSeed(jnp.zeros((*lead, 2), jnp.uint32), axes=(None,) * len(lead) + ("norm",))
+            if dropout
+            else None
+        )
+
+    def _seed(self):
+        return None if self.dropout_seed is None else self.dropout_seed[...]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return low_rank(x, self.a[...].astype(x.dtype), self.b[...].astype(x.dtype), self.scale)
+        a, b = self.a[...].astype(x.dtype), self.b[...].astype(x.dtype)
+        return low_rank(x, a, b, self.scale, self.rate, self._seed())
 
     def expert_kernel(self, w: jax.Array, dtype) -> ExpertKernel:
-        return ExpertKernel(w, self.a[...].astype(dtype), self.b[...].astype(dtype), self.scale)
+        a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
+        return ExpertKernel(w, a, b, self.scale, self.rate, self._seed())
 
 
 def module_path(path) -> str:
@@ -102,14 +124,16 @@ def targeted_modules(model: nnx.Module, targets: tuple[str, ...]) -> list[tuple[
     return sorted(chosen.items())
 
 
-def _adapter(kernel: nnx.Variable, rank: int, scale: float, key: jax.Array) -> LoraAdapter:
+def _adapter(
+    kernel: nnx.Variable, rank: int, scale: float, key: jax.Array, dropout: float, experts: bool = False
+) -> LoraAdapter:
     w = kernel[...]
     axes = tuple(kernel.get_metadata().get("axes") or (None,) * w.ndim)
     *lead, k, n = w.shape
     bound = 1.0 / k**0.5
     a = jax.random.uniform(key, (*lead, k, rank), jnp.float32, -bound, bound)
     b = jnp.zeros((*lead, rank, n), jnp.float32)
-    return LoraAdapter(a, b, scale, axes[:-1] + ("lora",), axes[:-2] + ("lora", axes[-1]))
+    return LoraAdapter(a, b, scale, axes[:-1] + ("lora",), axes[:-2] + ("lora", axes[-1]), dropout, experts)
 
 
 def apply_lora(model: nnx.Module, cfg: LoraConfig, key: jax.Array) -> nnx.Module:
@@ -120,10 +144,11 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, key: jax.Array) -> nnx.Module
     for i, (_, node) in enumerate(targets):
         k = jax.random.fold_in(key, i)
         if isinstance(node, Linear):
-            node.lora = nnx.data(_adapter(node.kernel, cfg.rank, scale, k))
+            node.lora = nnx.data(_adapter(node.kernel, cfg.rank, scale, k, cfg.dropout))
         else:
             for j, name in enumerate(PROJECTIONS):
-                adapter = _adapter(getattr(node, name), cfg.rank, scale, jax.random.fold_in(k, j))
+                key_j = jax.random.fold_in(k, j)
+                adapter = _adapter(getattr(node, name), cfg.rank, scale, key_j, cfg.dropout, experts=True)
                 setattr(node, name + "_lora", nnx.data(adapter))
     return model
 
@@ -139,6 +164,20 @@ def _freeze(model: nnx.Module, dtype) -> None:
                 setattr(
                     node, name, FrozenParam(w if dtype is None else w.astype(dtype), **value.get_metadata())
                 )
+
+
+def with_dropout_seeds(buffers: dict, key: jax.Array) -> dict:
+    """`buffers` with every adapter's dropout seed [..., 2] filled from `key` (a different key per
+    adapter, stacked layer and expert stack): the masks of one micro-batch's forward pass."""
+
+    def fill(path, leaf):
+        if getattr(path[-1], "key", None) != "dropout_seed":
+            return leaf
+        k = jax.random.fold_in(key, zlib.crc32(jax.tree_util.keystr(path).encode()))
+        n = math.prod(leaf.shape[:-1])
+        return jax.random.key_data(jax.random.split(k, n)).reshape(leaf.shape).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, buffers)
 
 
 def merged_kernel(w, a, b, scale: float):

@@ -21,9 +21,23 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / (rank**0.5 if rslora else rank)
 
 
-def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """scale * (x [..., K] @ a [K, r]) @ b [r, N]."""
+def dropout(x: jax.Array, rate: float, seed: jax.Array | None) -> jax.Array:
+    """Inverted dropout on an adapter's input. `seed` [2] uint32 is the raw key the train step sets
+    for this adapter and micro-batch; all zeros (what the state holds: eval, generation) means off."""
+    if not rate or seed is None:
+        return x
+    on = jnp.any(seed != 0)
+    keep = jax.random.bernoulli(jax.random.wrap_key_data(seed), 1.0 - rate, x.shape)
+    scale = jnp.where(on, keep.astype(x.dtype) / jnp.asarray(1.0 - rate, x.dtype), jnp.ones((), x.dtype))
+    return x * scale
+
+
+def low_rank(
+    x: jax.Array, a: jax.Array, b: jax.Array, scale: float, rate: float = 0.0, seed: jax.Array | None = None
+) -> jax.Array:
+    """scale * (dropout(x) [..., K] @ a [K, r]) @ b [r, N]."""
     dims = lambda v: (((v.ndim - 1,), (0,)), ((), ()))
+    x = dropout(x, rate, seed)
     h = matmul.dot_general(x, a, dims(x))
     return matmul.dot_general(h, b, dims(h)) * jnp.asarray(scale, x.dtype)
 
@@ -36,6 +50,8 @@ class ExpertKernel:
     a: jax.Array
     b: jax.Array
     scale: float = struct.field(pytree_node=False)
+    rate: float = struct.field(pytree_node=False, default=0.0)  # adapter dropout
+    seed: jax.Array | None = None  # [2] uint32 dropout key (zeros: off); None without dropout
 
     @property
     def shape(self):
@@ -59,7 +75,7 @@ def grouped_dot(xs: jax.Array, w, sizes: jax.Array) -> jax.Array:
     y = jax.lax.ragged_dot(xs, base_of(w), sizes)
     if not isinstance(w, ExpertKernel):
         return y
-    h = jax.lax.ragged_dot(xs, w.a, sizes)
+    h = jax.lax.ragged_dot(dropout(xs, w.rate, w.seed), w.a, sizes)
     return y + jax.lax.ragged_dot(h, w.b, sizes) * jnp.asarray(w.scale, y.dtype)
 
 
@@ -68,5 +84,5 @@ def buffer_dot(buf: jax.Array, w) -> jax.Array:
     y = matmul.expert_matmul(buf, base_of(w))
     if not isinstance(w, ExpertKernel):
         return y
-    h = matmul.expert_matmul(buf, w.a)
+    h = matmul.expert_matmul(dropout(buf, w.rate, w.seed), w.a)
     return y + matmul.expert_matmul(h, w.b) * jnp.asarray(w.scale, y.dtype)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from ernie_jax.ops.lora import ExpertKernel
 from ernie_jax.ops.moe_dispatch import assignment_slots, combine, dispatch, expert_capacity, swiglu_experts
 from ernie_jax.precision.fp8 import BoundExperts, ShardedBoundExperts
 
@@ -31,7 +32,8 @@ def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh, fp8=None)
     `fp8`: current/blockwise quantizers, or a delayed-scaling group bound to its amax history, which
     then enters the shard_map as a replicated input (its cotangent carries the amaxes out)."""
     batch = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    tok2, tok1, exp = P(batch, None), P(batch), P("expert", None, None)
+    tok2, tok1 = P(batch, None), P(batch)
+    gate, up, down = (_expert_spec(k, P("expert", None, None)) for k in kernels)
     local = _all_to_all_local if cfg.transport == "all_to_all" else _allgather_local
     fn = functools.partial(
         local,
@@ -50,17 +52,26 @@ def expert_parallel_experts(x, idx, weights, mask, kernels, cfg, mesh, fp8=None)
         return jax.shard_map(
             with_history,
             mesh=mesh,
-            in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp, P()),
+            in_specs=(tok2, tok2, tok2, tok1, gate, up, down, P()),
             out_specs=(tok2, tok2),
             check_vma=False,
         )(x, idx, weights, mask, *kernels, fp8.hist)
     return jax.shard_map(
         functools.partial(fn, fp8=fp8),
         mesh=mesh,
-        in_specs=(tok2, tok2, tok2, tok1, exp, exp, exp),
+        in_specs=(tok2, tok2, tok2, tok1, gate, up, down),
         out_specs=(tok2, tok2),
         check_vma=False,
     )(x, idx, weights, mask, *kernels)
+
+
+def _expert_spec(kernel, spec: P):
+    """The shard_map spec of one kernel: split over experts; a LoRA kernel's A and B likewise, its
+    dropout key replicated."""
+    if isinstance(kernel, ExpertKernel):
+        seed = None if kernel.seed is None else P()
+        return kernel.replace(base=spec, a=spec, b=spec, seed=seed)
+    return spec
 
 
 def _all_to_all_local(x, idx, weights, mask, gate, up, down, *, num_experts, top_k, factor, ep, fp8):

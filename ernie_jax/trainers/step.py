@@ -21,6 +21,7 @@ from flax import nnx
 from ernie_jax.config import Config
 from ernie_jax.model import router_losses
 from ernie_jax.model.ernie_vl import vision_token_ids
+from ernie_jax.model.lora import with_dropout_seeds
 from ernie_jax.model.param_parts import ROUTER_PATH, ROUTERS, param_part
 from ernie_jax.precision.fp8 import update_histories
 from ernie_jax.trainers.state import TrainState, lr_schedule
@@ -141,14 +142,23 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         params, buffers, base = state["params"], state["buffers"], state.get("base", {})
+
+        def dropout_keys(buffers, micro_index):
+            """LoRA dropout: this step's and micro-batch's masks (the state keeps the seeds at zero)."""
+            if not cfg.lora.enabled or not cfg.lora.dropout:
+                return buffers
+            key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            return with_dropout_seeds(buffers, jax.random.fold_in(key, micro_index))
+
         # delayed-scaling FP8: differentiate w.r.t. the buffers too; the amax histories' cotangents
         # carry this step's amaxes (max over micro-batches), rolled in after the update
         fp8_state = _has_fp8_meta(buffers)
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if fp8_state else 0, has_aux=True)
 
-        def micro_step(acc, micro):
-            micro = with_task_inputs(state, buffers, micro)
-            (loss, (metrics, load)), grads = grad_fn(params, buffers, base, micro)
+        def micro_step(acc, xs):
+            micro, i = xs
+            micro = with_task_inputs(state, buffers, micro)  # a task's reference pass: no dropout
+            (loss, (metrics, load)), grads = grad_fn(params, dropout_keys(buffers, i), base, micro)
             grads, amax = grads if fp8_state else (grads, None)
             if cfg.train.modality_detach:
                 grads = _detach_language_model(grads, micro, cfg)
@@ -168,8 +178,8 @@ def make_train_step(
             lambda s: jnp.zeros(s.shape, s.dtype),
             (loss_shape, grads_shape, metrics_shape, load_shape, amax_shape),
         )
-        (loss, grads, metrics, load, amax), _ = jax.lax.scan(micro_step, zeros, batch)
         n = batch["input_ids"].shape[0]
+        (loss, grads, metrics, load, amax), _ = jax.lax.scan(micro_step, zeros, (batch, jnp.arange(n)))
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: (v if k == "tokens" else v / n) for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, state["opt_state"], params)

@@ -13,9 +13,10 @@ from flax import nnx
 from ernie_jax.config import LoraConfig, MoEConfig, load_config
 from ernie_jax.errors import ConfigError
 from ernie_jax.model import build_model
-from ernie_jax.model.lora import FrozenParam, LoraParam, apply_lora, targeted_modules
+from ernie_jax.model.lora import FrozenParam, LoraParam, apply_lora, targeted_modules, with_dropout_seeds
 from ernie_jax.model.moe import PROJECTIONS, MoEBlock
-from ernie_jax.ops.lora import lora_scale
+from ernie_jax.ops.lora import ExpertKernel, buffer_dot, grouped_dot, low_rank, lora_scale
+from ernie_jax.trainers.state import split_model
 
 
 def _mesh(**axes):
@@ -156,3 +157,70 @@ def test_targets_by_group_and_pattern_and_errors():
         load_config("configs/tiny_moe.yaml", ["lora.enabled=true", "lora.targets=[attention,(]"])
     with pytest.raises(ConfigError, match="dpo.reference=base needs adapters"):
         load_config("configs/dpo_tiny.yaml", ["dpo.reference=base"])
+
+
+def test_dropout_is_off_in_the_state_and_unbiased_when_the_step_sets_keys():
+    cfg = load_config(
+        "configs/tiny_dense.yaml", ["model.num_layers=2", "lora.enabled=true", "lora.dropout=0.25"]
+    )
+    model = build_model(cfg, nnx.Rngs(0))
+    _trained_adapters(model)
+    graphdef, params, buffers, base = split_model(model)
+    plain_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0))
+    plain = nnx.merge(split_model(build_model(plain_cfg, nnx.Rngs(0)))[0], params, base, {})
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.model.vocab_size)
+    want = plain(ids).logits
+    # zero seeds (eval, generation, the stored state): no dropout at all
+    np.testing.assert_array_equal(nnx.merge(graphdef, params, buffers, base)(ids).logits, want)
+    seeded = with_dropout_seeds(buffers, jax.random.key(7))
+    seeds = np.asarray(seeded["prefix"]["self_attn"]["q_proj"]["lora"]["dropout_seed"])
+    assert seeds.shape == (2, 2) and not np.array_equal(seeds[0], seeds[1])  # one mask per layer
+    got = nnx.merge(graphdef, params, seeded, base)(ids).logits
+    assert float(jnp.abs(got - want).max()) > 1e-3
+    # inverted dropout: the adapter's output is unbiased over masks
+    q = plain.prefix.self_attn.q_proj
+    x = jax.random.normal(jax.random.key(2), (4, cfg.model.hidden_size))
+    a, b, scale = q.lora.a[0], q.lora.b[0], q.lora.scale
+    keys = jax.random.key_data(jax.random.split(jax.random.key(3), 4000))
+    mean = jax.vmap(lambda s: low_rank(x, a, b, scale, 0.25, s))(keys).mean(0)
+    exact = low_rank(x, a, b, scale)
+    np.testing.assert_allclose(mean, exact, atol=0.06 * float(jnp.abs(exact).max()))
+
+
+def test_expert_dropout_reaches_both_dispatches():
+    e, k, n, r = 4, 8, 6, 2
+    ks = jax.random.split(jax.random.key(0), 4)
+    w = ExpertKernel(
+        jax.random.normal(ks[0], (e, k, n)),
+        jax.random.normal(ks[1], (e, k, r)),
+        jax.random.normal(ks[2], (e, r, n)),
+        0.5,
+        0.5,
+        jnp.zeros((2,), jnp.uint32),
+    )
+    xs = jax.random.normal(ks[3], (10, k))
+    sizes = jnp.array([3, 2, 4, 1], jnp.int32)
+    off = grouped_dot(xs, w, sizes)
+    np.testing.assert_allclose(off, grouped_dot(xs, w.replace(rate=0.0, seed=None), sizes), atol=1e-6)
+    on = grouped_dot(xs, w.replace(seed=jax.random.key_data(jax.random.key(1))), sizes)
+    assert float(jnp.abs(on - off).max()) > 1e-3
+    buf = xs[:8].reshape(e, 2, k)
+    on_buf = buffer_dot(buf, w.replace(seed=jax.random.key_data(jax.random.key(1))))
+    assert float(jnp.abs(on_buf - buffer_dot(buf, w)).max()) > 1e-3
+
+
+def test_expert_dropout_runs_inside_the_expert_parallel_shard_map():
+    block = _block("capacity", "all_to_all", ep=True)
+    _trained_adapters(apply_lora(block, _lora_cfg(dropout=0.25), jax.random.key(1)))
+    x = jax.random.normal(jax.random.key(5), (4, 16, 24))
+    mask = jnp.ones((4, 16), bool)
+    with jax.set_mesh(_mesh(data=2, expert=4)):
+        off = nnx.jit(lambda m: m(x, mask)[0])(block)
+        for name in PROJECTIONS:
+            getattr(block.experts, name + "_lora").dropout_seed[...] = jax.random.key_data(jax.random.key(2))
+        on = nnx.jit(lambda m: m(x, mask)[0])(block)
+    lcfg = _lora_cfg()
+    np.testing.assert_allclose(
+        off, _merged(block, lora_scale(lcfg.alpha, lcfg.rank, lcfg.rslora))(x, mask)[0], atol=2e-5
+    )
+    assert float(jnp.abs(on - off).max()) > 1e-3
