@@ -4,7 +4,8 @@ runs of the shared loop.
 `stages:` in the config lists the stages; each runs `stage_config(cfg, stage)` in its own
 sub-workdir `<workdir>/<k>_<name>/` (checkpoints, resumable), logs into the top-level
 metrics.jsonl with `stage` on every line and a continuing step count, and starts from the previous
-stage's final params and routing biases (`checkpoint.init_from` = the previous sub-workdir). Params
+stage's final params and routing biases (`checkpoint.init_from` = the previous sub-workdir; for a
+LoRA stage after a LoRA stage, `lora.init_from` = the previous sub-workdir and the base stays). Params
 the previous stage did not have (the ViT, adapter and vision experts when stage III switches the VL
 model on) keep their fresh initialisation. A finished stage is skipped on restart, a stopped one
 resumes, so a run killed anywhere (also right at a boundary) continues where it was.
@@ -123,7 +124,10 @@ def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
     for k, stage in enumerate(cfg.stages):
         sdir = _stage_dir(workdir, k, stage)
         scfg = stage_config(cfg, stage)
-        if prev is not None:
+        if prev is not None and scfg.lora.enabled and stage_config(cfg, cfg.stages[k - 1]).lora.enabled:
+            # LoRA after LoRA: the adapters carry over; the base stays checkpoint.init_from's
+            scfg = dataclasses.replace(scfg, lora=dataclasses.replace(scfg.lora, init_from=prev))
+        elif prev is not None:
             scfg = dataclasses.replace(scfg, checkpoint=dataclasses.replace(scfg.checkpoint, init_from=prev))
         if _finished(sdir, stage.steps) and stage.name in done:
             out.append(done[stage.name])

@@ -20,6 +20,7 @@ from ernie_jax.errors import CheckpointError, ConfigError
 from ernie_jax.model import build_model
 from ernie_jax.trainers.loop import run
 from ernie_jax.trainers.pretrain import text_pretraining_task
+from ernie_jax.trainers.stages import run_stages
 from ernie_jax.trainers.state import split_model
 from tests.hf_reference import make_hf_model
 from tests.trainers.test_init_from import MATCHING
@@ -141,3 +142,41 @@ def test_frozen_targets_are_refused(trained, tmp_path):
         run(cfg, str(tmp_path / "w"), text_pretraining_task, quiet=True)
     assert not os.path.exists(tmp_path / "w" / "checkpoints" / "1")
     assert dataclasses.is_dataclass(cfg.lora)
+
+
+def test_saved_bf16_base_exports_without_its_source(trained, tmp_path):
+    src, _ = trained
+    workdir = tmp_path / "w"
+    cfg = _cfg(src, "lora.save_base=true", "lora.base_dtype=bfloat16", "train.steps=2")
+    run(cfg, str(workdir), text_pretraining_task, quiet=True)
+    state = _state(workdir, 2)
+    kernel = state["base"]["units"]["moe"]["mlp"]["experts"]["gate_proj"]
+    assert kernel.dtype == jnp.bfloat16  # the frozen base at half the bytes
+    # the export needs no checkpoint.init_from: move the source away
+    moved = str(tmp_path / "moved_src")
+    shutil.copytree(src, moved)
+    shutil.rmtree(src)
+    try:
+        got = load_pretrained(str(workdir)).units.moe.mlp.experts.gate_proj[...]
+    finally:
+        shutil.copytree(moved, src)
+    ad = state["params"]["units"]["moe"]["mlp"]["experts"]["gate_proj_lora"]
+    want = np.asarray(kernel, np.float32) + 2.0 * (ad["a"] @ ad["b"])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_stages_carry_adapters_and_keep_the_base(trained, tmp_path):
+    src, workdir = trained
+    recipe = tmp_path / "stages.yaml"
+    recipe.write_text(
+        f"base: {os.path.abspath('configs/tiny_moe.yaml')}\n"
+        "stages:\n"
+        "  - {name: one, steps: 2}\n"
+        "  - {name: two, steps: 1, set: [optimizer.learning_rate=0]}\n"
+    )
+    cfg = load_config(str(recipe), MATCHING + LORA + [f"checkpoint.init_from={src}", "checkpoint.interval=1"])
+    run_stages(cfg, str(tmp_path / "s"), quiet=True)
+    one, two = (_state(tmp_path / "s" / d, n) for d, n in (("1_one", 2), ("2_two", 1)))
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+        np.testing.assert_array_equal(a, b)  # lr 0: stage two holds stage one's adapters
