@@ -232,6 +232,8 @@ class Console:
         parts += (
             [f"loss {m['loss']:.4f}", f"lm {m['lm_loss']:.4f}"] if "loss" in m else ["every step skipped"]
         )
+        if "reward" in m:  # on-policy RL: the sampled answers' mean reward
+            parts.append(f"reward {m['reward']:.3f}")
         if "tokens_per_s" in m:
             parts.append(f"{m['tokens_per_s']:.0f} tok/s")
         if "mfu" in m:

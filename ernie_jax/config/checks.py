@@ -8,6 +8,7 @@ from ernie_jax.config.schema import (
     DROPPABLE,
     FREEZE_GROUPS,
     LORA_TARGETS,
+    REWARD_BUILT_IN,
     Config,
     LoraConfig,
     StageConfig,
@@ -145,6 +146,7 @@ def check_config(cfg: Config) -> None:
             "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it",
         )
     _check_lora(cfg)
+    _check_rl(cfg)
     o = cfg.optimizer
     _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     _require(0 <= o.decay_fraction <= 1, f"optimizer.decay_fraction={o.decay_fraction} must be in [0, 1]")
@@ -336,6 +338,52 @@ def _check_lora(cfg: Config) -> None:
             raise ConfigError(
                 f"lora.targets: {t!r} is neither a group {LORA_TARGETS} nor a valid pattern ({err})"
             ) from None
+
+
+def _check_rl(cfg: Config) -> None:
+    rl, d = cfg.rl, cfg.data
+    if d.kind != "prompts":
+        return
+    g = rl.num_generations
+    _require(g >= 2, f"rl.num_generations={g}: group-relative advantages need >= 2 answers per prompt")
+    _require(rl.prompts_per_step >= 1, f"rl.prompts_per_step={rl.prompts_per_step} must be >= 1")
+    rows = d.batch_size * cfg.optimizer.grad_accum_steps
+    _require(
+        rl.prompts_per_step * g == rows,
+        f"rl.prompts_per_step x rl.num_generations = {rl.prompts_per_step * g} answers per rollout, but "
+        f"a step takes data.batch_size x optimizer.grad_accum_steps = {rows} rows; make them equal",
+    )
+    _require(
+        d.batch_size % g == 0,
+        f"data.batch_size={d.batch_size} must be a multiple of rl.num_generations={g} (a micro-batch holds "
+        f"whole groups)",
+    )
+    _require(
+        1 <= rl.max_new_tokens < d.seq_len,
+        f"rl.max_new_tokens={rl.max_new_tokens} must be in [1, data.seq_len={d.seq_len})",
+    )
+    _require(
+        rl.temperature > 0, f"rl.temperature={rl.temperature} must be > 0 (greedy samples are all alike)"
+    )
+    _require(0 < rl.top_p <= 1, f"rl.top_p={rl.top_p} must be in (0, 1]")
+    _require(
+        0 <= rl.clip_low < 1 and rl.clip_high >= 0, "rl.clip_low must be in [0, 1) and rl.clip_high >= 0"
+    )
+    _require(rl.kl_coef >= 0, f"rl.kl_coef={rl.kl_coef} must be >= 0")
+    _require(rl.ppo_epochs >= 1, f"rl.ppo_epochs={rl.ppo_epochs} must be >= 1")
+    _require(
+        rl.reference != "base" or cfg.lora.enabled,
+        "rl.reference=base needs adapters (lora.enabled=true); use rl.reference=copy",
+    )
+    _require(
+        rl.reward in REWARD_BUILT_IN or re.fullmatch(r"[\w.]+:\w+", rl.reward) is not None,
+        f"rl.reward={rl.reward!r}: use one of {REWARD_BUILT_IN} or 'package.module:function'",
+    )
+    _require(
+        rl.reward != "regex" or bool(rl.format_regex),
+        "rl.reward=regex needs rl.format_regex (the pattern an answer must match)",
+    )
+    _require(not cfg.vision.enabled, "data.kind=prompts runs text models for now; set vision.enabled=false")
 
 
 def lora_difference(saved: dict, cfg: Config) -> str | None:

@@ -175,7 +175,7 @@ class DataConfig:
     eval_source: tuple[str, ...] = ()
     max_doc_chars: int = 1_000_000
     # image-text data (multimodal JSONL, see ernie_jax/data/multimodal.py)
-    kind: Literal["text", "multimodal", "chat", "preference"] = "text"
+    kind: Literal["text", "multimodal", "chat", "preference", "prompts"] = "text"
     chat_mode: Literal["plain", "thinking", "no_thinking"] = "plain"  # chat / preference rendering
     max_patches: int = 4096  # ViT patches per global batch (fixed shape; rows share it equally)
     max_images_per_row: int = 16
@@ -210,6 +210,7 @@ class TrainConfig:
     seed: int = 0
     eval_interval: int = 200
     eval_steps: int = 10
+    eval_at_start: bool = False  # also evaluate the starting params before the first step (a baseline)
     # parameter groups that get no updates and no optimizer state: vit, adapter, language_model
     # (embeddings, attention, norms, dense FFN, text router/experts, shared experts, head),
     # vision_experts (vision routers + experts)
@@ -240,6 +241,40 @@ class DPOConfig:
     # training stores the reference log-probs (workdir/reference_logps.npz), no second model in memory;
     # base (LoRA runs): the policy with its adapters switched off, no copy at all
     reference: Literal["copy", "cached", "base"] = "copy"
+
+
+REWARD_BUILT_IN = ("exact", "numeric", "regex")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """On-policy RL on prompts (data.kind=prompts, trainers/rl.py): GRPO, or UPO = GRPO + a DPO term
+    on each group's best vs worst answer (ERNIE 4.5's post-training recipe)."""
+
+    algorithm: Literal["grpo", "upo"] = "upo"
+    num_generations: int = 4  # answers sampled per prompt (one group)
+    # prompts per rollout; prompts_per_step x num_generations = data.batch_size x grad_accum_steps
+    prompts_per_step: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high] (DAPO's clip-higher)
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # x k3 estimate of KL(policy || reference)
+    reference: Literal["copy", "base"] = "copy"  # base: LoRA runs, adapters switched off
+    min_reward_std: float = 1e-6  # groups with a smaller reward std are dropped (no signal)
+    ppo_epochs: int = 1  # optimiser steps per rollout
+    upo_dpo_weight: float = 0.1
+    upo_beta: float = 0.1
+    # exact | numeric | regex | package.module:function (called on (prompts, completions, samples))
+    reward: str = "exact"
+    reward_tolerance: float = 0.0  # numeric: |answer - reference| allowed
+    format_regex: str = ""  # regex: the answer must match; with format_weight: a bonus when it does
+    format_weight: float = 0.0
+    length_penalty: float = 0.0  # per answer token beyond length_target
+    length_target: int = 0
+    # held-out prompts for eval_accuracy ("" with data.source=embedded: the embedded held-out set)
+    eval_source: str = ""
 
 
 LORA_TARGETS = ("attention", "mlp", "shared_experts", "experts", "vision_experts", "vit", "adapter")
@@ -319,6 +354,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     log: LogConfig = field(default_factory=LogConfig)
     stages: tuple[StageConfig, ...] = ()  # multi-stage pretraining (trainers/stages.py); empty: one run
 

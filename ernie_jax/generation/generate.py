@@ -37,6 +37,8 @@ def generation_model(model):
         return model
     cfg = model.architecture()
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
+    if getattr(model, "lora_config", None) is not None:  # a LoRA model: the same adapters and frozen base
+        cfg = dataclasses.replace(cfg, lora=model.lora_config)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))
     return nnx.merge(graphdef, nnx.state(model))
 

@@ -140,6 +140,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, key: jax.Array) -> nnx.Module
     """Attach adapters to the targets of `cfg` (in place) and freeze every other weight; returns `model`."""
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     targets = targeted_modules(model, cfg.targets)
+    model.lora_config = cfg  # static: a rebuilt graph (e.g. generation's dropless twin) has the adapters too
     _freeze(model, jnp.dtype(cfg.base_dtype) if cfg.base_dtype else None)
     for i, (_, node) in enumerate(targets):
         k = jax.random.fold_in(key, i)

@@ -32,6 +32,8 @@ def describe_eval(ev: dict) -> str:
         )
         main += "".join(f"  {k} {v:.4f}" for k, v in ev.items() if k.endswith("_loss") and k[:4] != "eval")
         parts.append(main)
+    elif "eval_reward_mean" in ev:  # a task's own evaluation (RL: greedy answers to held-out prompts)
+        parts.append("  ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items() if k.startswith("eval_")))
     elif "eval_tokens" in ev or "eval_pairs" in ev:
         parts.append(
             "no target tokens in the eval batches (every eval sample is masked out), nothing to score; "

@@ -138,21 +138,29 @@ class Loop:
         self.skips = SkipCounter(self.cfg.train.max_skipped_steps)
         self.last: dict = {}
         t = self.task
-        self.evals = t.eval_batches is not None or bool(t.eval_sources) or self.sampler is not None
+        self.evals = (
+            t.eval_batches is not None
+            or bool(t.eval_sources)
+            or self.sampler is not None
+            or t.evaluate is not None
+        )
 
     def run(self, state: dict) -> dict:
         cfg, task = self.cfg, self.task
         start = step = int(state["step"])
         try:
+            if cfg.train.eval_at_start and self.evals and start == 0:
+                self.eval(state, 0, note=" (the starting params)")
             with StopFlag() as flag:
                 while step < cfg.train.steps and not flag.stop:
                     step += 1
                     self.profiler.before(step)
-                    batch = place_batch(
-                        _next_step_batch(task.train_iter, cfg.optimizer.grad_accum_steps),
-                        self.mesh,
-                        batch_dim=1,
+                    raw = (
+                        task.next_batch(state)
+                        if task.next_batch is not None
+                        else _next_step_batch(task.train_iter, cfg.optimizer.grad_accum_steps)
                     )
+                    batch = place_batch(raw, self.mesh, batch_dim=1)
                     state, metrics = self.train_step(state, batch)
                     self.profiler.after(step, metrics)
                     self.window.add(step, metrics)
@@ -205,6 +213,8 @@ class Loop:
 
     def eval(self, state: dict, step: int, note: str = "") -> None:
         ev = evaluate_task(self.eval_step, state, self.task, self.mesh, self.cfg.train.eval_steps)
+        if self.task.evaluate is not None:
+            ev.update(self.task.evaluate(self.graphdef, state))
         if ev:
             self.writer.write(self.step_offset + step, {**ev, **self.tags})
             self.console.say(f"eval @ {step}{note}: {describe_eval(ev)}")

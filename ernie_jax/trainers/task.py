@@ -12,6 +12,11 @@ step (`step.py`) never learn its name. Hooks, all optional:
 - `prepare(graphdef, state, mesh, workdir, fresh) -> dict`: host side, once the model exists and
   before the first step; returns Task fields to replace (DPO with a cached reference builds its
   iterators here, after one pass of the starting model over the data).
+- `next_batch(state) -> batch`: host side, before each step: the step's batch [A, B, ...] built from
+  the current state (RL: answers sampled from the current policy). Without it the loop draws from
+  `train_iter`, which still carries the data state a checkpoint saves.
+- `evaluate(graphdef, state) -> dict`: host side, at each eval: metrics of the task's own (RL:
+  held-out accuracy of greedy answers), logged with the eval split's.
 """
 
 from __future__ import annotations
@@ -53,3 +58,5 @@ class Task:
     init_state: Callable[[dict], dict] | None = None
     batch_inputs: Callable[[Callable, dict, dict], dict] | None = None
     prepare: Callable[..., dict] | None = None
+    next_batch: Callable[[dict], dict] | None = None
+    evaluate: Callable[[Any, dict], dict] | None = None

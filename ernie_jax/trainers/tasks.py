@@ -8,6 +8,7 @@ from ernie_jax.config import Config
 from ernie_jax.trainers.dpo import dpo_task
 from ernie_jax.trainers.eval_sources import with_eval_sources
 from ernie_jax.trainers.pretrain import multimodal_pretraining_task, text_pretraining_task
+from ernie_jax.trainers.rl import rl_task
 from ernie_jax.trainers.sft import sft_task
 from ernie_jax.trainers.task import Task
 
@@ -16,6 +17,7 @@ TASKS: dict[str, Callable[[Config], Task]] = {
     "multimodal": multimodal_pretraining_task,  # packed image-text, LM objective on text targets
     "chat": sft_task,  # chats, loss on assistant tokens
     "preference": dpo_task,  # preference pairs, DPO / IPO / hinge
+    "prompts": rl_task,  # prompts, answers sampled from the policy: GRPO / UPO
 }
 
 
