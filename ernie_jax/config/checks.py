@@ -146,6 +146,7 @@ def check_config(cfg: Config) -> None:
             "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it",
         )
     _check_lora(cfg)
+    _check_dpo(cfg)
     _check_rl(cfg)
     o = cfg.optimizer
     _require(o.grad_accum_steps >= 1, f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1")
@@ -306,6 +307,17 @@ def _validate_pipeline(cfg: Config) -> None:
         cfg.precision.fp8 == "off" or cfg.precision.fp8_recipe != "delayed",
         "precision.fp8_recipe=delayed does not run under pipeline parallelism yet; use current or blockwise",
     )
+
+
+def _check_dpo(cfg: Config) -> None:
+    d = cfg.dpo
+    _require(d.beta > 0, f"dpo.beta={d.beta} must be > 0")
+    _require(
+        d.offset_alpha == 0 or d.loss_type == "sigmoid",
+        f"dpo.offset_alpha={d.offset_alpha} (score-based offset) works with dpo.loss_type=sigmoid only",
+    )
+    _require(d.offset_alpha >= 0, f"dpo.offset_alpha={d.offset_alpha} must be >= 0")
+    _require(d.dpop_lambda >= 0, f"dpo.dpop_lambda={d.dpop_lambda} must be >= 0")
 
 
 def _check_lora(cfg: Config) -> None:

@@ -232,7 +232,15 @@ class DPOConfig:
     """Direct preference optimisation (data.kind=preference), after PaddlePaddle/ERNIE ernie/loss/dpo.py."""
 
     beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    # sigmoid (DPO), ipo, hinge, simpo (reference-free, length-averaged, margin simpo_gamma), dpop
+    # (DPO-Positive: minus dpop_lambda x how far the chosen response fell below the reference)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo", "dpop"] = "sigmoid"
+    simpo_gamma: float = 0.5
+    dpop_lambda: float = 50.0
+    # score-based offset (ODPO): pairs with "chosen_score" > "rejected_score" must win by
+    # offset_alpha x log(score gap); sigmoid loss only
+    offset_alpha: float = 0.0
+    reference_free: bool = False  # no reference model: its log-probs count as 0
     label_smoothing: float = 0.0
     normalize_logps: bool = True  # ERNIEKit: scale each side's log-prob sum to the pair's mean length
     pref_loss_ratio: float = 1.0

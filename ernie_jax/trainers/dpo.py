@@ -10,6 +10,10 @@ z = (log pi_c - log pi_r) - (log ref_c - log ref_r):
   sigmoid: -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
   ipo:     (z' - 1 / (2 beta))^2 with z' from per-token average log-probs
   hinge:   max(0, 1 - beta z)
+  simpo:   -log sigmoid(beta z - gamma), z from per-token average log-probs, no reference (Meng et al. 2024)
+  dpop:    sigmoid on z - lambda max(0, log ref_c - log pi_c) (DPO-Positive, Pal et al. 2024)
+  offset_alpha > 0 (sigmoid): -log sigmoid(beta z - alpha log(score_c - score_r)) for pairs with a
+  positive score gap (ODPO, Amini et al. 2024); reference_free: the reference log-probs count as 0.
 plus sft_loss_ratio x NLL of the chosen response. Reference log-probs come either from a frozen copy
 of the starting policy (`dpo.reference: copy`, `ref_params` in the train state) or from one pass over
 the data before training, cached in the workdir (`cached`).
@@ -54,7 +58,8 @@ def read_preferences(source: str):
         if not isinstance(prompt, list):
             raise ValueError
         chosen, rejected, images = obj["chosen"], obj["rejected"], list(obj.get("images") or [])
-        return next(counter), base, prompt, chosen, rejected, images  # ids 0..n-1 over usable lines
+        gap = float(obj.get("chosen_score", 0.0)) - float(obj.get("rejected_score", 0.0))
+        return next(counter), base, prompt, chosen, rejected, images, gap  # ids 0..n-1 over usable lines
 
     return read_jsonl(source, EMBEDDED_PREFERENCE, parse)
 
@@ -69,7 +74,7 @@ class PairEncoder:
         self.encode = SampleEncoder(cfg, tokenizer, stats, max_patches_row)
 
     def __call__(self, item):
-        ex_id, base, prompt, chosen, rejected, images = item
+        ex_id, base, prompt, chosen, rejected, images, gap = item
         if chosen == rejected:
             self.stats.add("same_pair")
             return None
@@ -94,6 +99,9 @@ class PairEncoder:
         )
         out["example"] = np.full(n, ex_id, np.int32)
         ref = np.zeros(n, np.float32)
+        score_gap = np.zeros(n, np.float32)
+        score_gap[int(np.argmax(parts[0]["targets"][1:] > 0)) + 1] = gap  # on the chosen part's first target
+        out["gap"] = score_gap
         if self.cache is not None:  # the cached pair sums sit on each part's first target token
             offset = 0
             for i, p in enumerate(parts):
@@ -110,6 +118,7 @@ def pair_row_inputs(ex: dict) -> dict:
     seg2 = np.where(seg > 0, 2 * seg - 2 + ex["part"], 0).astype(np.int32)
     out = _row_inputs({**ex, "tokens_segment_ids": seg2})
     out["ref_logp"] = ex["ref"][1:].astype(np.float32)
+    out["score_gap"] = ex["gap"][1:].astype(np.float32)
     out["example"] = ex["example"][:-1]
     return out
 
@@ -130,14 +139,17 @@ def pair_sums(values: jax.Array, segment_ids: jax.Array) -> Pair:
     return Pair(sums[:, 1 : 2 * k + 1 : 2], sums[:, 2 : 2 * k + 2 : 2])
 
 
-def preference_loss(z: jax.Array, beta: float, loss_type: str, label_smoothing: float) -> jax.Array:
+def preference_loss(
+    z: jax.Array, beta: float, loss_type: str, label_smoothing: float, offset: jax.Array | float = 0.0
+) -> jax.Array:
+    """The loss of a pair from its margin z; `offset` is subtracted from beta z (SimPO's gamma, the
+    score-based offset)."""
     if loss_type == "ipo":
         return (z - 1.0 / (2.0 * beta)) ** 2
     if loss_type == "hinge":
         return jax.nn.relu(1.0 - beta * z)
-    return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * z) - label_smoothing * jax.nn.log_sigmoid(
-        -beta * z
-    )
+    x = beta * z - offset
+    return -(1 - label_smoothing) * jax.nn.log_sigmoid(x) - label_smoothing * jax.nn.log_sigmoid(-x)
 
 
 def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
@@ -153,7 +165,7 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
     def compared(logps: Pair) -> Pair:
         """The log-prob sums the loss compares: per token (IPO), scaled to the pair's mean response
         length (ERNIEKit's normalisation) or as they are."""
-        if d.loss_type == "ipo":
+        if d.loss_type in ("ipo", "simpo"):
             return Pair(logps.chosen / safe.chosen, logps.rejected / safe.rejected)
         if d.normalize_logps:
             mean_len = (length.chosen + length.rejected) / 2
@@ -161,9 +173,18 @@ def dpo_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
         return logps
 
     pol, refc = compared(policy), compared(reference)
+    if d.reference_free or d.loss_type == "simpo":  # no reference model (SimPO is reference-free)
+        refc = Pair(jnp.zeros_like(pol.chosen), jnp.zeros_like(pol.rejected))
     z = (pol.chosen - pol.rejected) - (refc.chosen - refc.rejected)
+    if d.loss_type == "dpop":  # Pal et al. 2024: penalise the chosen response falling below the reference
+        z = z - d.dpop_lambda * jax.nn.relu(refc.chosen - pol.chosen)
+    offset = d.simpo_gamma if d.loss_type == "simpo" else 0.0
+    if d.offset_alpha:  # ODPO (Amini et al. 2024): a larger score gap asks for a larger margin
+        gap = pair_sums(batch["score_gap"], seg).chosen
+        offset = jnp.where(gap > 0, d.offset_alpha * jnp.log(jnp.maximum(gap, 1e-12)), 0.0)
     pairs = jnp.maximum(valid.sum(), 1.0)
-    pref = jnp.sum(preference_loss(z, d.beta, d.loss_type, d.label_smoothing) * valid) / pairs
+    kind = "sigmoid" if d.loss_type in ("simpo", "dpop") else d.loss_type
+    pref = jnp.sum(preference_loss(z, d.beta, kind, d.label_smoothing, offset) * valid) / pairs
     chosen_tokens = jnp.maximum(jnp.sum(length.chosen * valid), 1.0)
     sft = -jnp.sum(policy.chosen * valid) / chosen_tokens
     router = router_loss_total(out, cfg.moe)
@@ -235,13 +256,15 @@ class DPOTask:
                 "part": self.cfg.data.seq_len + 1,
                 "example": self.cfg.data.seq_len + 1,
                 "ref": self.cfg.data.seq_len + 1,
+                "gap": self.cfg.data.seq_len + 1,
             },
         )
 
     def prepare(self, graphdef, state, mesh, workdir: str, fresh: bool) -> dict:
         """The Task's iterators; with a cached reference, first compute (fresh run) or load the
         per-pair reference log-prob sums they carry."""
-        if self.cfg.dpo.reference == "cached":
+        d = self.cfg.dpo
+        if d.reference == "cached" and not (d.reference_free or d.loss_type == "simpo"):
             path = join(workdir, CACHE_FILE)
             if fresh:
                 self.cache = compute_reference_cache(self, graphdef, state, mesh)
@@ -343,8 +366,14 @@ DPO_EVAL = EvalReport(
 
 def dpo_task(cfg: Config) -> Task:
     dpo = DPOTask(cfg)
-    copy = cfg.dpo.reference == "copy"
-    inputs = {"copy": reference_inputs, "base": base_reference_inputs}.get(cfg.dpo.reference)
+    # SimPO and reference_free need no reference model at all
+    needs_ref = not (cfg.dpo.reference_free or cfg.dpo.loss_type == "simpo")
+    copy = cfg.dpo.reference == "copy" and needs_ref
+    inputs = (
+        {"copy": reference_inputs, "base": base_reference_inputs}.get(cfg.dpo.reference)
+        if needs_ref
+        else None
+    )
     return Task(
         objective=dpo_objective,
         train_iter=None,

@@ -154,7 +154,11 @@ def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
                 "stage": stage.name,
                 "steps": stage.steps,
                 "end_step": offset + stage.steps,
-                **{k2: float(last[k2]) for k2 in ("eval_loss", "text_eval_loss", "lm_loss") if k2 in last},
+                **{
+                    k2: float(last[k2])
+                    for k2 in ("eval_loss", "text_eval_loss", "lm_loss", "eval_accuracy", "eval_reward_mean")
+                    if k2 in last
+                },
             }
             if (
                 "text_eval_loss" not in row
@@ -170,5 +174,9 @@ def _run_stages(cfg: Config, workdir: str, quiet: bool) -> list[dict]:
     if not quiet:
         for r in out:
             text = f"  text val loss {r['text_eval_loss']:.4f}" if "text_eval_loss" in r else ""
-            print(f"stage {r['stage']:<14} eval loss {r.get('eval_loss', float('nan')):.4f}{text}")
+            if "eval_accuracy" in r:  # an RL stage: held-out accuracy of greedy answers
+                print(f"stage {r['stage']:<14} held-out accuracy {r['eval_accuracy']:.4f}")
+                continue
+            loss = f"eval loss {r['eval_loss']:.4f}" if "eval_loss" in r else "(no eval split)"
+            print(f"stage {r['stage']:<14} {loss}{text}")
     return out

@@ -18,20 +18,32 @@ from ernie_jax.model.ernie import ModelOutput
 from ernie_jax.trainers.dpo import dpo_objective, pair_sums
 
 
-def _reference(pc, pr, rc, rr, nc, nr, beta, kind, eps, normalize):
+def _reference(pc, pr, rc, rr, nc, nr, beta, kind, eps, normalize, extra=None):
     """Direct transcription of the formulas (Rafailov et al. 2023 DPO; Azar et al. 2023 IPO;
-    ERNIEKit length normalisation), one pair at a time in plain Python."""
+    ERNIEKit length normalisation; Meng et al. 2024 SimPO; Pal et al. 2024 DPOP; Amini et al. 2024
+    ODPO's log-gap offset), one pair at a time in plain Python."""
+    extra = extra or {}
     out = []
     for i in range(len(pc)):
         a, b, c, d = pc[i], pr[i], rc[i], rr[i]
-        if kind == "ipo":
+        if kind in ("ipo", "simpo"):
             a, b, c, d = a / nc[i], b / nr[i], c / nc[i], d / nr[i]
         elif normalize:
             m = (nc[i] + nr[i]) / 2
             a, b, c, d = a * m / nc[i], b * m / nr[i], c * m / nc[i], d * m / nr[i]
+        if kind == "simpo" or extra.get("reference_free"):
+            c = d = 0.0
         z = (a - b) - (c - d)
         sig = lambda x: 1 / (1 + math.exp(-x))
-        if kind == "sigmoid":
+        if kind == "simpo":
+            out.append(-math.log(sig(beta * z - extra["gamma"])))
+        elif kind == "dpop":
+            out.append(-math.log(sig(beta * (z - extra["lambda"] * max(0.0, c - a)))))
+        elif kind == "sigmoid" and extra.get("gaps"):
+            g = extra["gaps"][i]
+            off = extra["alpha"] * math.log(g) if g > 0 else 0.0
+            out.append(-math.log(sig(beta * z - off)))
+        elif kind == "sigmoid":
             out.append(-(1 - eps) * math.log(sig(beta * z)) - eps * math.log(sig(-beta * z)))
         elif kind == "ipo":
             out.append((z - 1 / (2 * beta)) ** 2)
@@ -60,14 +72,36 @@ def _batch_from_pairs(rng, pairs):
     # logits over 2 classes with label 0: log p(0) = lp  <=>  logit0 - logaddexp(logit0, logit1) = lp
     logit1 = np.log(np.expm1(-lp) + 1e-30)
     logits = np.stack([np.zeros_like(lp), logit1], -1)
-    return logits, {"labels": labels, "segment_ids": seg, "loss_mask": mask, "ref_logp": ref}, lp, ref
+    gap = np.zeros((1, s), np.float32)
+    for k, g in enumerate((2.0, -1.0, 0.5)[: len(pairs)]):  # on each chosen part's first target
+        gap[0, int(np.argmax((seg[0] == 2 * k + 1) & (mask[0] > 0)))] = g
+    batch = {"labels": labels, "segment_ids": seg, "loss_mask": mask, "ref_logp": ref, "score_gap": gap}
+    return logits, batch, lp, ref
+
+
+VARIANTS = {
+    "simpo": (["dpo.simpo_gamma=0.7"], {"gamma": 0.7}),
+    "dpop": (["dpo.dpop_lambda=5"], {"lambda": 5.0}),
+    "offset": (["dpo.offset_alpha=0.4"], {"alpha": 0.4, "gaps": [2.0, -1.0, 0.5]}),
+    "reference_free": (["dpo.reference_free=true"], {"reference_free": True}),
+}
 
 
 @pytest.mark.parametrize(
-    "kind,eps,normalize",
-    [("sigmoid", 0.0, True), ("sigmoid", 0.1, False), ("ipo", 0.0, True), ("hinge", 0.0, True)],
+    "kind,eps,normalize,variant",
+    [
+        ("sigmoid", 0.0, True, None),
+        ("sigmoid", 0.1, False, None),
+        ("ipo", 0.0, True, None),
+        ("hinge", 0.0, True, None),
+        ("simpo", 0.0, True, "simpo"),
+        ("dpop", 0.0, True, "dpop"),
+        ("sigmoid", 0.0, True, "offset"),
+        ("sigmoid", 0.0, False, "reference_free"),
+    ],
 )
-def test_loss_matches_published_formulas(kind, eps, normalize):
+def test_loss_matches_published_formulas(kind, eps, normalize, variant):
+    sets, extra = VARIANTS.get(variant, ([], {}))
     rng = np.random.default_rng(0)
     pairs = [(3, 5), (4, 2), (6, 6)]
     logits, batch, lp, ref = _batch_from_pairs(rng, pairs)
@@ -78,6 +112,7 @@ def test_loss_matches_published_formulas(kind, eps, normalize):
             f"dpo.label_smoothing={eps}",
             f"dpo.normalize_logps={str(normalize).lower()}",
             "dpo.beta=0.3",
+            *sets,
         ],
     )
     zero = jnp.zeros(())
@@ -92,7 +127,7 @@ def test_loss_matches_published_formulas(kind, eps, normalize):
     rc = [sums(ref, 2 * k + 1) for k in range(3)]
     rr = [sums(ref, 2 * k + 2) for k in range(3)]
     nc, nr = [p[0] for p in pairs], [p[1] for p in pairs]
-    want = _reference(pc, pr, rc, rr, nc, nr, 0.3, kind, eps, normalize)
+    want = _reference(pc, pr, rc, rr, nc, nr, 0.3, kind, eps, normalize, extra)
     np.testing.assert_allclose(float(m["dpo_loss"]), want, rtol=1e-4)
     assert float(m["pairs"]) == 3
 
