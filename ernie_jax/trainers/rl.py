@@ -32,7 +32,7 @@ from ernie_jax.data.chat import end_ids
 from ernie_jax.data.prompts import EMBEDDED_PROMPTS_EVAL, Prompt, read_prompts, require_answers
 from ernie_jax.data.tokenizer import Tokenizer
 from ernie_jax.errors import CheckpointError
-from ernie_jax.generation import generate
+from ernie_jax.generation import generate, pad_prompts
 from ernie_jax.model.ernie import router_loss_total
 from ernie_jax.parallel.mesh import place_batch
 from ernie_jax.paths import as_path, join, write_atomic
@@ -128,6 +128,12 @@ def _pair_loss(logp, mask, batch, beta: float) -> jax.Array:
 # ----------------------------------------------------------------------------- rollouts
 
 
+def fixed_width(prompts: list, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts right-padded to the longest a run allows (data.seq_len - rl.max_new_tokens): every
+    rollout and evaluation reuses one compiled generation program."""
+    return pad_prompts(prompts, cfg.model.pad_token_id, cfg.data.seq_len - cfg.rl.max_new_tokens)
+
+
 class Rollouts:
     """The RL task's data: builds each step's batch from the current params (`next_batch`), and is
     its train_iter (get_state / set_state: the rollout index, for the record; everything else
@@ -178,10 +184,12 @@ class Rollouts:
         chosen = [self.prompts[i] for i in self.prompt_indices(k) for _ in range(g)]
         t0 = time.perf_counter()
         model = model_of(self.graphdef, state)
+        ids, lens = fixed_width([p.ids for p in chosen], cfg)
         with jax.set_mesh(self.mesh):
             got = generate(
                 model,
-                [list(p.ids) for p in chosen],
+                ids,
+                prompt_lengths=lens,
                 max_new_tokens=rl.max_new_tokens,
                 temperature=rl.temperature,
                 top_p=rl.top_p,
@@ -292,10 +300,12 @@ class HeldOutAccuracy:
         model = model_of(graphdef, state)
         for start in range(0, len(self.prompts), b):
             chunk = self.prompts[start : start + b]
+            ids, lens = fixed_width([p.ids for p in chunk] + [chunk[-1].ids] * (b - len(chunk)), self.cfg)
             with jax.set_mesh(self.mesh):
                 got = generate(
                     model,
-                    [list(p.ids) for p in chunk] + [list(chunk[-1].ids)] * (b - len(chunk)),
+                    ids,
+                    prompt_lengths=lens,
                     max_new_tokens=rl.max_new_tokens,
                     temperature=0.0,
                     eos_token_ids=self.ends,
