@@ -128,10 +128,29 @@ def _pair_loss(logp, mask, batch, beta: float) -> jax.Array:
 # ----------------------------------------------------------------------------- rollouts
 
 
-def fixed_width(prompts: list, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts right-padded to the longest a run allows (data.seq_len - rl.max_new_tokens): every
-    rollout and evaluation reuses one compiled generation program."""
-    return pad_prompts(prompts, cfg.model.pad_token_id, cfg.data.seq_len - cfg.rl.max_new_tokens)
+def answers(model, prompts: list[Prompt], cfg: Config, mesh, tokenizer, ends, temperature: float, seed: int):
+    """(generated, answer texts, answer lengths in tokens incl. the end token) for `prompts`. Prompts
+    are right-padded to the longest a run allows (data.seq_len - rl.max_new_tokens), so every rollout
+    and evaluation reuses one compiled generation program."""
+    width = cfg.data.seq_len - cfg.rl.max_new_tokens
+    ids, lens = pad_prompts([p.ids for p in prompts], cfg.model.pad_token_id, width)
+    with jax.set_mesh(mesh):
+        got = generate(
+            model,
+            ids,
+            prompt_lengths=lens,
+            max_new_tokens=cfg.rl.max_new_tokens,
+            temperature=temperature,
+            top_p=cfg.rl.top_p,
+            seed=seed,
+            eos_token_ids=ends,
+        )
+    texts, lengths = [], []
+    for i in range(len(prompts)):
+        toks = got.tokens[i, : int(got.lengths[i])].tolist()
+        lengths.append(len(toks))
+        texts.append(tokenizer.decode(toks[:-1] if toks and toks[-1] in ends else toks))
+    return got, texts, lengths
 
 
 class Rollouts:
@@ -183,26 +202,18 @@ class Rollouts:
         g, s = rl.num_generations, cfg.data.seq_len
         chosen = [self.prompts[i] for i in self.prompt_indices(k) for _ in range(g)]
         t0 = time.perf_counter()
-        model = model_of(self.graphdef, state)
-        ids, lens = fixed_width([p.ids for p in chosen], cfg)
-        with jax.set_mesh(self.mesh):
-            got = generate(
-                model,
-                ids,
-                prompt_lengths=lens,
-                max_new_tokens=rl.max_new_tokens,
-                temperature=rl.temperature,
-                top_p=rl.top_p,
-                seed=int(np.random.default_rng([cfg.train.seed, k, 7]).integers(1 << 31)),
-                eos_token_ids=self.ends,
-            )
+        seed = int(np.random.default_rng([cfg.train.seed, k, 7]).integers(1 << 31))
+        got, texts, lengths = answers(
+            model_of(self.graphdef, state),
+            chosen,
+            cfg,
+            self.mesh,
+            self.tokenizer,
+            self.ends,
+            rl.temperature,
+            seed,
+        )
         seconds = time.perf_counter() - t0
-        texts, lengths = [], []
-        for i in range(len(chosen)):
-            n = int(got.lengths[i])
-            toks = got.tokens[i, :n].tolist()
-            lengths.append(n)
-            texts.append(self.tokenizer.decode(toks[:-1] if toks and toks[-1] in self.ends else toks))
         scores = self.reward.score([p.text for p in chosen], texts, [p.sample for p in chosen], lengths)
         rewards = np.asarray(scores.rewards, np.float32)
         adv, filtered = group_advantages(rewards, g, rl.min_reward_std)
@@ -295,26 +306,14 @@ class HeldOutAccuracy:
         self.mesh = None
 
     def __call__(self, graphdef, state: dict) -> dict:
-        rl, b = self.cfg.rl, self.cfg.data.batch_size
+        b = self.cfg.data.batch_size
         rewards, correct = [], []
         model = model_of(graphdef, state)
         for start in range(0, len(self.prompts), b):
             chunk = self.prompts[start : start + b]
-            ids, lens = fixed_width([p.ids for p in chunk] + [chunk[-1].ids] * (b - len(chunk)), self.cfg)
-            with jax.set_mesh(self.mesh):
-                got = generate(
-                    model,
-                    ids,
-                    prompt_lengths=lens,
-                    max_new_tokens=rl.max_new_tokens,
-                    temperature=0.0,
-                    eos_token_ids=self.ends,
-                )
-            texts, lengths = [], []
-            for i in range(len(chunk)):
-                toks = got.tokens[i, : int(got.lengths[i])].tolist()
-                lengths.append(len(toks))
-                texts.append(self.tokenizer.decode(toks[:-1] if toks and toks[-1] in self.ends else toks))
+            full = chunk + [chunk[-1]] * (b - len(chunk))  # one batch shape: one compiled program
+            _, texts, lengths = answers(model, full, self.cfg, self.mesh, self.tokenizer, self.ends, 0.0, 0)
+            texts, lengths = texts[: len(chunk)], lengths[: len(chunk)]
             s = self.reward.score([p.text for p in chunk], texts, [p.sample for p in chunk], lengths)
             rewards += s.rewards
             correct += s.correct if s.correct is not None else []

@@ -119,6 +119,7 @@ def test_merged_and_peft_exports_equal_our_logits(trained, tmp_path):
         ernie_to_hf(str(workdir), str(tmp_path / "x"), quiet=True)
 
 
+@pytest.mark.slow
 def test_adapters_start_a_run_from_peft_or_workdir(trained, tmp_path):
     src, workdir = trained
     adapter = str(tmp_path / "peft")
