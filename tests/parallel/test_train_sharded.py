@@ -73,3 +73,31 @@ def test_pipelined_checkpoint_resumes_unpipelined(tmp_path):
     assert "resumed from" in r.stdout
     evals = [json.loads(x)["eval_loss"] for x in open(w / "metrics.jsonl") if "eval_loss" in x]
     assert len(evals) == 2 and abs(evals[0] - evals[1]) < 1e-5 * abs(evals[0]), evals
+
+
+@pytest.mark.slow
+def test_lora_trains_the_same_on_every_mesh(tmp_path):
+    """Adapters and the frozen base take their shardings from the same logical-axis rules: data,
+    fsdp x expert (all_to_all) and fsdp x tensor runs log the same losses."""
+    lora = [
+        "lora.enabled=true",
+        "train.steps=3",
+        "model.mtp_depth=0",
+        "moe.capacity_factor=8",
+        "optimizer.learning_rate=1e-2",
+    ]
+    losses = []
+    for i, mesh in enumerate(
+        (
+            ["mesh.data=-1"],
+            ["mesh.fsdp=2", "mesh.expert=2", "mesh.data=2", "moe.transport=all_to_all"],
+            ["mesh.fsdp=4", "mesh.tensor=2"],
+        )
+    ):
+        r = _cli(tmp_path / str(i), 8, *lora, *mesh)
+        assert r.returncode == 0, r.stderr[-3000:]
+        losses.append(
+            [x["loss"] for x in map(json.loads, open(tmp_path / str(i) / "metrics.jsonl")) if "loss" in x]
+        )
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], rel=1e-5)
