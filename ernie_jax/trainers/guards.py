@@ -9,21 +9,34 @@ import signal
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
 from ernie_jax.errors import TrainingError
 
 
 class StopFlag:
-    """SIGTERM/SIGINT: finish the current step, save, exit cleanly."""
+    """SIGTERM/SIGINT: finish the current step, save, exit cleanly.
+
+    In a multi-process job a SIGTERM reaches one host (a preempted VM) or a few: JAX's preemption
+    service (started by `jax.distributed.initialize`) catches it and agrees with every host on one
+    step to stop at, which `poll(step)` reports, so all hosts save the same step and leave together
+    instead of the others hanging in the next collective. SIGTERM is left to that service there."""
 
     def __init__(self):
         self.stop = False
         self._old = {}
+        self.multi = jax.process_count() > 1
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def poll(self, step: int) -> bool:
+        """After each step (every host, the same steps): whether to save and stop now."""
+        if self.multi and not self.stop and multihost_utils.reached_preemption_sync_point(step):
+            self.stop = True
+        return self.stop
 
     def _handle(self, signum, frame):
         self.stop = True

@@ -89,7 +89,7 @@ def run(
             ckpt,
             mesh,
             console,
-            train_step=CompiledTrainStep(train_step, cfg, jax.devices()[0], console.say),
+            train_step=CompiledTrainStep(train_step, cfg, jax.local_devices()[0], console.say),
             eval_step=MeshJit(eval_step, mesh),
             writer=MetricsWriter(
                 log_dir or workdir,
@@ -170,7 +170,8 @@ class Loop:
                         self.log(step)
                     if self.evals and (step % cfg.train.eval_interval == 0 or last_step):
                         self.eval(state, step)
-                    if step % cfg.checkpoint.interval == 0 or last_step or flag.stop:
+                    stop = flag.poll(step)  # every step, on every host (multi-host preemption)
+                    if step % cfg.checkpoint.interval == 0 or last_step or stop:
                         self.check_skips(step)
                         self.save(state, step)
                 if start >= cfg.train.steps and self.evals:

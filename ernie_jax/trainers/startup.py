@@ -4,6 +4,8 @@ starting state (resumed, initialised from another model, or fresh), each checked
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,8 @@ def check_workdir(workdir: str) -> None:
     """The workdir (a local directory or a gs:// URL) exists and takes a file, before any compute."""
     try:
         as_path(workdir).mkdir(parents=True, exist_ok=True)
-        probe = as_path(join(workdir, ".write-probe"))
+        # one probe per process: hosts sharing the workdir (NFS, GCS) must not remove each other's
+        probe = as_path(join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}"))
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -79,3 +81,57 @@ def test_two_processes_match_one(tmp_path):
     assert "devices:" not in outs[1][0] and "loss" not in outs[1][0]  # only process 0 reports
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3")
+
+
+def _launch(workdir, port, extra, logs):
+    env4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return [
+        subprocess.Popen(
+            _cmd(
+                workdir,
+                "--coordinator_address",
+                f"127.0.0.1:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            )
+            + extra,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env4,
+        )
+        for i in range(2)
+    ]
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """A preempted VM gets SIGTERM alone: JAX's preemption service agrees on one step, every host
+    saves it and exits cleanly (no host left hanging in a collective), and the run resumes there."""
+    w = tmp_path / "w"
+    extra = [
+        a for s in ("train.steps=400", "checkpoint.interval=20", "checkpoint.keep=20") for a in ("--set", s)
+    ]
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
+    procs = _launch(w, _port(), extra, logs)
+    deadline = time.time() + 300
+    while not (w / "checkpoints" / "20").is_dir() and time.time() < deadline:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    stopped = max(int(d) for d in os.listdir(w / "checkpoints") if d.isdigit())
+    assert 20 < stopped < 400
+    assert f"stopped by signal after step {stopped}" in (tmp_path / "p0.log").read_text()
+    extra = [a for s in (f"train.steps={stopped + 2}", "checkpoint.interval=20") for a in ("--set", s)]
+    logs = [open(tmp_path / f"r{i}.log", "w") for i in range(2)]
+    procs = _launch(w, _port(), extra, logs)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert f"at step {stopped}" in (tmp_path / "r0.log").read_text()
