@@ -52,28 +52,7 @@ def test_two_processes_match_one(tmp_path):
     env1 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     single = subprocess.run(_cmd(tmp_path / "one"), capture_output=True, text=True, timeout=600, env=env1)
     assert single.returncode == 0, single.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [
-        subprocess.Popen(
-            _cmd(
-                tmp_path / "two",
-                "--coordinator_address",
-                f"127.0.0.1:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env4,
-        )
-        for i in range(2)
-    ]
+    procs = _launch(tmp_path / "two", _port(), [], [subprocess.PIPE] * 2, stderr=subprocess.PIPE)
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -83,7 +62,8 @@ def test_two_processes_match_one(tmp_path):
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3")
 
 
-def _launch(workdir, port, extra, logs):
+def _launch(workdir, port, extra, logs, stderr=subprocess.STDOUT):
+    """The run as 2 local processes x 4 CPU devices; process i writes to logs[i]."""
     env4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     return [
         subprocess.Popen(
@@ -98,7 +78,7 @@ def _launch(workdir, port, extra, logs):
             )
             + extra,
             stdout=logs[i],
-            stderr=subprocess.STDOUT,
+            stderr=stderr,
             text=True,
             env=env4,
         )
