@@ -128,7 +128,7 @@ def compile_report(cfg, topology: str) -> dict:
         "topology": topology,
         "chips": len(devices),
         "device_kind": kind,
-        "mesh": describe(mesh),
+        "mesh": describe(mesh, cfg.mesh),
         "attention": backend,
         "seq_len": cfg.data.seq_len,
         "batch_size": cfg.data.batch_size,

@@ -5,6 +5,8 @@
 #              --workdir gs://bucket/runs/exp1 [--num-slices 1] [--set key=value ...] [--dry-run]
 #
 # IMAGE is a container with ernie_jax and jax[tpu] installed (tpu/Dockerfile builds one).
+# With --num-slices N > 1 the mesh splits data parallelism across the slices (mesh.dcn.data=N; expert
+# and tensor parallelism stay inside a slice) unless a --set names mesh.dcn.* itself.
 # tpu/jobset.yaml is the equivalent plain Kubernetes JobSet for clusters without xpk.
 set -euo pipefail
 cluster="" type="" image="" config="" workdir="" slices=1 dry=0 name="ernie-$(date +%m%d-%H%M)"
@@ -26,6 +28,8 @@ done
 for v in cluster type image config workdir; do
   [ -n "${!v}" ] || { echo "error: tpu/xpk.sh needs --$v" >&2; exit 2; }
 done
+[[ "$slices" =~ ^[1-9][0-9]*$ ]] || { echo "error: --num-slices $slices must be a positive integer" >&2; exit 2; }
+if [ "$slices" -gt 1 ] && [[ "$sets" != *mesh.dcn.* ]]; then sets+=" --set mesh.dcn.data=$slices"; fi
 cmd=(xpk workload create --cluster "$cluster" --workload "$name" --tpu-type "$type" --num-slices "$slices"
      --docker-image "$image"
      --command "ERNIE_JAX_DISTRIBUTED=auto python3 -m ernie_jax.train --config $config --workdir $workdir$sets")

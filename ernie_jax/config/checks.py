@@ -145,6 +145,7 @@ def check_config(cfg: Config) -> None:
             name != "vision_experts" or e.vision_num_experts > 0,
             "train.freeze: 'vision_experts' matches nothing (moe.vision_num_experts=0); remove it",
         )
+    _check_dcn(cfg)
     _check_lora(cfg)
     _check_dpo(cfg)
     _check_rl(cfg)
@@ -309,6 +310,24 @@ def _validate_pipeline(cfg: Config) -> None:
     )
 
 
+def _check_dcn(cfg: Config) -> None:
+    """The across-slice sizes on their own (their fit to the job's slices is checked with the devices)."""
+    m = cfg.mesh
+    for axis in ("data", "fsdp", "tensor", "expert", "pipeline", "context"):
+        v, total = getattr(m.dcn, axis), getattr(m, axis)
+        _require(v >= 1, f"mesh.dcn.{axis}={v} must be >= 1 (1 = inside a slice)")
+        _require(
+            total == -1 or total % v == 0,
+            f"mesh.dcn.{axis}={v} does not divide mesh.{axis}={total} (the axis's total over all slices); "
+            f"make mesh.{axis} a multiple of it",
+        )
+    _require(
+        m.dcn.expert == 1 or m.allow_cross_slice_experts,
+        f"mesh.dcn.expert={m.dcn.expert} puts expert all-to-alls on the slow network between slices; keep "
+        f"expert parallelism inside a slice (mesh.dcn.expert=1) or set mesh.allow_cross_slice_experts=true",
+    )
+
+
 def _check_dpo(cfg: Config) -> None:
     d = cfg.dpo
     _require(d.beta > 0, f"dpo.beta={d.beta} must be > 0")
@@ -395,7 +414,12 @@ def _check_rl(cfg: Config) -> None:
         rl.reward != "regex" or bool(rl.format_regex),
         "rl.reward=regex needs rl.format_regex (the pattern an answer must match)",
     )
-    _require(not cfg.vision.enabled, "data.kind=prompts runs text models for now; set vision.enabled=false")
+    merge2 = cfg.vision.spatial_merge**2
+    _require(
+        not cfg.vision.enabled or (d.max_patches % (d.batch_size * merge2) == 0 and d.max_patches > 0),
+        f"data.max_patches={d.max_patches} must be a positive multiple of data.batch_size x {merge2} (each "
+        f"row's share of a micro-batch's patches, in whole 2x2 windows)",
+    )
 
 
 def lora_difference(saved: dict, cfg: Config) -> str | None:

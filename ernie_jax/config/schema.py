@@ -124,8 +124,22 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class DcnConfig:
+    """How many of each mesh axis's shards lie across slices (TPU multi-slice: the data-centre network)
+    or across nodes (GPU / CPU: one process each); the rest stay inside a slice (ICI / NVLink). Their
+    product is the number of slices; all 1 = one slice (the flat mesh)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    pipeline: int = 1
+    context: int = 1
+
+
+@dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; -1 means 'the remaining devices'."""
+    """Device mesh axis sizes (each the axis's total over all slices); -1 means 'the remaining devices'."""
 
     data: int = -1
     fsdp: int = 1
@@ -133,6 +147,9 @@ class MeshConfig:
     expert: int = 1
     pipeline: int = 1
     context: int = 1  # sequence shards (context parallelism); data.seq_len must divide by 2 x context
+    dcn: DcnConfig = field(default_factory=DcnConfig)
+    # expert parallelism keeps its all-to-alls inside a slice (ERNIE's intra-node EP) unless this is set
+    allow_cross_slice_experts: bool = False
 
 
 @dataclass(frozen=True)

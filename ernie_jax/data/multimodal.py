@@ -315,38 +315,42 @@ def _row_inputs(ex: dict) -> dict:
     }
 
 
+def vision_arrays(rows, merge: int, num_patches: int, dim: int) -> dict:
+    """[(patches [n, D], items [k, 4] of (kind, t, h, w))] per row -> the batch's patches
+    [num_patches, D] (images first, then videos, each in row order: the order the model scatters them
+    in), zero-padded, and the fixed-shape `vision_layout` arrays."""
+    chunks = {IMAGE: [], VIDEO: []}
+    for row_patches, items in rows:
+        offset = 0
+        for kind, t, h, w in np.asarray(items).reshape(-1, 4).tolist():
+            n = t * h * w
+            chunks[int(kind)].append((row_patches[offset : offset + n], (t, h, w)))
+            offset += n
+    ordered = chunks[IMAGE] + chunks[VIDEO]
+    patches = np.zeros((num_patches, dim), np.float32)
+    if ordered:
+        flat = np.concatenate([p for p, _ in ordered])
+        if len(flat) > num_patches:
+            raise DataError(f"{len(flat)} patches exceed data.max_patches={num_patches}; raise it")
+        patches[: len(flat)] = flat
+    grids = np.array([g for _, g in ordered], np.int64).reshape(-1, 3)
+    layout = vision_layout(grids, merge, num_patches=num_patches, num_rows=num_patches // (merge * merge))
+    return {"patches": patches, **layout}
+
+
 class CollateVision:
-    """Batch of rows -> one patch array for the whole batch (images first, then videos, each in row
-    order) padded to `num_patches`, plus the `vision_layout` index arrays."""
+    """Batch of packed rows -> `vision_arrays` of their items (those with a segment id)."""
 
     def __init__(self, merge: int, num_patches: int):
         self.merge, self.num_patches = merge, num_patches
 
     def __call__(self, batch: dict) -> dict:
         out = {k: v for k, v in batch.items() if not k.startswith("_")}
-        chunks = {IMAGE: [], VIDEO: []}
-        for b in range(batch["_items"].shape[0]):
-            offset = 0
-            for (kind, t, h, w), seg in zip(batch["_items"][b], batch["_items_seg"][b]):
-                if seg == 0:
-                    continue
-                n = t * h * w
-                chunks[int(kind)].append((batch["_patches"][b, offset : offset + n], (t, h, w)))
-                offset += n
-        ordered = chunks[IMAGE] + chunks[VIDEO]
-        dim = batch["_patches"].shape[-1]
-        patches = np.zeros((self.num_patches, dim), np.float32)
-        if ordered:
-            flat = np.concatenate([p for p, _ in ordered])
-            patches[: len(flat)] = flat
-        grids = np.array([g for _, g in ordered], np.int64).reshape(-1, 3)
-        layout = vision_layout(
-            grids,
-            self.merge,
-            num_patches=self.num_patches,
-            num_rows=self.num_patches // (self.merge * self.merge),
-        )
-        return {**out, "patches": patches, **layout}
+        rows = [
+            (batch["_patches"][b], batch["_items"][b][batch["_items_seg"][b] != 0])
+            for b in range(batch["_items"].shape[0])
+        ]
+        return {**out, **vision_arrays(rows, self.merge, self.num_patches, batch["_patches"].shape[-1])}
 
 
 @dataclasses.dataclass

@@ -64,7 +64,9 @@ class Tokenizer:
         return list(self._encode(text))
 
     def decode(self, ids) -> str:
-        return self._decode([int(i) for i in ids])
+        """Text of `ids`; ids past the vocabulary (rows a model adds, e.g. a VL model's vision markers
+        on a text tokenizer) spell nothing, so a sample holding them still decodes."""
+        return self._decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def piece(self, i: int) -> str:
         """The vocabulary entry of id `i` (e.g. `</s>` for a special token)."""
@@ -72,9 +74,8 @@ class Tokenizer:
 
     def text_bytes(self, ids) -> int:
         """UTF-8 bytes of the text `ids` spell (special tokens spell nothing). Decoded as one run, so
-        SentencePiece's word-initial space on the run's first token is not counted, as in the text.
-        Ids past the vocabulary (a VL model's vision markers) spell nothing."""
-        return len(self.decode([i for i in ids if 0 <= int(i) < self.vocab_size]).encode("utf-8"))
+        SentencePiece's word-initial space on the run's first token is not counted, as in the text."""
+        return len(self.decode(ids).encode("utf-8"))
 
     def piece_id(self, piece: str) -> int | None:
         """The id of `piece` if it is one vocabulary entry (a special token), else None."""

@@ -92,6 +92,7 @@ def generate(
     image_grid_thw=None,
     pixel_values_videos=None,
     video_grid_thw=None,
+    patch_budget: int | None = None,
 ) -> Generated:
     """Continue prompts with `model` (ErnieForCausalLM, or ErnieVLForConditionalGeneration with
     images / videos as in its transformers-style call: patches [sum(t*h*w), C*P*P] and grids [n, 3],
@@ -101,7 +102,8 @@ def generate(
     input_ids [B, P] right-padded (or a list of token lists); prompt_lengths [B] (default: all P);
     temperature 0 is greedy; top_k 0 and top_p 1 switch truncation off; eos_token_ids end a row
     (default: the model's eos). `stream(step, tokens [B])` is called on the host as each step's
-    tokens are chosen (rows that have ended get the pad id). The same seed gives the same samples."""
+    tokens are chosen (rows that have ended get the pad id). The same seed gives the same samples.
+    `patch_budget` (VL) pads the patches to that many, so batches of other images share one program."""
     m = model.model_cfg
     if not isinstance(input_ids, (np.ndarray, jax.Array)):
         input_ids, prompt_lengths = pad_prompts(input_ids, m.pad_token_id)
@@ -131,6 +133,7 @@ def generate(
             pixel_values_videos,
             video_grid_thw,
             real.astype(np.int32),
+            patch_budget=patch_budget,
         )
         positions = np.where(real[..., None], positions, 0)
         next_position = positions.max(axis=(1, 2)) + 1

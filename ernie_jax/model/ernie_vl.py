@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from ernie_jax.config import ModelConfig, MoEConfig, PrecisionConfig, VisionConfig
+from ernie_jax.errors import ConfigError
 from ernie_jax.model.ernie import ErnieForCausalLM, ModelOutput
 from ernie_jax.model.positions import position_ids as build_position_ids
 from ernie_jax.model.vision import Adapter, VisionTransformer, vision_layout
@@ -154,9 +155,11 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
         video_grid_thw=None,
         attention_mask=None,
         video_advance: str = "ernie",
+        patch_budget: int | None = None,
     ):
         """The host side of the transformers-style call: (positions [B,S,3] numpy, patches, layout)
-        (patches and layout None without pixels)."""
+        (patches and layout None without pixels). `patch_budget` pads the patches (and the layout's
+        rows) to that many, so calls with other images reuse one compiled program."""
         v = self.vision_cfg
         ids = np.asarray(input_ids)
         if mm_token_type_ids is None:
@@ -177,13 +180,24 @@ class ErnieVLForConditionalGeneration(ErnieForCausalLM):
             positions = np.moveaxis(np.asarray(position_ids), 0, -1)
         patches = layout = None
         if pix:
-            patches = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in pix], axis=0)
+            patches = np.concatenate([np.asarray(p, np.float32) for p in pix], axis=0)
+            rows = None
+            if patch_budget is not None:
+                if len(patches) > patch_budget:
+                    raise ConfigError(
+                        f"the images have {len(patches)} patches, more than patch_budget={patch_budget}; "
+                        f"raise it or pass fewer / smaller images"
+                    )
+                rows = patch_budget // v.spatial_merge**2
+                patches = np.pad(patches, ((0, patch_budget - len(patches)), (0, 0)))
+            grid = np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids])
             layout = {
                 k: jnp.asarray(a)
                 for k, a in vision_layout(
-                    np.concatenate([np.asarray(g).reshape(-1, 3) for g in grids]), v.spatial_merge
+                    grid, v.spatial_merge, num_patches=patch_budget, num_rows=rows
                 ).items()
             }
+            patches = jnp.asarray(patches)
         return positions, patches, layout
 
     def apply_batch(self, batch: dict) -> ModelOutput:

@@ -15,6 +15,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ernie_jax.config import Config, MeshConfig, pipelined_stack
@@ -78,12 +79,90 @@ def check_mesh_fits_model(cfg: Config, sizes: dict[str, int]) -> None:
         )
 
 
-def build_mesh(cfg: Config, devices=None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
+def _is_tpu(devices) -> bool:
+    return devices[0].platform == "tpu"
+
+
+def slices_of(devices) -> tuple[str, list]:
+    """(what a slice is, the devices of each slice in order): TPU slices (`slice_index`), else
+    processes (a GPU / CPU node runs one)."""
+    attr = "slice_index" if _is_tpu(devices) else "process_index"
+    groups: dict = {}
+    for d in devices:
+        groups.setdefault(getattr(d, attr), []).append(d)
+    return ("slices" if attr == "slice_index" else "processes"), [groups[k] for k in sorted(groups)]
+
+
+def dcn_shape(m: MeshConfig, sizes: dict[str, int], devices) -> dict[str, int] | None:
+    """The across-slice part of each axis (None: one slice, the flat mesh); one-line errors when
+    it does not fit the job's slices or the axes' total sizes."""
+    dcn = {a: getattr(m.dcn, a) for a in MESH_AXES}
+    if math.prod(dcn.values()) == 1:
+        return None
+    what, groups = slices_of(devices)
+    layout = " x ".join(f"{a}={v}" for a, v in dcn.items() if v > 1)
+    if math.prod(dcn.values()) != len(groups):
+        raise ConfigError(
+            f"mesh.dcn {layout} spans {math.prod(dcn.values())} slices but the job has {len(groups)} "
+            f"{what}; make the product of mesh.dcn.* equal {len(groups)}"
+        )
+    if len({len(g) for g in groups}) > 1:
+        raise ConfigError(f"mesh.dcn: the {what} hold different numbers of devices; use equal slices")
+    for a, v in dcn.items():
+        if sizes[a] % v:
+            raise ConfigError(
+                f"mesh.dcn.{a}={v} does not divide mesh.{a}={sizes[a]} (the axis's total over all "
+                f"slices); make mesh.{a} a multiple of it"
+            )
+    return dcn
+
+
+def device_grid(cfg: Config, devices) -> np.ndarray:
+    """`devices` arranged as the mesh of `cfg.mesh` (axes MESH_AXES): a reshape of the list for one
+    slice; with `mesh.dcn.*`, each axis's across-slice part outermost (mesh_utils'
+    create_hybrid_device_mesh), so the inner parts, and every axis kept inside a slice, stay on the
+    fast links."""
+    devices = list(devices)
     sizes = mesh_shape(cfg.mesh, len(devices))
     check_mesh_fits_model(cfg, sizes)
-    arr = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    dcn = dcn_shape(cfg.mesh, sizes, devices)
+    if dcn is None:
+        return np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return mesh_utils.create_hybrid_device_mesh(
+        [sizes[a] // dcn[a] for a in MESH_AXES],
+        [dcn[a] for a in MESH_AXES],
+        devices,
+        process_is_granule=not _is_tpu(devices),
+        allow_split_physical_axes=True,
+    )
+
+
+def build_mesh(cfg: Config, devices=None) -> Mesh:
+    grid = device_grid(cfg, devices if devices is not None else jax.devices())
+    mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    check_process_rows(mesh)
+    return mesh
+
+
+def check_process_rows(mesh: Mesh) -> None:
+    """The data loaders give process p the p-th contiguous block of a batch's rows: the mesh must
+    place them there (it does unless an across-slice split sits inside a batch axis split within
+    slices)."""
+    n = data_parallel_size(mesh)
+    procs = sorted({d.process_index for d in mesh.devices.flat})
+    if len(procs) == 1 or n % len(procs):
+        return
+    held: dict[int, set] = {}
+    for d, idx in batch_sharding(mesh, 1).devices_indices_map((n,)).items():
+        held.setdefault(d.process_index, set()).add(idx[0].start or 0)
+    block = n // len(procs)
+    for rank, p in enumerate(procs):
+        if held[p] != set(range(rank * block, (rank + 1) * block)):
+            raise ConfigError(
+                "mesh.dcn: each process would hold scattered batch rows; split across slices on the outer "
+                "batch axes first (mesh.dcn.data, then fsdp, expert, pipeline), or keep the batch axes "
+                "inside a slice at size 1"
+            )
 
 
 def logical_to_spec(
@@ -179,8 +258,11 @@ def constrain_groups(x, axes: tuple[str, ...]):
     return jax.lax.with_sharding_constraint(x, P(axes, *[P.UNCONSTRAINED] * (x.ndim - 1)))
 
 
-def describe(mesh: Mesh) -> str:
-    return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"
+def describe(mesh: Mesh, m: MeshConfig | None = None) -> str:
+    """e.g. `data=2 x fsdp=4`, and `(dcn data=2)`: the part of each axis across slices."""
+    flat = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES if mesh.shape[a] > 1) or "single device"
+    dcn = " x ".join(f"{a}={getattr(m.dcn, a)}" for a in MESH_AXES if m and getattr(m.dcn, a) > 1)
+    return f"{flat} (dcn {dcn})" if dcn else flat
 
 
 def constrain_batch(x, in_stage: bool = False):

@@ -29,7 +29,17 @@ import numpy as np
 
 from ernie_jax.config import Config
 from ernie_jax.data.chat import end_ids
-from ernie_jax.data.prompts import EMBEDDED_PROMPTS_EVAL, Prompt, read_prompts, require_answers
+from ernie_jax.data.multimodal import VISION_KEYS, vision_arrays
+from ernie_jax.data.prompts import (
+    EMBEDDED_PROMPTS,
+    EMBEDDED_PROMPTS_EVAL,
+    EMBEDDED_VL_PROMPTS,
+    EMBEDDED_VL_PROMPTS_EVAL,
+    Prompt,
+    read_prompts,
+    require_answers,
+    vision_arguments,
+)
 from ernie_jax.data.tokenizer import Tokenizer
 from ernie_jax.errors import CheckpointError
 from ernie_jax.generation import generate, pad_prompts
@@ -45,6 +55,8 @@ from ernie_jax.trainers.task import EvalReport, Task
 ROLLOUT_FILE = "rollout.npz"
 # per-row rollout values the objective turns into metrics (means over rows)
 ROW_METRICS = ("reward", "correct", "response_length", "filtered", "reward_failures", "rollout_tokens_per_s")
+# what the model reads of a learner batch (the rest are rollout values for the objective)
+MODEL_KEYS = ("input_ids", "labels", "segment_ids", "positions", *VISION_KEYS)
 
 
 # ----------------------------------------------------------------------------- objective
@@ -92,6 +104,11 @@ def rl_objective(out, batch: dict, cfg: Config) -> tuple[jax.Array, dict]:
         "entropy": jnp.sum(-logp * mask) / jnp.maximum(mask.sum(), 1.0),
         "tokens": mask.sum(),
     }
+    if "sample_logp" in batch:
+        # sampler vs learner: at a rollout's first epoch the same params, so ~0 unless the two forwards
+        # disagree (dispatch, precision, positions); later epochs add the update's change
+        gap = jnp.abs(logp - batch["sample_logp"]) * mask
+        metrics["sampler_logp_diff"] = jnp.sum(gap) / jnp.maximum(mask.sum(), 1.0)
     loss = metrics["pg_loss"]
     if "ref_logp" in batch:
         delta = batch["ref_logp"] - logp
@@ -134,6 +151,8 @@ def answers(model, prompts: list[Prompt], cfg: Config, mesh, tokenizer, ends, te
     and evaluation reuses one compiled generation program."""
     width = cfg.data.seq_len - cfg.rl.max_new_tokens
     ids, lens = pad_prompts([p.ids for p in prompts], cfg.model.pad_token_id, width)
+    # VL: every row's patch share of a micro-batch, so any images reuse the one program
+    vision = vision_arguments(prompts, len(prompts) * (cfg.data.max_patches // cfg.data.batch_size))
     with jax.set_mesh(mesh):
         got = generate(
             model,
@@ -144,6 +163,7 @@ def answers(model, prompts: list[Prompt], cfg: Config, mesh, tokenizer, ends, te
             top_p=cfg.rl.top_p,
             seed=seed,
             eos_token_ids=ends,
+            **vision,
         )
     texts, lengths = [], []
     for i in range(len(prompts)):
@@ -151,6 +171,26 @@ def answers(model, prompts: list[Prompt], cfg: Config, mesh, tokenizer, ends, te
         lengths.append(len(toks))
         texts.append(tokenizer.decode(toks[:-1] if toks and toks[-1] in ends else toks))
     return got, texts, lengths
+
+
+def _vision_batch(cfg: Config, rows: list[Prompt], accum: int, per_micro: int) -> dict:
+    """The vision arrays [A, ...] of a learner batch: per micro-batch its rows' patches and layout."""
+    v = cfg.vision
+    dim, budget = 3 * v.patch_size**2, cfg.data.max_patches
+    empty = (np.zeros((0, dim), np.float32), np.zeros((0, 4), np.int32))
+    micro = [
+        vision_arrays(
+            [
+                empty if p.vision is None else (p.vision.patches, p.vision.items)
+                for p in rows[a * per_micro :][:per_micro]
+            ],
+            v.spatial_merge,
+            budget,
+            dim,
+        )
+        for a in range(accum)
+    ]
+    return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
 class Rollouts:
@@ -221,13 +261,23 @@ class Rollouts:
         rows = len(chosen)
         ids = np.zeros((rows, s), np.int32)
         loss_mask = np.zeros((rows, s), np.float32)
+        sample_logp = np.zeros((rows, s), np.float32)
         seg = np.zeros((rows, s), np.int32)
+        vl = cfg.vision.enabled
+        positions = np.zeros((rows, s, 3) if vl else (rows, s), np.int32)
         for i, p in enumerate(chosen):
             n, lp = lengths[i], len(p.ids)
             ids[i, :lp] = p.ids
             ids[i, lp : lp + n] = got.tokens[i, :n]
             seg[i, : lp + n] = 1
             loss_mask[i, lp - 1 : lp + n - 1] = 1.0  # position t predicts token t + 1: the answer
+            sample_logp[i, lp - 1 : lp + n - 1] = got.logprobs[i, :n]
+            answer = p.next_position() + np.arange(n)  # as generation placed them
+            if vl:
+                positions[i, :lp] = p.vision.positions if p.vision is not None else np.arange(lp)[:, None]
+                positions[i, lp : lp + n] = answer[:, None]
+            else:
+                positions[i, : lp + n] = np.arange(lp + n)
         labels = np.concatenate([ids[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
         per_micro = cfg.data.batch_size
         batch = {
@@ -235,6 +285,8 @@ class Rollouts:
             "labels": labels,
             "loss_mask": loss_mask,
             "segment_ids": seg,
+            "positions": positions,
+            "sample_logp": sample_logp,
             "advantage": adv,
             "filtered": filtered.astype(np.float32),
             "best": best,
@@ -250,6 +302,8 @@ class Rollouts:
         }
         a = rows // per_micro
         batch = {key: v.reshape(a, per_micro, *v.shape[1:]) for key, v in batch.items()}
+        if vl:  # each micro-batch gathers its rows' patches, as the multimodal pipeline does
+            batch.update(_vision_batch(cfg, chosen, a, per_micro))
         if rl.ppo_epochs > 1:  # the sampling policy's log-probs, from the training forward
             batch["old_logp"] = self._old_logp(state, batch)
         return batch
@@ -265,7 +319,7 @@ class Rollouts:
             self._logp = logp
         out = []
         for a in range(batch["input_ids"].shape[0]):
-            micro = {k: batch[k][a] for k in ("input_ids", "labels", "segment_ids")}
+            micro = {k: batch[k][a] for k in MODEL_KEYS if k in batch}
             with jax.set_mesh(self.mesh):
                 out.append(np.asarray(jax.device_get(self._logp(state, place_batch(micro, self.mesh, 0)))))
         return np.stack(out).astype(np.float32)
@@ -340,14 +394,15 @@ def rl_task(cfg: Config) -> Task:
     rl = cfg.rl
     tokenizer = Tokenizer(cfg.data.tokenizer)
     max_prompt = cfg.data.seq_len - rl.max_new_tokens
-    prompts, stats = read_prompts(cfg.data.source, tokenizer, cfg.data.chat_mode, max_prompt)
+    vl = cfg.vision.enabled
+    embedded = EMBEDDED_VL_PROMPTS if vl else EMBEDDED_PROMPTS
+    read = lambda source, embedded: read_prompts(
+        source, tokenizer, cfg.data.chat_mode, max_prompt, embedded=embedded, cfg=cfg
+    )
+    prompts, stats = read(cfg.data.source, embedded)
     eval_source = rl.eval_source or ("embedded" if cfg.data.source == "embedded" else "")
     held = (
-        read_prompts(eval_source, tokenizer, cfg.data.chat_mode, max_prompt, embedded=EMBEDDED_PROMPTS_EVAL)[
-            0
-        ]
-        if eval_source
-        else []
+        read(eval_source, EMBEDDED_VL_PROMPTS_EVAL if vl else EMBEDDED_PROMPTS_EVAL)[0] if eval_source else []
     )
     if rl.reward in BUILT_IN and rl.reward != "regex":
         require_answers(prompts, cfg.data.source, rl.reward)

@@ -173,7 +173,7 @@ def announce(cfg: Config, task: Task, mesh, workdir: str, log_dir: str | None, c
     devices = jax.devices()
     console.say(
         f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}), "
-        f"processes: {jax.process_count()}, mesh: {describe(mesh)}"
+        f"processes: {jax.process_count()}, mesh: {describe(mesh, cfg.mesh)}"
     )
     if schedule_for(cfg) is not None:
         console.say(schedule_for(cfg).describe(layer_plan(cfg).pipelined_depth))

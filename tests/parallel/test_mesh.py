@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
-from ernie_jax.parallel.mesh import batch_sharding, build_mesh, logical_to_spec, mesh_shape
+from ernie_jax.parallel.mesh import batch_sharding, build_mesh, device_grid, logical_to_spec, mesh_shape
 from ernie_jax.trainers.lm import lm_objective
 from tests.parallel.sharded import model_state, place_batch, run
 
@@ -173,3 +173,47 @@ def test_delayed_fp8_inside_expert_parallel_transports(transport, seed_history):
     for a, b in meta:  # rows: inputs x, h and the 3 kernels (forward), then 3 output gradients
         np.testing.assert_allclose(a[..., :5, :], b[..., :5, :], rtol=1e-4)
         np.testing.assert_allclose(a[..., 5:, :], b[..., 5:, :], rtol=out_tol)
+
+
+class _NodeDevice:
+    """A CPU device that says it belongs to process `process_index` (a node; for arranging only)."""
+
+    def __init__(self, device, process_index):
+        self.device, self.process_index = device, process_index
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+
+def test_hybrid_mesh_puts_each_slice_in_its_dcn_block():
+    devs = [_NodeDevice(d, i // 4) for i, d in enumerate(jax.devices())]
+    slice_of = np.vectorize(lambda d: d.process_index)
+    cfg = load_config("configs/tiny_moe.yaml", ["mesh.fsdp=2", "mesh.expert=2", "mesh.dcn.data=2"])
+    grid = device_grid(cfg, devs)  # data 2 (both across slices) x fsdp 2 x expert 2
+    assert grid.shape == (2, 2, 1, 1, 2, 1)
+    assert (slice_of(grid[0]) == 0).all() and (slice_of(grid[1]) == 1).all()
+    # pipeline stages across slices, data inside: the slice is the last axis's outer half
+    cfg = load_config(
+        "configs/tiny_moe.yaml", ["mesh.data=1", "mesh.fsdp=4", "mesh.pipeline=2", "mesh.dcn.pipeline=2"]
+    )
+    grid = device_grid(cfg, devs)
+    assert (slice_of(grid[..., 0]) == 0).all() and (slice_of(grid[..., 1]) == 1).all()
+    # a flat mesh ignores slices; a dcn split that is not the job's slice count is one line
+    assert device_grid(load_config("configs/tiny_moe.yaml"), devs).shape == (8, 1, 1, 1, 1, 1)
+    bad = load_config("configs/tiny_moe.yaml", ["mesh.fsdp=2", "mesh.dcn.data=2", "mesh.dcn.fsdp=2"])
+    with pytest.raises(ConfigError, match="spans 4 slices but the job has 2 processes"):
+        device_grid(bad, devs)
+    with pytest.raises(ConfigError, match="spans 2 slices but the job has 1 processes"):
+        build_mesh(load_config("configs/tiny_moe.yaml", ["mesh.dcn.data=2"]))
+
+
+def test_dcn_settings_are_one_line():
+    with pytest.raises(ConfigError, match="mesh.dcn.expert=2 puts expert all-to-alls on the slow network"):
+        load_config("configs/tiny_moe.yaml", ["mesh.expert=4", "mesh.dcn.expert=2"])
+    load_config(
+        "configs/tiny_moe.yaml", ["mesh.expert=4", "mesh.dcn.expert=2", "mesh.allow_cross_slice_experts=true"]
+    )
+    with pytest.raises(ConfigError, match=r"mesh.dcn.fsdp=2 does not divide mesh.fsdp=3"):
+        load_config("configs/tiny_moe.yaml", ["mesh.fsdp=3", "mesh.dcn.fsdp=2"])
+    with pytest.raises(ConfigError, match=r"mesh.dcn.data=0 must be >= 1"):
+        load_config("configs/tiny_moe.yaml", ["mesh.dcn.data=0"])

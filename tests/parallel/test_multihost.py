@@ -1,4 +1,5 @@
-"""2 local processes x 4 CPU devices (jax.distributed on 127.0.0.1) train like 1 process x 8 devices."""
+"""2 local processes x 4 CPU devices (jax.distributed on 127.0.0.1) train like 1 process x 8 devices,
+also as 2 simulated slices (a hybrid mesh, `mesh.dcn.*`)."""
 
 import json
 import os
@@ -60,6 +61,16 @@ def test_two_processes_match_one(tmp_path):
     assert "devices:" not in outs[1][0] and "loss" not in outs[1][0]  # only process 0 reports
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     assert os.path.isdir(tmp_path / "two" / "checkpoints" / "3")
+    # 2 slices (one per process) x 4 devices: data across the slices, fsdp inside each
+    procs = _launch(tmp_path / "dcn", _port(), ["--set", "mesh.dcn.data=2"], [subprocess.PIPE] * 2)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][0][-3000:]
+    assert "dcn data=2" in outs[0][0]
+    assert _losses(tmp_path / "dcn") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    # a split into more slices than the job has: one line, before any compute
+    procs = _launch(tmp_path / "bad", _port(), ["--set", "mesh.dcn.fsdp=4"], [subprocess.PIPE] * 2)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert procs[0].returncode == 2 and "spans 4 slices but the job has 2 processes" in outs[0][0]
 
 
 def _launch(workdir, port, extra, logs, stderr=subprocess.STDOUT):

@@ -67,6 +67,12 @@ def test_xpk_dry_run_and_jobset():
         "--dry-run",
     )
     assert r.returncode == 0 and "xpk workload create" in r.stdout and "mesh.expert=8" in r.stdout
+    assert "mesh.dcn" not in r.stdout  # one slice: the flat mesh
+    multi = ["--cluster", "c", "--type", "v5p-512", "--image", "i", "--config", "f.yaml", "--workdir", "w"]
+    r = _run("tpu/xpk.sh", *multi, "--num-slices", "2", "--dry-run")
+    assert "--num-slices 2" in r.stdout and "--set mesh.dcn.data=2" in r.stdout
+    r = _run("tpu/xpk.sh", *multi, "--num-slices", "2", "--set", "mesh.dcn.fsdp=2", "--dry-run")
+    assert "mesh.dcn.data" not in r.stdout and "mesh.dcn.fsdp=2" in r.stdout
     spec = yaml.safe_load(open("tpu/jobset.yaml"))
     container = spec["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:3] == ["python3", "-m", "ernie_jax.train"]

@@ -12,13 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from ernie_jax.config import load_config
 from ernie_jax.data.prompts import Prompt, require_answers
 from ernie_jax.errors import ConfigError, DataError
+from ernie_jax.model import build_model
 from ernie_jax.model.ernie import ModelOutput
+from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.trainers.rewards import RewardModel, answer_text
-from ernie_jax.trainers.rl import best_and_worst, group_advantages, rl_objective
+from ernie_jax.trainers.lm import token_nll
+from ernie_jax.trainers.rl import MODEL_KEYS, best_and_worst, group_advantages, rl_objective, rl_task
+from ernie_jax.trainers.state import model_of, split_model
 
 BASE = ["data.kind=prompts", "data.batch_size=8", "rl.num_generations=4", "rl.prompts_per_step=2"]
 
@@ -208,3 +213,47 @@ def test_upo_recipe_raises_held_out_accuracy(tmp_path):
         json.loads(x)["eval_accuracy"] for x in open(tmp_path / "w" / "metrics.jsonl") if "eval_accuracy" in x
     ]
     assert acc[-1] - acc[0] >= 0.15, acc
+
+
+VL = [
+    "data.kind=prompts",
+    "data.source=embedded",  # rl/vl_prompts.jsonl: "Which digit is this?" on the embedded digits
+    "data.batch_size=8",
+    "data.seq_len=48",
+    "data.max_patches=128",
+    "rl.num_generations=4",
+    "rl.prompts_per_step=2",
+    "rl.max_new_tokens=8",
+    "rl.reward=exact",
+    "moe.dispatch=dropless",  # the sampler's dispatch: the two forwards agree to rounding
+]
+
+
+def test_vl_rollout_rows_give_the_sampled_tokens_the_samplers_logprobs():
+    """Prompts with images on a VL model: the learner rows (placeholders, 3D positions continuing after
+    the image, each micro-batch's patches and layout) score every sampled token as the sampler did."""
+    cfg = load_config("configs/tiny_vl.yaml", VL)
+    task = rl_task(cfg)
+    assert "held out" in task.description and task.evaluate is not None
+    graphdef, params, buffers, _ = split_model(build_model(cfg, nnx.Rngs(0)))
+    state = {"step": 0, "params": params, "buffers": buffers}
+    task.prepare(graphdef, state, build_mesh(cfg), None, True)
+    batch = task.next_batch(state)
+    assert batch["positions"].shape == (1, 8, 48, 3) and batch["patches"].shape[:2] == (1, 128)
+    assert (batch["input_ids"] == cfg.vision.image_token_id).sum() == 8 * 4  # 56 x 56 digits: 4 tokens
+    assert batch["row_valid"].sum() == 8 * 4 and np.abs(batch["patches"][0, : 8 * 16]).sum() > 0
+    micro = {k: batch[k][0] for k in MODEL_KEYS if k in batch}
+    logp = -np.asarray(token_nll(model_of(graphdef, state).apply_batch(micro), micro["labels"]))
+    mask = batch["loss_mask"][0] > 0
+    assert mask.sum() >= 8 and batch["response_length"].min() >= 1
+    np.testing.assert_allclose(logp[mask], batch["sample_logp"][0][mask], atol=2e-4)
+    # the objective reports the same agreement
+    _, metrics = rl_objective(
+        model_of(graphdef, state).apply_batch(micro), {k: v[0] for k, v in batch.items()}, cfg
+    )
+    assert float(metrics["sampler_logp_diff"]) < 2e-4
+
+
+def test_vl_prompt_settings_are_one_line():
+    with pytest.raises(ConfigError, match="data.max_patches=100 must be a positive multiple"):
+        load_config("configs/tiny_vl.yaml", [*VL, "data.max_patches=100"])
