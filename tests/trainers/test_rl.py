@@ -257,3 +257,21 @@ def test_vl_rollout_rows_give_the_sampled_tokens_the_samplers_logprobs():
 def test_vl_prompt_settings_are_one_line():
     with pytest.raises(ConfigError, match="data.max_patches=100 must be a positive multiple"):
         load_config("configs/tiny_vl.yaml", [*VL, "data.max_patches=100"])
+
+
+@pytest.mark.slow
+def test_vl_cli_run_with_epochs_reference_and_eval(tmp_path):
+    """The CLI on a VL model: two epochs over one rollout (the sampling-time log-probs from the
+    training forward with the vision arrays), the KL reference, held-out accuracy."""
+    sets = [*VL, "rl.ppo_epochs=2", "rl.kl_coef=0.01", "train.steps=2", "train.eval_interval=2"]
+    sets += ["log.interval=1", "checkpoint.async_save=false"]
+    cmd = [sys.executable, "-m", "ernie_jax.train", "--config", "configs/tiny_vl.yaml"]
+    cmd += ["--workdir", str(tmp_path / "w")] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in open(tmp_path / "w" / "metrics.jsonl")]
+    train = [x for x in rows if "reward" in x]
+    assert len(train) == 2 and all(np.isfinite(x["loss"]) and "kl" in x for x in train)
+    assert train[0]["sampler_logp_diff"] < 1e-3  # epoch 1: the sampling params
+    assert any("eval_accuracy" in x for x in rows)
