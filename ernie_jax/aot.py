@@ -1,7 +1,7 @@
 """Ahead-of-time compile of the real train step for a TPU slice, on a machine without a TPU.
 
     python -m ernie_jax.aot --config configs/ernie45_21b_a3b.yaml --topology v5p:4x4x8 \\
-        [--set mesh.fsdp=-1 --set data.seq_len=32768 ...] [--json]
+        [--num_slices 2 --set mesh.dcn.data=2] [--set mesh.fsdp=-1 --set data.seq_len=32768 ...] [--json]
 
 With libtpu installed (`pip install -e '.[tpu]'`, in its own venv), `get_topology_desc` describes
 the slice's chips; the train step is lowered on a mesh of them with the state as shapes only
@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "YAML config file (configs/*.yaml)")
 flags.DEFINE_string("topology", "v5p:4x4x8", "TPU topology, e.g. v5e:2x2, v5p:4x4x8, v6e:16x16")
+flags.DEFINE_integer("num_slices", 1, "slices of that topology (multi-slice; give the split with mesh.dcn.*)")
 flags.DEFINE_multi_string("set", [], "config override, repeatable: --set data.seq_len=32768")
 flags.DEFINE_bool("json", False, "print one JSON object per compiled config instead of the report")
 flags.DEFINE_string("stage", "", "for a config with stages: compile only this stage (default: every stage)")
@@ -53,13 +54,17 @@ def _lookup(table: dict, kind: str):
     return None
 
 
-def topology_devices(name: str):
-    """The chips of a TPU topology, or ConfigError naming the fix when libtpu is missing."""
+def topology_devices(name: str, num_slices: int = 1):
+    """The chips of `num_slices` slices of a TPU topology, or ConfigError naming the fix when libtpu
+    is missing."""
     from jax.experimental import topologies
     from ernie_jax.errors import ConfigError
 
+    if num_slices < 1:
+        raise ConfigError(f"--num_slices {num_slices} must be >= 1")
     try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+        kw = {"num_slices": num_slices} if num_slices > 1 else {}
+        return topologies.get_topology_desc(platform="tpu", topology_name=name, **kw).devices
     except Exception as e:  # libtpu absent, or an unknown topology name
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(
@@ -99,8 +104,9 @@ def abstract_batch(cfg, mesh) -> dict:
     }
 
 
-def compile_report(cfg, topology: str) -> dict:
-    """Compile cfg's train step for `topology`; per-chip memory, FLOPs and whether it fits."""
+def compile_report(cfg, topology: str, num_slices: int = 1) -> dict:
+    """Compile cfg's train step for `num_slices` x `topology`; per-chip memory, FLOPs and whether it
+    fits."""
     import jax
     from ernie_jax.errors import is_out_of_memory
     from ernie_jax.metrics import PEAK_FLOPS, train_flops_per_token
@@ -114,7 +120,7 @@ def compile_report(cfg, topology: str) -> dict:
     from ernie_jax.trainers.state import abstract_train_state, make_optimizer
     from ernie_jax.trainers.step import make_train_step
 
-    devices = topology_devices(topology)
+    devices = topology_devices(topology, num_slices)
     backend = resolve_backend(cfg.model.attention, "tpu")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=backend))
     mesh = build_mesh(cfg, devices)
@@ -125,7 +131,7 @@ def compile_report(cfg, topology: str) -> dict:
     kind = devices[0].device_kind
     hbm = _lookup(HBM_BYTES, kind)
     head = {
-        "topology": topology,
+        "topology": topology if num_slices == 1 else f"{num_slices} x {topology}",
         "chips": len(devices),
         "device_kind": kind,
         "mesh": describe(mesh, cfg.mesh),
@@ -231,7 +237,7 @@ def main(argv) -> int:
             if FLAGS.stage in ("", st.name)
         ] or [(FLAGS.config, cfg)]
         for label, run_cfg in todo:
-            report = compile_report(run_cfg, FLAGS.topology)
+            report = compile_report(run_cfg, FLAGS.topology, FLAGS.num_slices)
             if FLAGS.json:
                 print(json.dumps({"config": label, **report}))
             else:

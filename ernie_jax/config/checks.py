@@ -289,9 +289,22 @@ def _validate_pipeline(cfg: Config) -> None:
         return
     micro = pp.microbatches or stages
     _require(
-        pp.schedule == "gpipe" or micro >= stages,
+        pp.schedule != "circular" or micro >= stages,
         f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for the circular schedule "
         f"(a microbatch must leave the last stage before it re-enters the first)",
+    )
+    _require(
+        pp.schedule != "1f1b" or micro >= stages,
+        f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for 1f1b (with fewer, stages wait "
+        f"idle; use gpipe or more microbatches)",
+    )
+    _require(
+        pp.schedule != "1f1b" or not cfg.lora.enabled,
+        "pipeline.schedule=1f1b does not train LoRA adapters yet; use pipeline.schedule=gpipe",
+    )
+    _require(
+        pp.schedule != "1f1b" or not cfg.vision.enabled,
+        "pipeline.schedule=1f1b runs text models for now (the ViT sits before the stack); use gpipe",
     )
     plan = layer_plan(cfg)
     size, what = plan.pipelined_depth, ("MoE units" if plan.pipelined_stack == "units" else "layers")

@@ -158,7 +158,9 @@ class PipelineConfig:
     is the MoE units (dense models: all layers); leading dense layers, the last dense layers, the
     vision encoder, embeddings, head and MTP run outside it."""
 
-    schedule: Literal["gpipe", "circular"] = "gpipe"
+    # 1f1b: the train step runs each microbatch's backward as soon as it leaves the last stage
+    # (parallel/pipeline.py `one_f_one_b`); forward-only calls (eval) run it as gpipe
+    schedule: Literal["gpipe", "circular", "1f1b"] = "gpipe"
     microbatches: int = 0  # per (accumulation) micro-batch; 0 = mesh.pipeline
     repeats: int = 1  # circular: layer chunks per stage (each microbatch loops the stages this often)
 

@@ -61,6 +61,12 @@ class ModelOutput:
     label_nll: Any = None
     mtp_label_nll: Any = None
 
+    def loads(self) -> dict:
+        """Tokens per expert [L_moe, E] by router ("gate", "vision_gate"): what the post-step
+        correction-bias rule balances."""
+        out = {"gate": self.expert_load, "vision_gate": self.vision_expert_load}
+        return {k: v for k, v in out.items() if v is not None}
+
 
 @struct.dataclass
 class BlockContext:
@@ -71,6 +77,17 @@ class BlockContext:
     modality: jax.Array  # [B,S] 0 text, 1 vision (heterogeneous MoE routing)
     segment_ids: jax.Array | None = None  # [B,S] packed documents (None: one per row)
     token_index: jax.Array | None = None  # [B,S] original positions of reordered tokens (context parallelism)
+
+
+@struct.dataclass
+class Prepared:
+    """What the layers after the decoder stacks need besides the hidden states: the blocks' context
+    and the labels (all [B,S,...], MTP ones [D,B,S]; None without labels / MTP)."""
+
+    ctx: BlockContext
+    labels: jax.Array | None = None
+    mtp_ids: jax.Array | None = None
+    mtp_labels: jax.Array | None = None
 
 
 class DecoderLayer(nnx.Module):
@@ -325,6 +342,23 @@ class ErnieForCausalLM(nnx.Module):
         inputs_embeds replaces the lookup; modality [B,S] routes 1 = vision tokens to the vision
         experts of heterogeneous MoE layers (default: all text); labels [B,S]: return per-token
         losses from a chunked head instead of logits (the training path)."""
+        x, prep = self.prepare(input_ids, positions, segment_ids, inputs_embeds, modality, labels)
+        pipelined = pipelined_stack(self.units is not None)
+        stats = None
+        for name in ("prefix", "units", "suffix"):
+            stack = getattr(self, name)
+            if stack is None:
+                continue
+            x, stack_stats = self._run_stack(stack, x, prep.ctx, pipelined=name == pipelined)
+            if name == "units":
+                stats = stack_stats
+        return self.finish(x, prep, stats)
+
+    def prepare(
+        self, input_ids, positions=None, segment_ids=None, inputs_embeds=None, modality=None, labels=None
+    ):
+        """The inputs of the decoder stacks: (token embeddings [B,S,H], `Prepared`: the blocks'
+        context and the labels), in the load-balanced token order under context parallelism."""
         m = self.model_cfg
         b, s = input_ids.shape
         if positions is None:
@@ -354,17 +388,14 @@ class ErnieForCausalLM(nnx.Module):
             token_index=token_index,
         )
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
-        pipelined = pipelined_stack(self.units is not None)
-        stats = None
-        for name in ("prefix", "units", "suffix"):
-            stack = getattr(self, name)
-            if stack is None:
-                continue
-            x, stack_stats = self._run_stack(stack, x, ctx, pipelined=name == pipelined)
-            if name == "units":
-                stats = stack_stats
-        mtp_hidden = self._mtp(x, mtp_ids, ctx) if self.mtp is not None else None
-        out = self._heads(x, mtp_hidden, labels, mtp_labels)
+        return x, Prepared(ctx, labels, mtp_ids, mtp_labels)
+
+    def finish(self, x, prep: Prepared, stats) -> ModelOutput:
+        """The last hidden states x [B,S,H] (after every stack) and the MoE units' router statistics
+        -> the outputs: MTP, the head (logits, or per-token losses of the labels), router summaries."""
+        mtp_hidden = self._mtp(x, prep.mtp_ids, prep.ctx) if self.mtp is not None else None
+        out = self._heads(x, mtp_hidden, prep.labels, prep.mtp_labels)
+        order = self._token_order(x.shape[1])
         if order is not None:
             restore = np.argsort(order)
             out = {
@@ -411,6 +442,14 @@ class ErnieForCausalLM(nnx.Module):
             "mtp_label_nll": mtp,
             "mtp_logits": None,
         }
+
+    def run_stack(self, name: str, x, ctx):
+        """x through the stack `name` (prefix / units / suffix) as one scan (no pipeline schedule)."""
+        return _scan_layers(getattr(self, name), x, ctx, self.model_cfg)
+
+    def stage_chunk(self, chunk, x, ctx, active=None):
+        """One pipeline stage's chunk of the pipelined stack (a stacked module) over x."""
+        return _scan_layers(chunk, x, ctx, self.model_cfg, True, active)
 
     def _run_stack(self, stack, x, ctx, pipelined: bool):
         """One scan over a stack, or the pipeline schedule for the pipelined stack when mesh.pipeline > 1."""

@@ -15,7 +15,6 @@ import math
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from ernie_jax.config import Config, MeshConfig, pipelined_stack
@@ -119,22 +118,23 @@ def dcn_shape(m: MeshConfig, sizes: dict[str, int], devices) -> dict[str, int] |
 
 def device_grid(cfg: Config, devices) -> np.ndarray:
     """`devices` arranged as the mesh of `cfg.mesh` (axes MESH_AXES): a reshape of the list for one
-    slice; with `mesh.dcn.*`, each axis's across-slice part outermost (mesh_utils'
-    create_hybrid_device_mesh), so the inner parts, and every axis kept inside a slice, stay on the
-    fast links."""
+    slice. With `mesh.dcn.*` it is built as mesh_utils.create_hybrid_device_mesh builds one: a block
+    per slice (the axes' within-slice sizes), the blocks tiled by the across-slice sizes, so each
+    axis's across-slice part is outermost and everything else stays on the fast links. Inside a block
+    the devices keep process order (each process's devices together, the batch rows the data loaders
+    give it), not the torus order create_device_mesh would pick, which scatters a host's rows."""
     devices = list(devices)
     sizes = mesh_shape(cfg.mesh, len(devices))
     check_mesh_fits_model(cfg, sizes)
     dcn = dcn_shape(cfg.mesh, sizes, devices)
     if dcn is None:
         return np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
-    return mesh_utils.create_hybrid_device_mesh(
-        [sizes[a] // dcn[a] for a in MESH_AXES],
-        [dcn[a] for a in MESH_AXES],
-        devices,
-        process_is_granule=not _is_tpu(devices),
-        allow_split_physical_axes=True,
-    )
+    ici = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
+    _, groups = slices_of(devices)
+    blocks = np.empty(len(groups), object)
+    for i, group in enumerate(groups):
+        blocks[i] = np.asarray(sorted(group, key=lambda d: (d.process_index, d.id))).reshape(ici)
+    return np.block(blocks.reshape(tuple(dcn[a] for a in MESH_AXES)).tolist())
 
 
 def build_mesh(cfg: Config, devices=None) -> Mesh:

@@ -31,6 +31,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -45,18 +46,24 @@ class Schedule:
     stages: int
     microbatches: int
     repeats: int
+    kind: str = "gpipe"  # gpipe | circular | 1f1b (the train step's schedule; forward-only calls run gpipe)
 
     @property
     def iterations(self) -> int:
+        """Forward iterations (1f1b: ticks of its one scan, forward and backward together)."""
+        if self.kind == "1f1b":
+            return self.microbatches + 2 * self.stages - 2
         return self.repeats * self.microbatches + self.stages - 1
 
     @property
     def bubble_fraction(self) -> float:
-        """Share of stage-iterations spent idle: (S - 1) / (R*M + S - 1)."""
-        return (self.stages - 1) / self.iterations
+        """Share of stage-iterations spent idle: (S - 1) / (R*M + S - 1) (1f1b: the same as gpipe)."""
+        return (self.stages - 1) / (self.repeats * self.microbatches + self.stages - 1)
 
     def describe(self, units: int | None = None) -> str:
-        kind = "gpipe" if self.repeats == 1 else f"circular x{self.repeats}"
+        kind = (
+            "1f1b" if self.kind == "1f1b" else "gpipe" if self.repeats == 1 else f"circular x{self.repeats}"
+        )
         text = (
             f"pipeline {kind}: {self.stages} stages, {self.microbatches} microbatches, "
             f"{self.iterations} iterations, bubble {self.bubble_fraction:.1%}"
@@ -73,7 +80,7 @@ def schedule_for(cfg) -> Schedule | None:
     stages = cfg.mesh.pipeline
     if stages <= 1:
         return None
-    return Schedule(stages, cfg.pipeline.microbatches or stages, cfg.pipeline.repeats)
+    return Schedule(stages, cfg.pipeline.microbatches or stages, cfg.pipeline.repeats, cfg.pipeline.schedule)
 
 
 def check_pipeline_batch(cfg, mesh) -> None:
@@ -199,3 +206,147 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
     stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(padded, *a.shape[3:])[:units], stats_acc)
     stats = {group: s.losses_over(m_) for group, s in stats.items()}
     return _constrain(from_microbatches(outputs), "all_batch"), stats
+
+
+# ----------------------------------------------------------------------------- 1F1B
+
+
+def stage_layout(units: int, sched: Schedule) -> tuple[int, Callable, Callable]:
+    """(units per chunk, [U, ...] -> [S, L, ...] on the stage devices (zero padding units at the
+    end), and its inverse [S, L, ...] -> [U, ...]) for a one-chunk-per-stage schedule."""
+    s_ = sched.stages
+    per = -(-units // s_)
+
+    def to_stages(w):
+        if per * s_ > units:
+            w = jnp.concatenate([w, jnp.zeros((per * s_ - units, *w.shape[1:]), w.dtype)])
+        return _constrain(w.reshape(s_, per, *w.shape[1:]), "stage")
+
+    def from_stages(w):
+        return w.reshape(s_ * per, *w.shape[2:])[:units]
+
+    return per, to_stages, from_stages
+
+
+def _cotangent(x):
+    """A cotangent for primal output x: itself, or float0 zeros for integer outputs (counts)."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs, sched: Schedule):
+    """Forward and backward of the pipelined stack in one scan (1F1B, Narayanan et al. 2019, as one
+    SPMD program). Stage s runs the forward of microbatch k at tick k + s and its backward at tick
+    k + 2S - 2 - s: microbatch k leaves the last stage at tick k + S - 1, `post` scores it there
+    (the layers after the stack, the head and the objective, with their gradients) and its backward
+    starts in the same tick. A stage keeps the inputs of its microbatches in flight (at most 2S - 1,
+    whatever M is) and recomputes its chunk's forward inside the backward (`jax.vjp`), so activation
+    memory does not grow with the number of microbatches. Forward and backward phases of a tick are
+    `lax.cond`s on whether any stage has work, so the warm-up skips the backward and the cool-down the
+    forward: (M + S - 1) forwards and backwards per stage, as in GPipe.
+
+    chunk(params_l, other_l, x_mb, ctx_mb, active_l) -> (y_mb, stats): one stage's chunk of L units
+    (stats: a pytree with a leading L axis); params / other: the stack's parameters (differentiated)
+    and other state, [S, L, ...] on the stage devices; active [S, L] bool or None (padding units).
+    xs [M, mb, ...], ctxs (pytree of [M, mb, ...]): the stack's inputs per microbatch.
+    post(y_mb, stats [S, L, ...], k) -> (loss, aux, rest_grads, dy, dstats): microbatch k scored,
+    with gradients of its loss w.r.t. the parameters outside the stack and w.r.t. its inputs.
+
+    Returns (summed loss, summed aux, summed rest grads, stack grads [S, L, ...], dxs [M, mb, ...])."""
+    s_, m_ = sched.stages, sched.microbatches
+    slots = 2 * s_ - 1
+    sid = jnp.arange(s_)
+    spmd = PIPELINE_AXIS if _mesh_has_pipeline() else None
+    on = jnp.ones(jax.tree.leaves(params)[0].shape[:2], bool) if active is None else active
+    ctx_at = lambda k: jax.tree.map(lambda c: jnp.take(c, k, axis=0), ctxs)  # [S, mb, ...]
+
+    forward = jax.vmap(chunk, spmd_axis_name=spmd)
+
+    def backward_one(p, o, x, ctx, a, dy, dstats):
+        out, vjp = jax.vjp(lambda p, x: chunk(p, o, x, ctx, a), p, x)
+        dstats = jax.tree.map(
+            lambda v, d: d if jnp.issubdtype(v.dtype, jnp.inexact) else _cotangent(v), out[1], dstats
+        )
+        return vjp((dy, dstats))
+
+    backward = jax.vmap(backward_one, spmd_axis_name=spmd)
+
+    x0 = _constrain(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
+    _, stats_shape = jax.eval_shape(forward, params, other, x0, ctx_at(jnp.zeros((s_,), jnp.int32)), on)
+    rec0 = jax.tree.map(lambda a: jnp.zeros((s_,) + a.shape, a.dtype), stats_shape)  # [S, S, L, ...]
+    probe = jax.eval_shape(post, x0[0], jax.tree.map(lambda a: a[0], rec0), jnp.int32(0))
+    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
+    loss0, aux0, rest0 = zeros(probe[:3])
+
+    def tick(carry, t):
+        fx, frec, stash, bdy, brec, dparams, dxs, loss, aux, rest = carry
+        kf = t - sid
+        vf = (kf >= 0) & (kf < m_)
+        kfc = jnp.clip(kf, 0, m_ - 1)
+
+        def run_forward(fx, frec, stash):
+            fx = fx.at[0].set(xs[kfc[0]])
+            y, st = forward(params, other, fx, ctx_at(kfc), on)
+            slot = kfc % slots
+            keep = vf.reshape((s_,) + (1,) * (fx.ndim - 1))
+            stash = stash.at[sid, slot].set(jnp.where(keep, fx, stash[sid, slot]))
+            rec = jax.tree.map(lambda r, v: r.at[sid, sid].set(v), frec, st)
+            last = (y[-1], jax.tree.map(lambda r: r[-1], rec))
+            fx = _constrain(jnp.roll(y, 1, axis=0), "stage", "batch")
+            return fx, jax.tree.map(lambda r: jnp.roll(r, 1, axis=0), rec), stash, last
+
+        def no_forward(fx, frec, stash):
+            return fx, frec, stash, (fx[-1], jax.tree.map(lambda r: r[-1], frec))
+
+        fx, frec, stash, (y_last, rec_last) = jax.lax.cond(
+            t < m_ + s_ - 1, run_forward, no_forward, fx, frec, stash
+        )
+
+        def score(loss, aux, rest, bdy, brec):
+            value, a, g, dy, drec = post(y_last, rec_last, kfc[-1])
+            add = lambda acc, v: jax.tree.map(jnp.add, acc, v)
+            bdy = bdy.at[-1].set(dy.astype(bdy.dtype))
+            brec = jax.tree.map(lambda b, d: b.at[-1].set(d.astype(b.dtype)), brec, drec)
+            return add(loss, value), add(aux, a), add(rest, g), bdy, brec
+
+        loss, aux, rest, bdy, brec = jax.lax.cond(vf[-1], score, lambda *a: a, loss, aux, rest, bdy, brec)
+
+        def run_backward(bdy, brec, dparams, dxs):
+            kb = t - (2 * s_ - 2 - sid)
+            vb = (kb >= 0) & (kb < m_)
+            kbc = jnp.clip(kb, 0, m_ - 1)
+            x_in = stash[sid, kbc % slots]
+            own = jax.tree.map(lambda r: r[sid, sid], brec)  # each stage's chunk of its microbatch's record
+            dp, dx = backward(params, other, x_in, ctx_at(kbc), on, bdy, own)
+            mask = lambda v: jnp.where(vb.reshape((s_,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
+            dparams = jax.tree.map(lambda acc, v: acc + mask(v).astype(acc.dtype), dparams, dp)
+            dxs = dxs.at[kbc[0]].set(jnp.where(vb[0], dx[0], dxs[kbc[0]]))
+            bdy = _constrain(jnp.roll(dx, -1, axis=0), "stage", "batch")
+            brec = jax.tree.map(lambda r: jnp.roll(r, -1, axis=0), brec)
+            return bdy, brec, dparams, dxs
+
+        bdy, brec, dparams, dxs = jax.lax.cond(
+            t >= s_ - 1, run_backward, lambda *a: a, bdy, brec, dparams, dxs
+        )
+        return (fx, frec, stash, bdy, brec, dparams, dxs, loss, aux, rest), None
+
+    stash0 = _constrain(jnp.zeros((s_, slots, *xs.shape[1:]), xs.dtype), "stage", None, "batch")
+    carry = (
+        x0,
+        rec0,
+        stash0,
+        jnp.zeros_like(x0),
+        jax.tree.map(
+            lambda r: jnp.zeros(r.shape, r.dtype if jnp.issubdtype(r.dtype, jnp.inexact) else jnp.float32),
+            rec0,
+        ),
+        jax.tree.map(jnp.zeros_like, params),
+        jnp.zeros_like(xs),
+        loss0,
+        aux0,
+        rest0,
+    )
+    carry, _ = jax.lax.scan(tick, carry, jnp.arange(sched.iterations))
+    *_, dparams, dxs, loss, aux, rest = carry
+    return loss, aux, rest, dparams, dxs

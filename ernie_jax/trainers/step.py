@@ -24,6 +24,7 @@ from ernie_jax.model.ernie_vl import vision_token_ids
 from ernie_jax.model.lora import with_dropout_seeds
 from ernie_jax.model.param_parts import ROUTER_PATH, ROUTERS, param_part
 from ernie_jax.precision.fp8 import update_histories
+from ernie_jax.trainers.pipeline_grad import one_f_one_b_value_and_grad
 from ernie_jax.trainers.state import TrainState, lr_schedule
 
 Objective = Callable[[Any, dict, Config], tuple[jax.Array, dict]]
@@ -123,16 +124,12 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`batch_inputs(forward, state, micro)`: the task's extra inputs from the state (trainers/task.py)."""
     schedule = lr_schedule(cfg.optimizer, total_steps)
+    one_f_one_b = cfg.pipeline.schedule == "1f1b" and cfg.mesh.pipeline > 1
 
     def loss_fn(params, buffers, base, micro):
         out = _forward(graphdef, params, buffers, base, micro)
         loss, metrics = objective(out, micro, cfg)
-        loads = {}
-        if out.expert_load is not None:
-            loads["gate"] = out.expert_load
-        if out.vision_expert_load is not None:
-            loads["vision_gate"] = out.vision_expert_load
-        return loss, (metrics, loads)
+        return loss, (metrics, out.loads())
 
     def with_task_inputs(state, buffers, micro):
         if batch_inputs is None:
@@ -154,6 +151,8 @@ def make_train_step(
         # carry this step's amaxes (max over micro-batches), rolled in after the update
         fp8_state = _has_fp8_meta(buffers)
         grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1) if fp8_state else 0, has_aux=True)
+        if one_f_one_b:  # the pipelined stack's backward interleaved with its forward (no FP8 state)
+            grad_fn = one_f_one_b_value_and_grad(graphdef, cfg, objective)
 
         def micro_step(acc, xs):
             micro, i = xs

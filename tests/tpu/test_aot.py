@@ -79,3 +79,17 @@ def test_without_libtpu_one_line():
     assert r.returncode == 2
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "libtpu" in errors[0] and "Traceback" not in r.stderr
+
+
+@needs_libtpu
+def test_two_slices_compile_with_a_hybrid_mesh():
+    """2 x v5e:2x2: data parallel across the slices, expert parallelism inside each; the slices are
+    the devices' `slice_index`, and a dcn split that does not match them is one line."""
+    common = ["--config", "configs/tiny_moe.yaml", "--topology", "v5e:2x2", "--num_slices", "2", "--json"]
+    r = _aot(*common, "--set", "mesh.expert=4", "--set", "mesh.dcn.data=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["chips"] == 8 and report["mesh"] == "data=2 x expert=4 (dcn data=2)" and report["fits"]
+    assert report["topology"] == "2 x v5e:2x2"
+    r = _aot(*common, "--set", "mesh.dcn.data=4")
+    assert r.returncode == 2 and "spans 4 slices but the job has 2 slices" in r.stderr

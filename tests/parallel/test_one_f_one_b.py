@@ -1,0 +1,123 @@
+"""1F1B (`pipeline.schedule: 1f1b`): the train step's loss and gradients equal GPipe's and the
+unpipelined model's (fp32) when every microbatch has the same number of loss tokens, and the mean over
+microbatches of the objective (gradient-accumulation style) when they do not; on one device and
+sharded over 8 CPU devices with data and expert axes, with uneven stages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ernie_jax.config import load_config
+from ernie_jax.errors import ConfigError
+from ernie_jax.parallel.mesh import build_mesh
+from ernie_jax.parallel.pipeline import to_microbatches
+from ernie_jax.trainers.lm import lm_objective
+from ernie_jax.trainers.pipeline_grad import one_f_one_b_value_and_grad
+from tests.parallel.sharded import model_state, place_batch, run
+
+BATCH, SEQ = 8, 16
+BASE = ["model.dtype=float32", "moe.dispatch=capacity", "moe.capacity_factor=4.0", f"data.batch_size={BATCH}"]
+
+
+def _batch(cfg, padded: bool):
+    ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+    seg = np.ones((BATCH, SEQ), np.int32)
+    seg[1, 10:] = 2  # a packed row: loss tokens stay the same per microbatch
+    if padded:
+        seg[2, 12:] = 0
+    return {
+        "input_ids": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "segment_ids": seg,
+        "loss_mask": (seg > 0).astype(np.float32),
+    }
+
+
+def _one_f_one_b(cfg, batch, mesh=None):
+    graphdef, params, rest = model_state(cfg, mesh)
+    fn = one_f_one_b_value_and_grad(graphdef, cfg, lm_objective)
+    batch = place_batch(batch, mesh)
+    (loss, _), grads = run(lambda p: fn(p, rest, {}, batch), mesh, params)
+    return loss, grads
+
+
+def _whole_batch(cfg, batch, mesh=None, microbatches: int = 1):
+    """The model's loss and grads on the batch (GPipe when cfg pipelines, else one scan); with
+    `microbatches`, the mean over microbatches (rows i, i+M, ...) of the objective on each."""
+    graphdef, params, rest = model_state(cfg, mesh)
+    batch = place_batch(batch, mesh)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        parts = jax.tree.map(lambda a: to_microbatches(jnp.asarray(a), microbatches), batch)
+        total = 0.0
+        for i in range(microbatches):
+            micro = jax.tree.map(lambda a: a[i], parts)
+            total += lm_objective(model.apply_batch(micro), micro, cfg)[0]
+        return total / microbatches
+
+    return run(jax.value_and_grad(loss), mesh, params)
+
+
+def _close(got, want, rtol=1e-5):
+    np.testing.assert_allclose(got[0], want[0], rtol=rtol)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("layers, micro", [(5, 2), (4, 4)])  # 4 layers: 3 units on 2 stages (uneven)
+def test_one_device_equals_gpipe_and_unpipelined(layers, micro):
+    base = BASE + [f"model.num_layers={layers}"]
+    pipe = ["mesh.pipeline=2", f"pipeline.microbatches={micro}"]
+    cfg = load_config("configs/tiny_moe.yaml", base + pipe + ["pipeline.schedule=1f1b"])
+    got = _one_f_one_b(cfg, _batch(cfg, padded=False))
+    _close(got, _whole_batch(load_config("configs/tiny_moe.yaml", base + pipe), _batch(cfg, False)))
+    # unpipelined, per microbatch (router losses are per microbatch under any pipeline schedule)
+    plain = load_config("configs/tiny_moe.yaml", base)
+    _close(got, _whole_batch(plain, _batch(cfg, False), microbatches=micro))
+    # rows with padding: the accumulation-style mean over microbatches
+    _close(_one_f_one_b(cfg, _batch(cfg, True)), _whole_batch(plain, _batch(cfg, True), microbatches=micro))
+
+
+def test_bad_1f1b_settings_are_one_line():
+    with pytest.raises(ConfigError, match="pipeline.microbatches=2 must be >= mesh.pipeline=4 for 1f1b"):
+        load_config(
+            "configs/tiny_moe.yaml",
+            ["model.num_layers=9", "mesh.pipeline=4", "pipeline.microbatches=2", "pipeline.schedule=1f1b"],
+        )
+    with pytest.raises(ConfigError, match="1f1b does not train LoRA adapters yet"):
+        load_config(
+            "configs/tiny_moe.yaml", ["mesh.pipeline=2", "pipeline.schedule=1f1b", "lora.enabled=true"]
+        )
+
+
+needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+
+@needs8
+@pytest.mark.parametrize(
+    "layers, layout",
+    [
+        # expert parallelism inside the stages, uneven stages (3 units on 2); a microbatch of 4 rows
+        # splits over data x expert (the trainer refuses microbatches that do not)
+        (4, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"]),
+        pytest.param(
+            9,
+            ["mesh.pipeline=4", "mesh.data=2", "pipeline.microbatches=4", "moe.transport=all_to_all"],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            5, ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.data=1"], marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_sharded_equals_gpipe(layers, layout):
+    base = BASE + [f"model.num_layers={layers}"]
+    cfg = load_config("configs/tiny_moe.yaml", base + layout + ["pipeline.schedule=1f1b"])
+    gpipe = load_config("configs/tiny_moe.yaml", base + layout)
+    devices = jax.devices()[: int(np.prod([v for v in build_mesh(cfg).shape.values()]))]
+    mesh = build_mesh(cfg, devices)
+    batch = _batch(cfg, padded=False)
+    _close(_one_f_one_b(cfg, batch, mesh), _whole_batch(gpipe, batch, build_mesh(gpipe, devices)))
