@@ -5,7 +5,9 @@
 
 `--pipeline` compares GPipe and circular schedules with the same microbatches (and no pipeline as
 the baseline) on a deeper model: bubble fraction, peak memory per device = arguments + outputs -
-aliased + temporaries, from `compile().memory_analysis()`.
+aliased + temporaries, from `compile().memory_analysis()`. Then GPipe against 1F1B for M = 4, 8, 16
+microbatches of a fixed size (the batch grows with M): temporaries per device and step time side by
+side, with their ratios.
 
 On fake CPU devices the times only compare layouts against each other (the devices share the cores);
 memory per device and the collectives counted from the compiled HLO are what the layout changes.
@@ -141,6 +143,32 @@ def pipeline_table(config: str, steps: int) -> None:
         )
 
 
+def one_f_one_b_table(config: str, steps: int, rows_per_microbatch: int = 4) -> None:
+    """GPipe vs 1F1B on 4 stages x 2-way data parallel, M microbatches of a fixed size."""
+    print(
+        f"\n{'M':>3}{'batch':>7}{'gpipe temp MB':>15}{'1f1b temp MB':>14}{'ratio':>7}"
+        f"{'gpipe ms':>10}{'1f1b ms':>9}{'ratio':>7}  (per device; 4 stages x data 2)"
+    )
+    for m in (4, 8, 16):
+        base = PIPELINE_BASE[:1] + [
+            f"data.batch_size={m * rows_per_microbatch}",
+            "mesh.data=2",
+            "mesh.pipeline=4",
+            f"pipeline.microbatches={m}",
+            "model.dtype=float32",
+        ]
+        got = {}
+        for kind in ("gpipe", "1f1b"):
+            ms, mem, _, _ = measure(load_config(config, base + [f"pipeline.schedule={kind}"]), steps)
+            got[kind] = (mem.temp_size_in_bytes / 2**20, ms)
+        (gt, gms), (ot, oms) = got["gpipe"], got["1f1b"]
+        print(
+            f"{m:3d}{m * rows_per_microbatch:7d}{gt:15.2f}{ot:14.2f}{ot / gt:7.2f}{gms:10.1f}{oms:9.1f}"
+            f"{oms / gms:7.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/tiny_moe.yaml")
@@ -149,7 +177,8 @@ def main() -> None:
     a = p.parse_args()
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {a.config}")
     if a.pipeline:
-        return pipeline_table(a.config, a.steps)
+        pipeline_table(a.config, a.steps)
+        return one_f_one_b_table(a.config, a.steps)
     print(f"{'layout':<32}{'step ms':>9}{'temp MB/dev':>13}{'args MB/dev':>13}  collectives MB (HLO)")
     for layout in LAYOUTS:
         cfg = load_config(a.config, layout + ["data.batch_size=8", "model.dtype=float32"])

@@ -103,7 +103,7 @@ def _mesh_has_pipeline() -> bool:
     return not mesh.empty and PIPELINE_AXIS in mesh.axis_names and mesh.shape[PIPELINE_AXIS] > 1
 
 
-def _constrain(x: jax.Array, *lead: str | None) -> jax.Array:
+def constrain_leading(x: jax.Array, *lead: str | None) -> jax.Array:
     """Pin the leading dims of x: "stage" -> the pipeline axis, "batch" -> the batch axes a stage
     splits its microbatch over, "all_batch" -> every batch axis (outside the pipeline), None ->
     replicated; later dims are left to XLA."""
@@ -145,14 +145,14 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
         if padded > units:
             w = jnp.concatenate([w, jnp.zeros((padded - units, *w.shape[1:]), w.dtype)])
         w = w.reshape(r_, s_, per_chunk, *w.shape[1:]).swapaxes(0, 1)
-        return _constrain(w, "stage")
+        return constrain_leading(w, "stage")
 
     weights = jax.tree.map(by_stage, weights)
     active = by_stage(jnp.ones((units,), bool)) if padded > units else None
 
     # every stage may need any microbatch: gathered over the pipeline axis, split over the others
-    xs = _constrain(to_microbatches(x, m_), None, "batch")  # [M, mb, ...]
-    ctxs = jax.tree.map(lambda c: _constrain(to_microbatches(c, m_), None, "batch"), ctx)
+    xs = constrain_leading(to_microbatches(x, m_), None, "batch")  # [M, mb, ...]
+    ctxs = jax.tree.map(lambda c: constrain_leading(to_microbatches(c, m_), None, "batch"), ctx)
 
     def stage(w, on, r, x_mb, ctx_mb):
         chunk = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], w))
@@ -165,7 +165,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
 
     stage_ids = jnp.arange(s_)
     ctx_at = lambda m: jax.tree.map(lambda c: jnp.take(c, m, axis=0), ctxs)  # [S, mb, ...]
-    state0 = _constrain(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
+    state0 = constrain_leading(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
     _, stats_shape = jax.eval_shape(
         run_stages, jnp.zeros((s_,), jnp.int32), state0, ctx_at(jnp.zeros((s_,), jnp.int32))
     )
@@ -182,7 +182,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
         )  # fresh or looped
         state = state.at[0].set(first)
         out, stats = run_stages(rep, state, ctx_at(mb))
-        out = _constrain(out, "stage", "batch")
+        out = constrain_leading(out, "stage", "batch")
         last, m_last, r_last, v_last = out[-1], mb[-1], rep[-1], valid[-1]
         if r_ > 1:
             loop_buf = loop_buf.at[m_last].set(jnp.where(v_last, last, loop_buf[m_last]))
@@ -196,7 +196,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
             stats_acc,
             stats,
         )
-        state = _constrain(jnp.roll(out, 1, axis=0), "stage", "batch")
+        state = constrain_leading(jnp.roll(out, 1, axis=0), "stage", "batch")
         return (state, loop_buf, outputs, stats_acc), None
 
     loop_buf = jnp.zeros_like(xs) if r_ > 1 else jnp.zeros((), xs.dtype)
@@ -205,7 +205,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
     # [S, R, L, ...] -> [R, S, L, ...] -> [U, ...]: chunk r*S + s, i.e. global layer order
     stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(padded, *a.shape[3:])[:units], stats_acc)
     stats = {group: s.losses_over(m_) for group, s in stats.items()}
-    return _constrain(from_microbatches(outputs), "all_batch"), stats
+    return constrain_leading(from_microbatches(outputs), "all_batch"), stats
 
 
 # ----------------------------------------------------------------------------- 1F1B
@@ -220,7 +220,7 @@ def stage_layout(units: int, sched: Schedule) -> tuple[int, Callable, Callable]:
     def to_stages(w):
         if per * s_ > units:
             w = jnp.concatenate([w, jnp.zeros((per * s_ - units, *w.shape[1:]), w.dtype)])
-        return _constrain(w.reshape(s_, per, *w.shape[1:]), "stage")
+        return constrain_leading(w.reshape(s_, per, *w.shape[1:]), "stage")
 
     def from_stages(w):
         return w.reshape(s_ * per, *w.shape[2:])[:units]
@@ -272,7 +272,7 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
 
     backward = jax.vmap(backward_one, spmd_axis_name=spmd)
 
-    x0 = _constrain(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
+    x0 = constrain_leading(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
     _, stats_shape = jax.eval_shape(forward, params, other, x0, ctx_at(jnp.zeros((s_,), jnp.int32)), on)
     rec0 = jax.tree.map(lambda a: jnp.zeros((s_,) + a.shape, a.dtype), stats_shape)  # [S, S, L, ...]
     probe = jax.eval_shape(post, x0[0], jax.tree.map(lambda a: a[0], rec0), jnp.int32(0))
@@ -293,7 +293,7 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
             stash = stash.at[sid, slot].set(jnp.where(keep, fx, stash[sid, slot]))
             rec = jax.tree.map(lambda r, v: r.at[sid, sid].set(v), frec, st)
             last = (y[-1], jax.tree.map(lambda r: r[-1], rec))
-            fx = _constrain(jnp.roll(y, 1, axis=0), "stage", "batch")
+            fx = constrain_leading(jnp.roll(y, 1, axis=0), "stage", "batch")
             return fx, jax.tree.map(lambda r: jnp.roll(r, 1, axis=0), rec), stash, last
 
         def no_forward(fx, frec, stash):
@@ -322,7 +322,7 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
             mask = lambda v: jnp.where(vb.reshape((s_,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
             dparams = jax.tree.map(lambda acc, v: acc + mask(v).astype(acc.dtype), dparams, dp)
             dxs = dxs.at[kbc[0]].set(jnp.where(vb[0], dx[0], dxs[kbc[0]]))
-            bdy = _constrain(jnp.roll(dx, -1, axis=0), "stage", "batch")
+            bdy = constrain_leading(jnp.roll(dx, -1, axis=0), "stage", "batch")
             brec = jax.tree.map(lambda r: jnp.roll(r, -1, axis=0), brec)
             return bdy, brec, dparams, dxs
 
@@ -331,7 +331,7 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
         )
         return (fx, frec, stash, bdy, brec, dparams, dxs, loss, aux, rest), None
 
-    stash0 = _constrain(jnp.zeros((s_, slots, *xs.shape[1:]), xs.dtype), "stage", None, "batch")
+    stash0 = constrain_leading(jnp.zeros((s_, slots, *xs.shape[1:]), xs.dtype), "stage", None, "batch")
     carry = (
         x0,
         rec0,

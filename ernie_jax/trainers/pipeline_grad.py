@@ -23,7 +23,7 @@ from flax import nnx
 
 from ernie_jax.config import Config, layer_plan
 from ernie_jax.parallel.pipeline import (
-    _constrain,
+    constrain_leading,
     from_microbatches,
     one_f_one_b,
     schedule_for,
@@ -58,7 +58,7 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
             return x, prep
 
         x, before_vjp, prep = jax.vjp(before, rest, has_aux=True)
-        split = lambda a: _constrain(to_microbatches(jnp.asarray(a), m_), None, "batch")
+        split = lambda a: constrain_leading(to_microbatches(jnp.asarray(a), m_), None, "batch")
         micros = jax.tree.map(split, micro)
         xs, ctxs = split(x), jax.tree.map(split, prep.ctx)
 

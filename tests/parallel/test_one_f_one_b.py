@@ -11,10 +11,14 @@ from flax import nnx
 
 from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
-from ernie_jax.parallel.mesh import build_mesh
+from ernie_jax.model import build_model
+from ernie_jax.parallel.mesh import batch_sharding, build_mesh
 from ernie_jax.parallel.pipeline import to_microbatches
 from ernie_jax.trainers.lm import lm_objective
+from ernie_jax.trainers.compiled import jit_train_step
 from ernie_jax.trainers.pipeline_grad import one_f_one_b_value_and_grad
+from ernie_jax.trainers.state import init_train_state, make_optimizer
+from ernie_jax.trainers.step import make_train_step
 from tests.parallel.sharded import model_state, place_batch, run
 
 BATCH, SEQ = 8, 16
@@ -121,3 +125,29 @@ def test_sharded_equals_gpipe(layers, layout):
     mesh = build_mesh(cfg, devices)
     batch = _batch(cfg, padded=False)
     _close(_one_f_one_b(cfg, batch, mesh), _whole_batch(gpipe, batch, build_mesh(gpipe, devices)))
+
+
+@needs8
+def test_train_step_metrics_match_gpipe():
+    """Through the train step (loss, router metrics, expert loads for the bias rule, the update)."""
+    base = BASE + ["model.num_layers=5", "mesh.data=4", "mesh.pipeline=2", "pipeline.microbatches=2"]
+    out = {}
+    for kind in ("gpipe", "1f1b"):
+        cfg = load_config("configs/tiny_moe.yaml", base + [f"pipeline.schedule={kind}"])
+        mesh = build_mesh(cfg)
+        tx = make_optimizer(cfg.optimizer, 10)
+        graphdef, state = init_train_state(cfg, lambda r: build_model(cfg, r), tx, mesh)
+        batch = {k: v[None] for k, v in _batch(cfg, padded=False).items()}
+        batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim, 1)) for k, v in batch.items()}
+        step = jit_train_step(make_train_step(graphdef, cfg, tx, lm_objective, 10), state, mesh)
+        state, metrics = step(state, batch)
+        out[kind] = (
+            jax.device_get(metrics),
+            jax.device_get(state["params"]),
+            jax.device_get(state["buffers"]),
+        )
+    (mg, pg, bg), (mo, po, bo) = out["gpipe"], out["1f1b"]
+    for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "expert_load_max", "mtp_loss"):
+        np.testing.assert_allclose(mo[key], mg[key], rtol=1e-5, err_msg=key)
+    for a, b in zip(jax.tree.leaves((po, bo)), jax.tree.leaves((pg, bg)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
