@@ -28,6 +28,7 @@ def row(
     context: int = 1,
     slices: int = 1,
     patches_per_row: int = 0,
+    extra: tuple = (),
 ):
     """(label, config, topology, slices, overrides): expert=8 throughout (inside a slice); long rows
     split the sequence over mesh.context; every layer is recomputed in the backward pass; VL rows give
@@ -49,6 +50,7 @@ def row(
             "model.remat=full",
             *EP,
             *vl,
+            *extra,
         ],
     )
 
@@ -74,6 +76,19 @@ PLAN = [
         fsdp=64,
         slices=2,
         patches_per_row=1024,
+    ),
+    # the same 300B plan on 8 pipeline stages: GPipe vs 1F1B activation memory
+    *(
+        row(
+            f"300B-A47B 4K, {kind}",
+            "300b_a47b",
+            "v5p:8x8x16",
+            4096,
+            1024,
+            fsdp=16,
+            extra=("mesh.pipeline=8", "pipeline.microbatches=8", f"pipeline.schedule={kind}"),
+        )
+        for kind in ("gpipe", "1f1b")
     ),
 ]
 

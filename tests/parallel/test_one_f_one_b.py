@@ -65,7 +65,7 @@ def _whole_batch(cfg, batch, mesh=None, microbatches: int = 1):
     return run(jax.value_and_grad(loss), mesh, params)
 
 
-def _close(got, want, rtol=1e-5):
+def _close(got, want, rtol=1e-6):
     np.testing.assert_allclose(got[0], want[0], rtol=rtol)
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
