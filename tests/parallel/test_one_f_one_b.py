@@ -71,7 +71,8 @@ def _close(got, want, rtol=1e-6):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("layers, micro", [(5, 2), (4, 4)])  # 4 layers: 3 units on 2 stages (uneven)
+# 4 layers: 3 units on 2 stages (uneven)
+@pytest.mark.parametrize("layers, micro", [pytest.param(5, 2, marks=pytest.mark.slow), (4, 4)])
 def test_one_device_equals_gpipe_and_unpipelined(layers, micro):
     base = BASE + [f"model.num_layers={layers}"]
     pipe = ["mesh.pipeline=2", f"pipeline.microbatches={micro}"]
@@ -106,7 +107,11 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devic
     [
         # expert parallelism inside the stages, uneven stages (3 units on 2); a microbatch of 4 rows
         # splits over data x expert (the trainer refuses microbatches that do not)
-        (4, ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"]),
+        pytest.param(
+            4,
+            ["mesh.pipeline=2", "mesh.data=2", "mesh.expert=2", "pipeline.microbatches=2"],
+            marks=pytest.mark.slow,
+        ),
         pytest.param(
             9,
             ["mesh.pipeline=4", "mesh.data=2", "pipeline.microbatches=4", "moe.transport=all_to_all"],
