@@ -92,6 +92,10 @@ def test_bad_1f1b_settings_are_one_line():
             "configs/tiny_moe.yaml",
             ["model.num_layers=9", "mesh.pipeline=4", "pipeline.microbatches=2", "pipeline.schedule=1f1b"],
         )
+    with pytest.raises(ConfigError, match="splits the pairs / groups of data.kind=preference"):
+        load_config(
+            "configs/tiny_moe.yaml", ["mesh.pipeline=2", "pipeline.schedule=1f1b", "data.kind=preference"]
+        )
     with pytest.raises(ConfigError, match="1f1b does not train LoRA adapters yet"):
         load_config(
             "configs/tiny_moe.yaml", ["mesh.pipeline=2", "pipeline.schedule=1f1b", "lora.enabled=true"]
