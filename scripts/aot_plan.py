@@ -77,7 +77,19 @@ PLAN = [
         slices=2,
         patches_per_row=1024,
     ),
-    # the same 300B plan on 8 pipeline stages: GPipe vs 1F1B activation memory
+    # pipeline stages: GPipe vs 1F1B memory on the same mesh
+    *(
+        row(
+            f"21B-A3B 4K, 4 stages, M=16, {kind}",
+            "21b_a3b",
+            "v5p:4x4x8",
+            4096,
+            512,
+            fsdp=4,
+            extra=("mesh.pipeline=4", "pipeline.microbatches=16", f"pipeline.schedule={kind}"),
+        )
+        for kind in ("gpipe", "1f1b")
+    ),
     *(
         row(
             f"300B-A47B 4K, {kind}",
