@@ -91,6 +91,17 @@ def resolve(spec: AttentionSpec, platform: str, kv_length: int | None = None) ->
     )
 
 
+# splash prefetches its block-sparse mask (2 bytes per q block x kv block) into the TPU core's 1 MiB of
+# scalar memory; keep it to half of that (a 1M-token row with 512 blocks needs 8 MiB and fails to compile)
+SPLASH_MASK_BYTES = 1 << 19
+
+
+def splash_mask_fits(q_len: int, kv_len: int, spec: AttentionSpec) -> bool:
+    """Whether splash's block mask for a q_len x kv_len row fits its scalar-memory budget."""
+    blocks = -(-q_len // spec.block_q) * -(-kv_len // spec.block_kv)
+    return 2 * blocks <= SPLASH_MASK_BYTES
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -109,6 +120,12 @@ def dot_product_attention(
         _log_once(
             f"attention: {backend} takes tokens in natural order only; reordered tokens (context "
             f"parallelism) use the flash backend"
+        )
+        backend, resolved = resolve(dataclasses.replace(spec, backend="flash"), jax.default_backend())
+    if backend == "splash" and not splash_mask_fits(q.shape[1], k.shape[1], resolved):
+        _log_once(
+            f"attention: a {q.shape[1]} x {k.shape[1]} row is too long for splash's block mask in the TPU's "
+            f"scalar memory (e.g. the ViT's row of every patch of a batch); it uses the flash backend"
         )
         backend, resolved = resolve(dataclasses.replace(spec, backend="flash"), jax.default_backend())
     spec = resolved

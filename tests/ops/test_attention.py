@@ -14,6 +14,7 @@ from ernie_jax.ops.attention import (
     dot_product_attention,
     resolve_backend,
     splash_attention,
+    splash_mask_fits,
 )
 from tests.ops.test_flash_attention import _inputs
 
@@ -87,3 +88,18 @@ def test_splash_causal_offset_is_a_chunk_of_the_full_mask():
     spec = AttentionSpec(backend="splash", block_q=128, block_kv=128, interpret=True)
     out = splash_attention(q[:, 128:], k, v, seg[:, 128:], seg, spec, causal_offset=128)
     np.testing.assert_allclose(out, dense_attention(q, k, v, seg, seg)[:, 128:], atol=2e-5)
+
+
+def test_rows_too_long_for_splash_mask_memory_use_flash():
+    """A 1M-patch ViT row needs an 8 MiB splash block mask (the TPU core has 1 MiB of scalar memory):
+    such rows go to flash, the decoder's 131072-token rows stay on splash."""
+    spec = AttentionSpec(backend="splash", block_q=512, block_kv=512)
+    assert splash_mask_fits(131072, 131072, spec) and not splash_mask_fits(1 << 20, 1 << 20, spec)
+    tiny = AttentionSpec(backend="splash", block_q=8, block_kv=8, causal=False, interpret=True)
+    assert not splash_mask_fits(4104, 4104, tiny)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 4104, 1, 8)), jnp.float32) for _ in range(3))
+    seg = jnp.asarray(np.repeat(np.arange(1, 28), 152)[None], jnp.int32)  # 27 "images"
+    got = dot_product_attention(q, k, v, seg, seg, spec=tiny)  # interpret-mode splash would take minutes
+    want = dense_attention(q, k, v, seg, seg, causal=False)
+    np.testing.assert_allclose(got, want, atol=2e-5)
