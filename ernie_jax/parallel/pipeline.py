@@ -235,25 +235,30 @@ def _cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs, sched: Schedule):
-    """Forward and backward of the pipelined stack in one scan (1F1B, Narayanan et al. 2019, as one
-    SPMD program). Stage s runs the forward of microbatch k at tick k + s and its backward at tick
-    k + 2S - 2 - s: microbatch k leaves the last stage at tick k + S - 1, `post` scores it there
-    (the layers after the stack, the head and the objective, with their gradients) and its backward
-    starts in the same tick. A stage keeps the inputs of its microbatches in flight (at most 2S - 1,
-    whatever M is) and recomputes its chunk's forward inside the backward (`jax.vjp`), so activation
-    memory does not grow with the number of microbatches. Forward and backward phases of a tick are
-    `lax.cond`s on whether any stage has work, so the warm-up skips the backward and the cool-down the
-    forward: (M + S - 1) forwards and backwards per stage, as in GPipe.
+def one_f_one_b(
+    first: Callable, chunk: Callable, post: Callable, params, other, active, ctxs, sched: Schedule
+):
+    """Forward and backward of a pipelined model in one scan (1F1B, Narayanan et al. 2019, as one
+    SPMD program). Microbatch k enters at tick k (`first`: the layers before the stack), stage s runs
+    its forward at tick k + s; it leaves the last stage at tick k + S - 1, where `post` scores it (the
+    layers after the stack, the head and the objective, with their gradients) and its backward starts
+    in the same tick, one stage back per tick (stage s at k + 2S - 2 - s), ending with `first`'s
+    backward. A stage keeps the inputs of its microbatches in flight (at most 2S - 1, whatever M is)
+    and recomputes its chunk's forward inside the backward (`jax.vjp`); nothing else is kept per
+    microbatch, so activation memory does not grow with the number of microbatches. The forward and
+    backward halves of a tick are `lax.cond`s on whether any stage has work, so the warm-up skips the
+    backward and the cool-down the forward: (M + S - 1) forwards and backwards per stage, as in GPipe.
 
+    first(k, dx=None) -> the stack's input for microbatch k [mb, ...], or (with dx, its cotangent)
+    the gradients of the parameters before the stack.
     chunk(params_l, other_l, x_mb, ctx_mb, active_l) -> (y_mb, stats): one stage's chunk of L units
     (stats: a pytree with a leading L axis); params / other: the stack's parameters (differentiated)
-    and other state, [S, L, ...] on the stage devices; active [S, L] bool or None (padding units).
-    xs [M, mb, ...], ctxs (pytree of [M, mb, ...]): the stack's inputs per microbatch.
+    and other state, [S, L, ...] on the stage devices; active [S, L] bool or None (padding units);
+    ctxs (pytree of [M, mb, ...]): the blocks' context per microbatch.
     post(y_mb, stats [S, L, ...], k) -> (loss, aux, rest_grads, dy, dstats): microbatch k scored,
     with gradients of its loss w.r.t. the parameters outside the stack and w.r.t. its inputs.
 
-    Returns (summed loss, summed aux, summed rest grads, stack grads [S, L, ...], dxs [M, mb, ...])."""
+    Returns (summed loss, summed aux, summed gradients outside the stack, stack grads [S, L, ...])."""
     s_, m_ = sched.stages, sched.microbatches
     slots = 2 * s_ - 1
     sid = jnp.arange(s_)
@@ -272,21 +277,24 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
 
     backward = jax.vmap(backward_one, spmd_axis_name=spmd)
 
-    x0 = constrain_leading(jnp.zeros((s_, *xs.shape[1:]), xs.dtype), "stage", "batch")
+    x_mb = jax.eval_shape(first, jnp.int32(0))
+    x0 = constrain_leading(jnp.zeros((s_, *x_mb.shape), x_mb.dtype), "stage", "batch")
     _, stats_shape = jax.eval_shape(forward, params, other, x0, ctx_at(jnp.zeros((s_,), jnp.int32)), on)
     rec0 = jax.tree.map(lambda a: jnp.zeros((s_,) + a.shape, a.dtype), stats_shape)  # [S, S, L, ...]
     probe = jax.eval_shape(post, x0[0], jax.tree.map(lambda a: a[0], rec0), jnp.int32(0))
     zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
     loss0, aux0, rest0 = zeros(probe[:3])
+    add = lambda acc, v: jax.tree.map(jnp.add, acc, v)
 
     def tick(carry, t):
-        fx, frec, stash, bdy, brec, dparams, dxs, loss, aux, rest = carry
+        fx, frec, stash, bdy, brec, dparams, loss, aux, rest = carry
         kf = t - sid
         vf = (kf >= 0) & (kf < m_)
         kfc = jnp.clip(kf, 0, m_ - 1)
 
         def run_forward(fx, frec, stash):
-            fx = fx.at[0].set(xs[kfc[0]])
+            entering = jax.lax.cond(vf[0], first, lambda k: jnp.zeros(x_mb.shape, x_mb.dtype), kfc[0])
+            fx = fx.at[0].set(entering)
             y, st = forward(params, other, fx, ctx_at(kfc), on)
             slot = kfc % slots
             keep = vf.reshape((s_,) + (1,) * (fx.ndim - 1))
@@ -305,14 +313,13 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
 
         def score(loss, aux, rest, bdy, brec):
             value, a, g, dy, drec = post(y_last, rec_last, kfc[-1])
-            add = lambda acc, v: jax.tree.map(jnp.add, acc, v)
             bdy = bdy.at[-1].set(dy.astype(bdy.dtype))
             brec = jax.tree.map(lambda b, d: b.at[-1].set(d.astype(b.dtype)), brec, drec)
             return add(loss, value), add(aux, a), add(rest, g), bdy, brec
 
         loss, aux, rest, bdy, brec = jax.lax.cond(vf[-1], score, lambda *a: a, loss, aux, rest, bdy, brec)
 
-        def run_backward(bdy, brec, dparams, dxs):
+        def run_backward(bdy, brec, dparams, rest):
             kb = t - (2 * s_ - 2 - sid)
             vb = (kb >= 0) & (kb < m_)
             kbc = jnp.clip(kb, 0, m_ - 1)
@@ -321,32 +328,31 @@ def one_f_one_b(chunk: Callable, post: Callable, params, other, active, xs, ctxs
             dp, dx = backward(params, other, x_in, ctx_at(kbc), on, bdy, own)
             mask = lambda v: jnp.where(vb.reshape((s_,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
             dparams = jax.tree.map(lambda acc, v: acc + mask(v).astype(acc.dtype), dparams, dp)
-            dxs = dxs.at[kbc[0]].set(jnp.where(vb[0], dx[0], dxs[kbc[0]]))
+            rest = jax.lax.cond(
+                vb[0], lambda r: add(r, first(kbc[0], dx[0].astype(x_mb.dtype))), lambda r: r, rest
+            )
             bdy = constrain_leading(jnp.roll(dx, -1, axis=0), "stage", "batch")
             brec = jax.tree.map(lambda r: jnp.roll(r, -1, axis=0), brec)
-            return bdy, brec, dparams, dxs
+            return bdy, brec, dparams, rest
 
-        bdy, brec, dparams, dxs = jax.lax.cond(
-            t >= s_ - 1, run_backward, lambda *a: a, bdy, brec, dparams, dxs
+        bdy, brec, dparams, rest = jax.lax.cond(
+            t >= s_ - 1, run_backward, lambda *a: a, bdy, brec, dparams, rest
         )
-        return (fx, frec, stash, bdy, brec, dparams, dxs, loss, aux, rest), None
+        return (fx, frec, stash, bdy, brec, dparams, loss, aux, rest), None
 
-    stash0 = constrain_leading(jnp.zeros((s_, slots, *xs.shape[1:]), xs.dtype), "stage", None, "batch")
+    stash0 = constrain_leading(jnp.zeros((s_, slots, *x_mb.shape), x_mb.dtype), "stage", None, "batch")
+    inexact = lambda r: r.dtype if jnp.issubdtype(r.dtype, jnp.inexact) else jnp.float32
     carry = (
         x0,
         rec0,
         stash0,
         jnp.zeros_like(x0),
-        jax.tree.map(
-            lambda r: jnp.zeros(r.shape, r.dtype if jnp.issubdtype(r.dtype, jnp.inexact) else jnp.float32),
-            rec0,
-        ),
+        jax.tree.map(lambda r: jnp.zeros(r.shape, inexact(r)), rec0),
         jax.tree.map(jnp.zeros_like, params),
-        jnp.zeros_like(xs),
         loss0,
         aux0,
         rest0,
     )
     carry, _ = jax.lax.scan(tick, carry, jnp.arange(sched.iterations))
-    *_, dparams, dxs, loss, aux, rest = carry
-    return loss, aux, rest, dparams, dxs
+    *_, dparams, loss, aux, rest = carry
+    return loss, aux, rest, dparams

@@ -24,7 +24,6 @@ from flax import nnx
 from ernie_jax.config import Config, layer_plan
 from ernie_jax.parallel.pipeline import (
     constrain_leading,
-    from_microbatches,
     one_f_one_b,
     schedule_for,
     stage_layout,
@@ -45,22 +44,37 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
         frozen_stack = jax.lax.stop_gradient(params[name])
         model_with = lambda rest, stack: nnx.merge(graphdef, {**rest, name: stack}, buffers)
 
-        def before(rest):
-            model = model_with(rest, frozen_stack)
-            x, prep = model.prepare(
-                micro["input_ids"],
-                micro.get("positions"),
-                micro.get("segment_ids"),
-                labels=micro.get("labels"),
-            )
-            if name == "units" and model.prefix is not None:
-                x, _ = model.run_stack("prefix", x, prep.ctx)
-            return x, prep
-
-        x, before_vjp, prep = jax.vjp(before, rest, has_aux=True)
         split = lambda a: constrain_leading(to_microbatches(jnp.asarray(a), m_), None, "batch")
         micros = jax.tree.map(split, micro)
-        xs, ctxs = split(x), jax.tree.map(split, prep.ctx)
+
+        def prepared(model, micro_k):
+            """(token embeddings, `Prepared`: the blocks' context and the labels) of micro_k."""
+            ids, positions, segments = (
+                micro_k["input_ids"],
+                micro_k.get("positions"),
+                micro_k.get("segment_ids"),
+            )
+            return model.prepare(ids, positions, segments, labels=micro_k.get("labels"))
+
+        def before(rest, micro_k):
+            """Microbatch micro_k up to the stack: its hidden states."""
+            model = model_with(rest, frozen_stack)
+            x, prep = prepared(model, micro_k)
+            if name == "units" and model.prefix is not None:
+                x, _ = model.run_stack("prefix", x, prep.ctx)
+            return x
+
+        def first(k, dx=None):
+            """Microbatch k's stack input, or (given its cotangent dx) the gradients before the stack."""
+            micro_k = jax.tree.map(lambda a: a[k], micros)
+            if dx is None:
+                return before(rest, micro_k)
+            _, vjp = jax.vjp(lambda r: before(r, micro_k), rest)
+            return vjp(dx)[0]
+
+        # the blocks' context of every microbatch (RoPE angles, masks: no activations)
+        head_model = model_with(rest, frozen_stack)
+        ctxs = jax.vmap(lambda micro_k: prepared(head_model, micro_k)[1].ctx)(micros)
 
         model = model_with(rest, params[name])
         sgraph, sparams, sother = nnx.split(getattr(model, name), nnx.Param, ...)
@@ -82,12 +96,7 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
 
             def scored(rest, h, stats):
                 model = model_with(rest, frozen_stack)
-                _, prep_k = model.prepare(  # the microbatch's context and labels (its embeddings go unused)
-                    micro_k["input_ids"],
-                    micro_k.get("positions"),
-                    micro_k.get("segment_ids"),
-                    labels=micro_k.get("labels"),
-                )
+                _, prep_k = prepared(model, micro_k)  # its context and labels (the embeddings go unused)
                 if name == "units" and model.suffix is not None:
                     h, _ = model.run_stack("suffix", h, prep_k.ctx)
                 out = model.finish(h, prep_k, stats if name == "units" else None)
@@ -99,11 +108,10 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
             )
             return loss, aux, g_rest, dy, by_stage(dstats)
 
-        loss, (metrics, loads), g_after, d_stack, dxs = one_f_one_b(
-            chunk, post, by_stage(sparams), by_stage(sother), active, xs, ctxs, sched
+        loss, (metrics, loads), g_rest, d_stack = one_f_one_b(
+            first, chunk, post, by_stage(sparams), by_stage(sother), active, ctxs, sched
         )
-        (g_before,) = before_vjp(from_microbatches(dxs).astype(x.dtype))
-        grads = jax.tree.map(lambda a, b: (a + b) / m_, g_before, g_after)
+        grads = jax.tree.map(lambda g: g / m_, g_rest)
         grads[name] = jax.tree.map(lambda d: from_stages(d) / m_, d_stack)
         metrics = {k: (v if k == "tokens" else v / m_) for k, v in metrics.items()}
         return (loss / m_, (metrics, loads)), grads

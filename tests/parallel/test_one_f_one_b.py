@@ -66,9 +66,11 @@ def _whole_batch(cfg, batch, mesh=None, microbatches: int = 1):
 
 
 def _close(got, want, rtol=1e-6):
+    """Loss and every gradient to `rtol`; entries 1e5 times smaller than their leaf's largest are held to
+    that leaf's rounding (10 x rtol x its largest entry) instead."""
     np.testing.assert_allclose(got[0], want[0], rtol=rtol)
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=10 * rtol * float(jnp.abs(b).max()))
 
 
 # 4 layers: 3 units on 2 stages (uneven)
@@ -158,5 +160,8 @@ def test_train_step_metrics_match_gpipe():
     (mg, pg, bg), (mo, po, bo) = out["gpipe"], out["1f1b"]
     for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "expert_load_max", "mtp_loss"):
         np.testing.assert_allclose(mo[key], mg[key], rtol=1e-5, err_msg=key)
+    # after one AdamW step: a near-zero gradient's update is about +-lr whatever its rounding, so the
+    # params agree to a small fraction of the learning rate
+    lr = float(mg["lr"])
     for a, b in zip(jax.tree.leaves((po, bo)), jax.tree.leaves((pg, bg)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=0.05 * lr)
