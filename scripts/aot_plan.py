@@ -92,7 +92,7 @@ PLAN = [
     ),
     *(
         row(
-            f"300B-A47B 4K, {kind}",
+            f"300B-A47B 4K, 8 stages, M=8, {kind}",
             "300b_a47b",
             "v5p:8x8x16",
             4096,
