@@ -139,6 +139,7 @@ def test_sharded_equals_gpipe(layers, layout):
 
 
 @needs8
+@pytest.mark.slow
 def test_train_step_metrics_match_gpipe():
     """Through the train step (loss, router metrics, expert loads for the bias rule, the update)."""
     base = BASE + ["model.num_layers=5", "mesh.data=4", "mesh.pipeline=2", "pipeline.microbatches=2"]
