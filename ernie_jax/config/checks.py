@@ -299,10 +299,6 @@ def _validate_pipeline(cfg: Config) -> None:
         f"idle; use gpipe or more microbatches)",
     )
     _require(
-        pp.schedule != "1f1b" or not cfg.lora.enabled,
-        "pipeline.schedule=1f1b does not train LoRA adapters yet; use pipeline.schedule=gpipe",
-    )
-    _require(
         pp.schedule != "1f1b" or cfg.data.kind not in ("preference", "prompts"),
         f"pipeline.schedule=1f1b scores each microbatch on its own, which splits the pairs / groups of "
         f"data.kind={cfg.data.kind}; use pipeline.schedule=gpipe",

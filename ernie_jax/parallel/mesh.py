@@ -173,6 +173,8 @@ def logical_to_spec(
 
     A mesh axis is used at most once per param, and only on a dimension it divides evenly."""
     lead = len(shape) - len(axes)
+    if layer_axis and lead == 0 and axes and axes[0] is None:
+        axes, lead = axes[1:], 1  # axes written over the stacked dim too (LoRA's dropout seeds)
     used: set[str] = {layer_axis} if layer_axis else set()
     spec: list = [None] * lead
     if layer_axis:

@@ -253,7 +253,7 @@ def one_f_one_b(
     the gradients of the parameters before the stack.
     chunk(params_l, other_l, x_mb, ctx_mb, active_l) -> (y_mb, stats): one stage's chunk of L units
     (stats: a pytree with a leading L axis); params / other: the stack's parameters (differentiated)
-    and other state, [S, L, ...] on the stage devices; active [S, L] bool or None (padding units);
+    and other state, [S, L, ...] on the stage devices; active [S, L] bool (False: padding units);
     ctxs (pytree of [M, mb, ...]): the blocks' context per microbatch.
     post(y_mb, stats [S, L, ...], k) -> (loss, aux, rest_grads, dy, dstats): microbatch k scored,
     with gradients of its loss w.r.t. the parameters outside the stack and w.r.t. its inputs.
@@ -263,7 +263,7 @@ def one_f_one_b(
     slots = 2 * s_ - 1
     sid = jnp.arange(s_)
     spmd = PIPELINE_AXIS if _mesh_has_pipeline() else None
-    on = jnp.ones(jax.tree.leaves(params)[0].shape[:2], bool) if active is None else active
+    on = active
     ctx_at = lambda k: jax.tree.map(lambda c: jnp.take(c, k, axis=0), ctxs)  # [S, mb, ...]
 
     forward = jax.vmap(chunk, spmd_axis_name=spmd)

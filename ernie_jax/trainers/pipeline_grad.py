@@ -39,10 +39,11 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
     m_ = sched.microbatches
 
     def value_and_grad(params, buffers, base, micro):
-        del base  # LoRA is refused for 1f1b (config checks)
+        # under LoRA, params are the adapters and `base` the frozen weights (never differentiated)
         rest = {k: v for k, v in params.items() if k != name}
-        frozen_stack = jax.lax.stop_gradient(params[name])
-        model_with = lambda rest, stack: nnx.merge(graphdef, {**rest, name: stack}, buffers)
+        frozen_stack = jax.lax.stop_gradient(params.get(name, {}))
+        frozen = (base,) if base else ()
+        model_with = lambda rest, stack: nnx.merge(graphdef, {**rest, name: stack}, buffers, *frozen)
 
         split = lambda a: constrain_leading(to_microbatches(jnp.asarray(a), m_), None, "batch")
         micros = jax.tree.map(split, micro)
@@ -76,14 +77,15 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
         head_model = model_with(rest, frozen_stack)
         ctxs = jax.vmap(lambda micro_k: prepared(head_model, micro_k)[1].ctx)(micros)
 
-        model = model_with(rest, params[name])
+        model = model_with(rest, params.get(name, {}))
+        # the stack's trainable params (differentiated) and everything else it holds (frozen LoRA
+        # base, routing biases, dropout seeds)
         sgraph, sparams, sother = nnx.split(getattr(model, name), nnx.Param, ...)
         sparams, sother = nnx.to_pure_dict(sparams), nnx.to_pure_dict(sother)
-        units = jax.tree.leaves(sparams)[0].shape[0]
+        units = jax.tree.leaves((sparams, sother))[0].shape[0]
         per, to_stages, from_stages = stage_layout(units, sched)
         by_stage = lambda tree: jax.tree.map(to_stages, tree)
-        padded = per * sched.stages > units
-        active = to_stages(jnp.ones((units,), bool)) if padded else None
+        active = to_stages(jnp.ones((units,), bool))  # False: the padding units of uneven stages
 
         def chunk(p, o, x_mb, ctx_mb, on):
             return model.stage_chunk(nnx.merge(sgraph, p, o), x_mb, ctx_mb, on)
@@ -112,7 +114,8 @@ def one_f_one_b_value_and_grad(graphdef, cfg: Config, objective: Callable) -> Ca
             first, chunk, post, by_stage(sparams), by_stage(sother), active, ctxs, sched
         )
         grads = jax.tree.map(lambda g: g / m_, g_rest)
-        grads[name] = jax.tree.map(lambda d: from_stages(d) / m_, d_stack)
+        if name in params:
+            grads[name] = jax.tree.map(lambda d: from_stages(d) / m_, d_stack)
         metrics = {k: (v if k == "tokens" else v / m_) for k, v in metrics.items()}
         return (loss / m_, (metrics, loads)), grads
 

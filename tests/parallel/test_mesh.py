@@ -9,7 +9,15 @@ from jax.sharding import PartitionSpec as P
 
 from ernie_jax.config import load_config
 from ernie_jax.errors import ConfigError
-from ernie_jax.parallel.mesh import batch_sharding, build_mesh, device_grid, logical_to_spec, mesh_shape
+from ernie_jax.model import build_model
+from ernie_jax.parallel.mesh import (
+    batch_sharding,
+    build_mesh,
+    device_grid,
+    logical_to_spec,
+    mesh_shape,
+    state_shardings,
+)
 from ernie_jax.trainers.lm import lm_objective
 from tests.parallel.sharded import model_state, place_batch, run
 
@@ -217,3 +225,12 @@ def test_dcn_settings_are_one_line():
         load_config("configs/tiny_moe.yaml", ["mesh.fsdp=3", "mesh.dcn.fsdp=2"])
     with pytest.raises(ConfigError, match=r"mesh.dcn.data=0 must be >= 1"):
         load_config("configs/tiny_moe.yaml", ["mesh.dcn.data=0"])
+
+
+def test_lora_dropout_seeds_split_over_pipeline_stages():
+    """LoRA's dropout seeds name every dim (the stacked one as None): they still go to the stages."""
+    sets = ["model.num_layers=5", "mesh.data=2", "mesh.pipeline=4", "lora.enabled=true", "lora.dropout=0.1"]
+    cfg = load_config("configs/tiny_moe.yaml", sets)
+    specs = state_shardings(nnx.state(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))), build_mesh(cfg))
+    seed = specs["units"]["moe"]["self_attn"]["q_proj"]["lora"]["dropout_seed"]
+    assert seed.spec[0] == "pipeline"
