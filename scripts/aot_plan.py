@@ -80,25 +80,17 @@ PLAN = [
     # pipeline stages: GPipe vs 1F1B memory on the same mesh
     *(
         row(
-            f"21B-A3B 4K, 4 stages, M=16, {kind}",
-            "21b_a3b",
-            "v5p:4x4x8",
+            f"{label} 4K, {stages} stages, M={micro}, {kind}",
+            model,
+            topology,
             4096,
-            512,
-            fsdp=4,
-            extra=("mesh.pipeline=4", "pipeline.microbatches=16", f"pipeline.schedule={kind}"),
+            batch,
+            fsdp=fsdp,
+            extra=(f"mesh.pipeline={stages}", f"pipeline.microbatches={micro}", f"pipeline.schedule={kind}"),
         )
-        for kind in ("gpipe", "1f1b")
-    ),
-    *(
-        row(
-            f"300B-A47B 4K, 8 stages, M=8, {kind}",
-            "300b_a47b",
-            "v5p:8x8x16",
-            4096,
-            1024,
-            fsdp=16,
-            extra=("mesh.pipeline=8", "pipeline.microbatches=8", f"pipeline.schedule={kind}"),
+        for label, model, topology, batch, fsdp, stages, micro in (
+            ("21B-A3B", "21b_a3b", "v5p:4x4x8", 512, 4, 4, 16),
+            ("300B-A47B", "300b_a47b", "v5p:8x8x16", 1024, 16, 8, 8),
         )
         for kind in ("gpipe", "1f1b")
     ),

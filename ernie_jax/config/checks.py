@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 
 from ernie_jax.config.schema import (
@@ -327,7 +329,7 @@ def _validate_pipeline(cfg: Config) -> None:
 def _check_dcn(cfg: Config) -> None:
     """The across-slice sizes on their own (their fit to the job's slices is checked with the devices)."""
     m = cfg.mesh
-    for axis in ("data", "fsdp", "tensor", "expert", "pipeline", "context"):
+    for axis in (f.name for f in dataclasses.fields(m.dcn)):
         v, total = getattr(m.dcn, axis), getattr(m, axis)
         _require(v >= 1, f"mesh.dcn.{axis}={v} must be >= 1 (1 = inside a slice)")
         _require(

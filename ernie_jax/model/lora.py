@@ -70,9 +70,8 @@ class LoraAdapter(nnx.Module):
         # one key per stacked layer (an expert stack's rows share it: each row gets its own mask)
         lead = a.shape[: -3 if experts else -2]
         self.dropout_seed = (
-            DropoutSeed(jnp.zeros((*lead, 2), jnp.uint32), axes=(None,) * len(lead) + ("norm",))
-            if dropout
-            else None
+            # the stacked dims stay unnamed, as every stacked variable's (the layer axis goes to the stages)
+            DropoutSeed(jnp.zeros((*lead, 2), jnp.uint32), axes=("norm",)) if dropout else None
         )
 
     def _seed(self):

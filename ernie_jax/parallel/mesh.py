@@ -92,9 +92,9 @@ def slices_of(devices) -> tuple[str, list]:
     return ("slices" if attr == "slice_index" else "processes"), [groups[k] for k in sorted(groups)]
 
 
-def dcn_shape(m: MeshConfig, sizes: dict[str, int], devices) -> dict[str, int] | None:
-    """The across-slice part of each axis (None: one slice, the flat mesh); one-line errors when
-    it does not fit the job's slices or the axes' total sizes."""
+def dcn_shape(m: MeshConfig, sizes: dict[str, int], devices) -> tuple[dict[str, int], list] | None:
+    """(the across-slice part of each axis, the devices of each slice), or None for one slice (the
+    flat mesh); one-line errors when it does not fit the job's slices or the axes' total sizes."""
     dcn = {a: getattr(m.dcn, a) for a in MESH_AXES}
     if math.prod(dcn.values()) == 1:
         return None
@@ -113,7 +113,7 @@ def dcn_shape(m: MeshConfig, sizes: dict[str, int], devices) -> dict[str, int] |
                 f"mesh.dcn.{a}={v} does not divide mesh.{a}={sizes[a]} (the axis's total over all "
                 f"slices); make mesh.{a} a multiple of it"
             )
-    return dcn
+    return dcn, groups
 
 
 def device_grid(cfg: Config, devices) -> np.ndarray:
@@ -126,11 +126,11 @@ def device_grid(cfg: Config, devices) -> np.ndarray:
     devices = list(devices)
     sizes = mesh_shape(cfg.mesh, len(devices))
     check_mesh_fits_model(cfg, sizes)
-    dcn = dcn_shape(cfg.mesh, sizes, devices)
-    if dcn is None:
+    hybrid = dcn_shape(cfg.mesh, sizes, devices)
+    if hybrid is None:
         return np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+    dcn, groups = hybrid
     ici = tuple(sizes[a] // dcn[a] for a in MESH_AXES)
-    _, groups = slices_of(devices)
     blocks = np.empty(len(groups), object)
     for i, group in enumerate(groups):
         blocks[i] = np.asarray(sorted(group, key=lambda d: (d.process_index, d.id))).reshape(ici)
@@ -173,8 +173,6 @@ def logical_to_spec(
 
     A mesh axis is used at most once per param, and only on a dimension it divides evenly."""
     lead = len(shape) - len(axes)
-    if layer_axis and lead == 0 and axes and axes[0] is None:
-        axes, lead = axes[1:], 1  # axes written over the stacked dim too (LoRA's dropout seeds)
     used: set[str] = {layer_axis} if layer_axis else set()
     spec: list = [None] * lead
     if layer_axis:

@@ -31,7 +31,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -228,13 +227,6 @@ def stage_layout(units: int, sched: Schedule) -> tuple[int, Callable, Callable]:
     return per, to_stages, from_stages
 
 
-def _cotangent(x):
-    """A cotangent for primal output x: itself, or float0 zeros for integer outputs (counts)."""
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return x
-    return np.zeros(x.shape, jax.dtypes.float0)
-
-
 def one_f_one_b(
     first: Callable, chunk: Callable, post: Callable, params, other, active, ctxs, sched: Schedule
 ):
@@ -269,11 +261,8 @@ def one_f_one_b(
     forward = jax.vmap(chunk, spmd_axis_name=spmd)
 
     def backward_one(p, o, x, ctx, a, dy, dstats):
-        out, vjp = jax.vjp(lambda p, x: chunk(p, o, x, ctx, a), p, x)
-        dstats = jax.tree.map(
-            lambda v, d: d if jnp.issubdtype(v.dtype, jnp.inexact) else _cotangent(v), out[1], dstats
-        )
-        return vjp((dy, dstats))
+        _, vjp = jax.vjp(lambda p, x: chunk(p, o, x, ctx, a), p, x)
+        return vjp((dy, dstats))  # router statistics are float (counts included): plain cotangents
 
     backward = jax.vmap(backward_one, spmd_axis_name=spmd)
 
@@ -341,13 +330,12 @@ def one_f_one_b(
         return (fx, frec, stash, bdy, brec, dparams, loss, aux, rest), None
 
     stash0 = constrain_leading(jnp.zeros((s_, slots, *x_mb.shape), x_mb.dtype), "stage", None, "batch")
-    inexact = lambda r: r.dtype if jnp.issubdtype(r.dtype, jnp.inexact) else jnp.float32
     carry = (
         x0,
         rec0,
         stash0,
         jnp.zeros_like(x0),
-        jax.tree.map(lambda r: jnp.zeros(r.shape, inexact(r)), rec0),
+        jax.tree.map(jnp.zeros_like, rec0),
         jax.tree.map(jnp.zeros_like, params),
         loss0,
         aux0,

@@ -272,12 +272,11 @@ class Rollouts:
             seg[i, : lp + n] = 1
             loss_mask[i, lp - 1 : lp + n - 1] = 1.0  # position t predicts token t + 1: the answer
             sample_logp[i, lp - 1 : lp + n - 1] = got.logprobs[i, :n]
-            answer = p.next_position() + np.arange(n)  # as generation placed them
-            if vl:
-                positions[i, :lp] = p.vision.positions if p.vision is not None else np.arange(lp)[:, None]
-                positions[i, lp : lp + n] = answer[:, None]
-            else:
-                positions[i, : lp + n] = np.arange(lp + n)
+            # the prompt's positions (3D after images), the answer's where generation placed them
+            prompt = np.arange(lp)[:, None] if p.vision is None else p.vision.positions
+            answer = (p.next_position() + np.arange(n))[:, None]
+            row = np.concatenate([np.broadcast_to(prompt, (lp, 3)), np.broadcast_to(answer, (n, 3))])
+            positions[i, : lp + n] = row if vl else row[:, 0]
         labels = np.concatenate([ids[:, 1:], np.zeros((rows, 1), np.int32)], axis=1)
         per_micro = cfg.data.batch_size
         batch = {

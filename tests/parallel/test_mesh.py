@@ -228,7 +228,7 @@ def test_dcn_settings_are_one_line():
 
 
 def test_lora_dropout_seeds_split_over_pipeline_stages():
-    """LoRA's dropout seeds name every dim (the stacked one as None): they still go to the stages."""
+    """LoRA's dropout seeds are stacked like the adapters: their layer axis goes to the stages."""
     sets = ["model.num_layers=5", "mesh.data=2", "mesh.pipeline=4", "lora.enabled=true", "lora.dropout=0.1"]
     cfg = load_config("configs/tiny_moe.yaml", sets)
     specs = state_shardings(nnx.state(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0)))), build_mesh(cfg))
