@@ -284,8 +284,8 @@ def _validate_pipeline(cfg: Config) -> None:
         pp.microbatches >= 0, f"pipeline.microbatches={pp.microbatches} must be >= 0 (0 = mesh.pipeline)"
     )
     _require(
-        pp.schedule == "circular" or pp.repeats == 1,
-        f"pipeline.repeats={pp.repeats} needs pipeline.schedule=circular (gpipe runs each stage once)",
+        pp.schedule != "gpipe" or pp.repeats == 1,
+        f"pipeline.repeats={pp.repeats} needs pipeline.schedule=circular or 1f1b (gpipe runs a stage once)",
     )
     if stages == 1:
         return
@@ -299,6 +299,11 @@ def _validate_pipeline(cfg: Config) -> None:
         pp.schedule != "1f1b" or micro >= stages,
         f"pipeline.microbatches={micro} must be >= mesh.pipeline={stages} for 1f1b (with fewer, stages wait "
         f"idle; use gpipe or more microbatches)",
+    )
+    _require(
+        pp.schedule != "1f1b" or pp.repeats == 1 or micro % stages == 0,
+        f"pipeline.microbatches={micro} must be a multiple of mesh.pipeline={stages} for interleaved 1f1b "
+        f"(pipeline.repeats={pp.repeats}: microbatches go round the stages in groups of {stages})",
     )
     _require(
         pp.schedule != "1f1b" or cfg.data.kind not in ("preference", "prompts"),

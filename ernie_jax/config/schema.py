@@ -159,10 +159,12 @@ class PipelineConfig:
     vision encoder, embeddings, head and MTP run outside it."""
 
     # 1f1b: the train step runs each microbatch's backward as soon as it leaves the last stage
-    # (parallel/pipeline.py `one_f_one_b`); forward-only calls (eval) run it as gpipe
+    # (parallel/pipeline.py `one_f_one_b`; interleaved with repeats > 1); forward-only calls (eval)
+    # run it as gpipe (circular with repeats > 1)
     schedule: Literal["gpipe", "circular", "1f1b"] = "gpipe"
     microbatches: int = 0  # per (accumulation) micro-batch; 0 = mesh.pipeline
-    repeats: int = 1  # circular: layer chunks per stage (each microbatch loops the stages this often)
+    # circular / 1f1b: layer chunks per stage (each microbatch loops the stages this often)
+    repeats: int = 1
 
 
 @dataclass(frozen=True)

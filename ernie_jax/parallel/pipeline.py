@@ -45,24 +45,31 @@ class Schedule:
     stages: int
     microbatches: int
     repeats: int
-    kind: str = "gpipe"  # gpipe | circular | 1f1b (the train step's schedule; forward-only calls run gpipe)
+    # gpipe | circular | 1f1b: the train step's schedule (forward-only calls run gpipe, or circular
+    # with the same repeats for interleaved 1f1b)
+    kind: str = "gpipe"
+
+    @property
+    def forward_iterations(self) -> int:
+        """Iterations of the forward-only schedule (`pipeline_apply`)."""
+        return self.repeats * self.microbatches + self.stages - 1
 
     @property
     def iterations(self) -> int:
         """Forward iterations (1f1b: ticks of its one scan, forward and backward together)."""
         if self.kind == "1f1b":
-            return self.microbatches + 2 * self.stages - 2
-        return self.repeats * self.microbatches + self.stages - 1
+            return self.repeats * (self.microbatches + self.stages) + self.stages - 2
+        return self.forward_iterations
 
     @property
     def bubble_fraction(self) -> float:
-        """Share of stage-iterations spent idle: (S - 1) / (R*M + S - 1) (1f1b: the same as gpipe)."""
+        """Share of stage time spent idle: (S - 1) / (R*M + S - 1) (1f1b: the same as gpipe / circular)."""
         return (self.stages - 1) / (self.repeats * self.microbatches + self.stages - 1)
 
     def describe(self, units: int | None = None) -> str:
-        kind = (
-            "1f1b" if self.kind == "1f1b" else "gpipe" if self.repeats == 1 else f"circular x{self.repeats}"
-        )
+        kind = "1f1b" if self.kind == "1f1b" else "gpipe" if self.repeats == 1 else "circular"
+        if self.repeats > 1:
+            kind = f"{'interleaved ' if self.kind == '1f1b' else ''}{kind} x{self.repeats}"
         text = (
             f"pipeline {kind}: {self.stages} stages, {self.microbatches} microbatches, "
             f"{self.iterations} iterations, bubble {self.bubble_fraction:.1%}"
@@ -200,7 +207,7 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
 
     loop_buf = jnp.zeros_like(xs) if r_ > 1 else jnp.zeros((), xs.dtype)
     carry = (state0, loop_buf, jnp.zeros_like(xs), stats0)
-    (_, _, outputs, stats_acc), _ = jax.lax.scan(iteration, carry, jnp.arange(sched.iterations))
+    (_, _, outputs, stats_acc), _ = jax.lax.scan(iteration, carry, jnp.arange(sched.forward_iterations))
     # [S, R, L, ...] -> [R, S, L, ...] -> [U, ...]: chunk r*S + s, i.e. global layer order
     stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(padded, *a.shape[3:])[:units], stats_acc)
     stats = {group: s.losses_over(m_) for group, s in stats.items()}
@@ -211,65 +218,92 @@ def pipeline_apply(stack: nnx.Module, x: jax.Array, ctx, apply_chunk: Callable, 
 
 
 def stage_layout(units: int, sched: Schedule) -> tuple[int, Callable, Callable]:
-    """(units per chunk, [U, ...] -> [S, L, ...] on the stage devices (zero padding units at the
-    end), and its inverse [S, L, ...] -> [U, ...]) for a one-chunk-per-stage schedule."""
-    s_ = sched.stages
-    per = -(-units // s_)
+    """(units per chunk, [U, ...] -> [S, V, L, ...] on the stage devices, and its inverse) for the
+    1F1B schedules: chunk c = v*S + s (V = repeats, the interleaved schedule's chunks per stage) holds
+    units c*L .. c*L+L-1, zero padding units at the end (the circular schedule's layout)."""
+    s_, v_ = sched.stages, sched.repeats
+    per = -(-units // (s_ * v_))
 
     def to_stages(w):
-        if per * s_ > units:
-            w = jnp.concatenate([w, jnp.zeros((per * s_ - units, *w.shape[1:]), w.dtype)])
-        return constrain_leading(w.reshape(s_, per, *w.shape[1:]), "stage")
+        if per * s_ * v_ > units:
+            w = jnp.concatenate([w, jnp.zeros((per * s_ * v_ - units, *w.shape[1:]), w.dtype)])
+        return constrain_leading(w.reshape(v_, s_, per, *w.shape[1:]).swapaxes(0, 1), "stage")
 
     def from_stages(w):
-        return w.reshape(s_ * per, *w.shape[2:])[:units]
+        return w.swapaxes(0, 1).reshape(s_ * v_ * per, *w.shape[3:])[:units]
 
     return per, to_stages, from_stages
+
+
+def _work_item(pos: jax.Array, s_: int, v_: int, m_: int):
+    """A stage's position in its work order -> (valid, microbatch, visit) (clipped when invalid).
+    Microbatches go round the stages in groups of S: position p = g*S*V + v*S + i is microbatch
+    g*S + i on its v-th visit, so a microbatch leaving the last stage reaches the first stage again
+    at the next tick (1F1B: V = 1, microbatch p, visit 0)."""
+    valid = (pos >= 0) & (pos < m_ * v_)
+    pos = jnp.clip(pos, 0, m_ * v_ - 1)
+    group, within = pos // (s_ * v_), pos % (s_ * v_)
+    return valid, group * s_ + within % s_, within // s_
 
 
 def one_f_one_b(
     first: Callable, chunk: Callable, post: Callable, params, other, active, ctxs, sched: Schedule
 ):
     """Forward and backward of a pipelined model in one scan (1F1B, Narayanan et al. 2019, as one
-    SPMD program). Microbatch k enters at tick k (`first`: the layers before the stack), stage s runs
-    its forward at tick k + s; it leaves the last stage at tick k + S - 1, where `post` scores it (the
-    layers after the stack, the head and the objective, with their gradients) and its backward starts
-    in the same tick, one stage back per tick (stage s at k + 2S - 2 - s), ending with `first`'s
-    backward. A stage keeps the inputs of its microbatches in flight (at most 2S - 1, whatever M is)
-    and recomputes its chunk's forward inside the backward (`jax.vjp`); nothing else is kept per
-    microbatch, so activation memory does not grow with the number of microbatches. The forward and
-    backward halves of a tick are `lax.cond`s on whether any stage has work, so the warm-up skips the
-    backward and the cool-down the forward: (M + S - 1) forwards and backwards per stage, as in GPipe.
+    SPMD program; with `sched.repeats` V > 1 the interleaved schedule of Narayanan et al. 2021, each
+    stage holding V chunks of layers, chunk c = v*S + s on stage s).
+
+    A stage's forwards follow one work order: microbatches in groups of S, each group visiting the
+    stages V times (position g*S*V + v*S + i: microbatch g*S + i on visit v); stage s runs position p
+    at tick p + s, so an activation leaving the last stage is on the first at the next tick, for its
+    next visit or (after the last) scored by `post` (the layers after the stack, the head and the
+    objective, with their gradients). Its backward starts in that tick and walks the chunks back in
+    the mirrored order, one stage back per tick (position q at stage s at tick q + S - 1 - s + V*S - 1),
+    ending with `first`'s backward. A stage keeps the inputs of its chunks in flight (at most
+    2*V*S - 1, whatever M is) and recomputes the chunk's forward inside the backward (`jax.vjp`);
+    nothing else is kept per microbatch, so activation memory does not grow with the number of
+    microbatches. The forward and backward halves of a tick are `lax.cond`s on whether any stage has
+    work: M*V + S - 1 ticks of each, each running one chunk of L units, so the bubble is
+    (S - 1) / (M*V + S - 1) of the stage time, V times less than 1F1B's.
 
     first(k, dx=None) -> the stack's input for microbatch k [mb, ...], or (with dx, its cotangent)
     the gradients of the parameters before the stack.
-    chunk(params_l, other_l, x_mb, ctx_mb, active_l) -> (y_mb, stats): one stage's chunk of L units
+    chunk(params_l, other_l, x_mb, ctx_mb, active_l) -> (y_mb, stats): one chunk of L units
     (stats: a pytree with a leading L axis); params / other: the stack's parameters (differentiated)
-    and other state, [S, L, ...] on the stage devices; active [S, L] bool (False: padding units);
-    ctxs (pytree of [M, mb, ...]): the blocks' context per microbatch.
-    post(y_mb, stats [S, L, ...], k) -> (loss, aux, rest_grads, dy, dstats): microbatch k scored,
+    and other state, [S, V, L, ...] on the stage devices (`stage_layout`); active [S, V, L] bool
+    (False: padding units); ctxs (pytree of [M, mb, ...]): the blocks' context per microbatch.
+    post(y_mb, stats [S, V, L, ...], k) -> (loss, aux, rest_grads, dy, dstats): microbatch k scored,
     with gradients of its loss w.r.t. the parameters outside the stack and w.r.t. its inputs.
 
-    Returns (summed loss, summed aux, summed gradients outside the stack, stack grads [S, L, ...])."""
-    s_, m_ = sched.stages, sched.microbatches
-    slots = 2 * s_ - 1
+    Returns (summed loss, summed aux, summed gradients outside the stack, stack grads [S, V, L, ...])."""
+    s_, m_, v_ = sched.stages, sched.microbatches, sched.repeats
+    slots = 2 * v_ * s_ - 1
     sid = jnp.arange(s_)
     spmd = PIPELINE_AXIS if _mesh_has_pipeline() else None
-    on = active
     ctx_at = lambda k: jax.tree.map(lambda c: jnp.take(c, k, axis=0), ctxs)  # [S, mb, ...]
+    pick = lambda tree, v: jax.tree.map(lambda a: a[v], tree)
+    bcast = lambda ok, v: ok.reshape(ok.shape + (1,) * (v.ndim - ok.ndim))
 
-    forward = jax.vmap(chunk, spmd_axis_name=spmd)
+    def forward_one(p, o, a, v, x, ctx):
+        return chunk(pick(p, v), pick(o, v), x, ctx, pick(a, v))
 
-    def backward_one(p, o, x, ctx, a, dy, dstats):
-        _, vjp = jax.vjp(lambda p, x: chunk(p, o, x, ctx, a), p, x)
-        return vjp((dy, dstats))  # router statistics are float (counts included): plain cotangents
+    def backward_one(p, o, a, v, ok, acc, x, ctx, dy, dstats):
+        """Stage-local: the chunk's vjp, its parameter gradients added to visit v's slot of acc."""
+        o_v, a_v = pick(o, v), pick(a, v)
+        _, vjp = jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), pick(p, v), x)
+        dp, dx = vjp((dy, dstats))  # router statistics are float (counts included): plain cotangents
+        acc = jax.tree.map(lambda g, d: g.at[v].add(jnp.where(ok, d, 0).astype(g.dtype)), acc, dp)
+        return acc, dx
 
+    forward = jax.vmap(forward_one, spmd_axis_name=spmd)
     backward = jax.vmap(backward_one, spmd_axis_name=spmd)
 
     x_mb = jax.eval_shape(first, jnp.int32(0))
     x0 = constrain_leading(jnp.zeros((s_, *x_mb.shape), x_mb.dtype), "stage", "batch")
-    _, stats_shape = jax.eval_shape(forward, params, other, x0, ctx_at(jnp.zeros((s_,), jnp.int32)), on)
-    rec0 = jax.tree.map(lambda a: jnp.zeros((s_,) + a.shape, a.dtype), stats_shape)  # [S, S, L, ...]
+    z = jnp.zeros((s_,), jnp.int32)
+    _, stats_shape = jax.eval_shape(forward, params, other, active, z, x0, ctx_at(z))
+    # a travelling record of one microbatch's statistics at every (stage, visit): [S, S, V, L, ...]
+    rec0 = jax.tree.map(lambda a: jnp.zeros((s_, s_, v_) + a.shape[1:], a.dtype), stats_shape)
     probe = jax.eval_shape(post, x0[0], jax.tree.map(lambda a: a[0], rec0), jnp.int32(0))
     zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)
     loss0, aux0, rest0 = zeros(probe[:3])
@@ -277,18 +311,16 @@ def one_f_one_b(
 
     def tick(carry, t):
         fx, frec, stash, bdy, brec, dparams, loss, aux, rest = carry
-        kf = t - sid
-        vf = (kf >= 0) & (kf < m_)
-        kfc = jnp.clip(kf, 0, m_ - 1)
+        pf = t - sid
+        vf, mf, visit_f = _work_item(pf, s_, v_, m_)
 
         def run_forward(fx, frec, stash):
-            entering = jax.lax.cond(vf[0], first, lambda k: jnp.zeros(x_mb.shape, x_mb.dtype), kfc[0])
-            fx = fx.at[0].set(entering)
-            y, st = forward(params, other, fx, ctx_at(kfc), on)
-            slot = kfc % slots
-            keep = vf.reshape((s_,) + (1,) * (fx.ndim - 1))
-            stash = stash.at[sid, slot].set(jnp.where(keep, fx, stash[sid, slot]))
-            rec = jax.tree.map(lambda r, v: r.at[sid, sid].set(v), frec, st)
+            fresh = vf[0] & (visit_f[0] == 0)  # a microbatch enters; else stage 0 takes the wrap-around
+            fx = fx.at[0].set(jax.lax.cond(fresh, first, lambda k: fx[0], mf[0]))
+            y, st = forward(params, other, active, visit_f, fx, ctx_at(mf))
+            slot = jnp.clip(pf, 0, None) % slots
+            stash = stash.at[sid, slot].set(jnp.where(bcast(vf, fx), fx, stash[sid, slot]))
+            rec = jax.tree.map(lambda r, v: r.at[sid, sid, visit_f].set(v), frec, st)
             last = (y[-1], jax.tree.map(lambda r: r[-1], rec))
             fx = constrain_leading(jnp.roll(y, 1, axis=0), "stage", "batch")
             return fx, jax.tree.map(lambda r: jnp.roll(r, 1, axis=0), rec), stash, last
@@ -297,35 +329,35 @@ def one_f_one_b(
             return fx, frec, stash, (fx[-1], jax.tree.map(lambda r: r[-1], frec))
 
         fx, frec, stash, (y_last, rec_last) = jax.lax.cond(
-            t < m_ + s_ - 1, run_forward, no_forward, fx, frec, stash
+            t < m_ * v_ + s_ - 1, run_forward, no_forward, fx, frec, stash
         )
 
         def score(loss, aux, rest, bdy, brec):
-            value, a, g, dy, drec = post(y_last, rec_last, kfc[-1])
+            value, a, g, dy, drec = post(y_last, rec_last, mf[-1])
             bdy = bdy.at[-1].set(dy.astype(bdy.dtype))
             brec = jax.tree.map(lambda b, d: b.at[-1].set(d.astype(b.dtype)), brec, drec)
             return add(loss, value), add(aux, a), add(rest, g), bdy, brec
 
-        loss, aux, rest, bdy, brec = jax.lax.cond(vf[-1], score, lambda *a: a, loss, aux, rest, bdy, brec)
+        done = vf[-1] & (visit_f[-1] == v_ - 1)  # the last stage finished a microbatch's last visit
+        loss, aux, rest, bdy, brec = jax.lax.cond(done, score, lambda *a: a, loss, aux, rest, bdy, brec)
 
         def run_backward(bdy, brec, dparams, rest):
-            kb = t - (2 * s_ - 2 - sid)
-            vb = (kb >= 0) & (kb < m_)
-            kbc = jnp.clip(kb, 0, m_ - 1)
-            x_in = stash[sid, kbc % slots]
-            own = jax.tree.map(lambda r: r[sid, sid], brec)  # each stage's chunk of its microbatch's record
-            dp, dx = backward(params, other, x_in, ctx_at(kbc), on, bdy, own)
-            mask = lambda v: jnp.where(vb.reshape((s_,) + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
-            dparams = jax.tree.map(lambda acc, v: acc + mask(v).astype(acc.dtype), dparams, dp)
+            vb, mb, mirrored = _work_item(t - (s_ - 1 - sid) - (v_ * s_ - 1), s_, v_, m_)
+            visit = v_ - 1 - mirrored
+            pos = (mb // s_) * s_ * v_ + visit * s_ + mb % s_  # the forward position it mirrors
+            x_in = stash[sid, pos % slots]
+            own = jax.tree.map(lambda r: r[sid, sid, visit], brec)  # this chunk's statistics' cotangents
+            dparams, dx = backward(params, other, active, visit, vb, dparams, x_in, ctx_at(mb), bdy, own)
+            leaving = vb[0] & (visit[0] == 0)  # the first chunk's backward: on through `first`
             rest = jax.lax.cond(
-                vb[0], lambda r: add(r, first(kbc[0], dx[0].astype(x_mb.dtype))), lambda r: r, rest
+                leaving, lambda r: add(r, first(mb[0], dx[0].astype(x_mb.dtype))), lambda r: r, rest
             )
             bdy = constrain_leading(jnp.roll(dx, -1, axis=0), "stage", "batch")
             brec = jax.tree.map(lambda r: jnp.roll(r, -1, axis=0), brec)
             return bdy, brec, dparams, rest
 
         bdy, brec, dparams, rest = jax.lax.cond(
-            t >= s_ - 1, run_backward, lambda *a: a, bdy, brec, dparams, rest
+            t >= v_ * s_ - 1, run_backward, lambda *a: a, bdy, brec, dparams, rest
         )
         return (fx, frec, stash, bdy, brec, dparams, loss, aux, rest), None
 

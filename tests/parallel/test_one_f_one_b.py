@@ -73,14 +73,19 @@ def _close(got, want, rtol=1e-6):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=10 * rtol * float(jnp.abs(b).max()))
 
 
-# 4 layers: 3 units on 2 stages (uneven)
-@pytest.mark.parametrize("layers, micro", [pytest.param(5, 2, marks=pytest.mark.slow), (4, 4)])
-def test_one_device_equals_gpipe_and_unpipelined(layers, micro):
+# 4 layers: 3 units on 2 stages (uneven); 7 layers: 6 units in 2 x 2 chunks of 2 (interleaved, uneven)
+@pytest.mark.parametrize(
+    "layers, micro, repeats",
+    [pytest.param(5, 2, 1, marks=pytest.mark.slow), pytest.param(4, 4, 1, marks=pytest.mark.slow), (7, 4, 2)],
+)
+def test_one_device_equals_gpipe_and_unpipelined(layers, micro, repeats):
     base = BASE + [f"model.num_layers={layers}"]
-    pipe = ["mesh.pipeline=2", f"pipeline.microbatches={micro}"]
+    pipe = ["mesh.pipeline=2", f"pipeline.microbatches={micro}", f"pipeline.repeats={repeats}"]
     cfg = load_config("configs/tiny_moe.yaml", base + pipe + ["pipeline.schedule=1f1b"])
     got = _one_f_one_b(cfg, _batch(cfg, padded=False))
-    _close(got, _whole_batch(load_config("configs/tiny_moe.yaml", base + pipe), _batch(cfg, False)))
+    # GPipe, or the circular schedule with the same chunks per stage
+    gpipe = pipe + (["pipeline.schedule=circular"] if repeats > 1 else [])
+    _close(got, _whole_batch(load_config("configs/tiny_moe.yaml", base + gpipe), _batch(cfg, False)))
     # unpipelined, per microbatch (router losses are per microbatch under any pipeline schedule)
     plain = load_config("configs/tiny_moe.yaml", base)
     _close(got, _whole_batch(plain, _batch(cfg, False), microbatches=micro))
@@ -118,6 +123,12 @@ def test_bad_1f1b_settings_are_one_line():
             "configs/tiny_moe.yaml",
             ["model.num_layers=9", "mesh.pipeline=4", "pipeline.microbatches=2", "pipeline.schedule=1f1b"],
         )
+    with pytest.raises(ConfigError, match="microbatches=6 must be a multiple of mesh.pipeline=4 for"):
+        load_config(
+            "configs/tiny_moe.yaml",
+            ["model.num_layers=9", "mesh.pipeline=4", "pipeline.microbatches=6", "pipeline.schedule=1f1b"]
+            + ["pipeline.repeats=2"],
+        )
     with pytest.raises(ConfigError, match="splits the pairs / groups of data.kind=preference"):
         load_config(
             "configs/tiny_moe.yaml", ["mesh.pipeline=2", "pipeline.schedule=1f1b", "data.kind=preference"]
@@ -146,12 +157,20 @@ needs8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devic
         pytest.param(
             5, ["mesh.pipeline=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.data=1"], marks=pytest.mark.slow
         ),
+        # interleaved: 8 units in 4 stages x 2 chunks of 1, expert parallelism inside the stages
+        pytest.param(
+            9,
+            ["mesh.pipeline=4", "mesh.expert=2", "mesh.data=1", "pipeline.microbatches=4"]
+            + ["pipeline.repeats=2"],
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_sharded_equals_gpipe(layers, layout):
     base = BASE + [f"model.num_layers={layers}"]
     cfg = load_config("configs/tiny_moe.yaml", base + layout + ["pipeline.schedule=1f1b"])
-    gpipe = load_config("configs/tiny_moe.yaml", base + layout)
+    circular = ["pipeline.schedule=circular"] if cfg.pipeline.repeats > 1 else []
+    gpipe = load_config("configs/tiny_moe.yaml", base + layout + circular)
     devices = jax.devices()[: int(np.prod([v for v in build_mesh(cfg).shape.values()]))]
     mesh = build_mesh(cfg, devices)
     batch = _batch(cfg, padded=False)

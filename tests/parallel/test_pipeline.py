@@ -81,6 +81,9 @@ def test_schedule_bubble():
     assert Schedule(4, 8, 1).iterations == 11
     assert Schedule(4, 8, 1).bubble_fraction == pytest.approx(3 / 11)
     assert Schedule(4, 8, 2).bubble_fraction == pytest.approx(3 / 19)  # circular: R x smaller bubble share
+    # interleaved 1f1b: forwards and backwards each R*M + S - 1 ticks of the R*(M + S) + S - 2
+    assert Schedule(4, 8, 2, "1f1b").iterations == 2 * 12 + 2 and Schedule(4, 8, 1, "1f1b").iterations == 14
+    assert "interleaved 1f1b x2" in Schedule(4, 8, 2, "1f1b").describe()
     cfg = load_config("configs/tiny_moe.yaml", ["model.num_layers=5", "mesh.pipeline=2", "mesh.data=1"])
     assert schedule_for(cfg) == Schedule(2, 2, 1)
     assert "bubble 33.3%" in schedule_for(cfg).describe()
@@ -93,7 +96,7 @@ def test_schedule_bubble():
             ["mesh.pipeline=4"],
             "the 3 pipelined MoE units are fewer than mesh.pipeline x pipeline.repeats = 4 x 1",
         ),
-        (["model.num_layers=5", "mesh.pipeline=2", "pipeline.repeats=2"], "needs pipeline.schedule=circular"),
+        (["model.num_layers=5", "mesh.pipeline=2", "pipeline.repeats=2"], "schedule=circular or 1f1b"),
         (
             [
                 "model.num_layers=5",
