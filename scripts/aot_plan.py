@@ -77,7 +77,7 @@ PLAN = [
         slices=2,
         patches_per_row=1024,
     ),
-    # pipeline stages: GPipe vs 1F1B memory on the same mesh
+    # pipeline stages: GPipe vs 1F1B vs interleaved 1F1B (2 chunks per stage) memory on the same mesh
     *(
         row(
             f"{label} 4K, {stages} stages, M={micro}, {kind}",
@@ -86,13 +86,17 @@ PLAN = [
             4096,
             batch,
             fsdp=fsdp,
-            extra=(f"mesh.pipeline={stages}", f"pipeline.microbatches={micro}", f"pipeline.schedule={kind}"),
+            extra=(f"mesh.pipeline={stages}", f"pipeline.microbatches={micro}", *sets),
         )
         for label, model, topology, batch, fsdp, stages, micro in (
             ("21B-A3B", "21b_a3b", "v5p:4x4x8", 512, 4, 4, 16),
             ("300B-A47B", "300b_a47b", "v5p:8x8x16", 1024, 16, 8, 8),
         )
-        for kind in ("gpipe", "1f1b")
+        for kind, sets in (
+            ("gpipe", ("pipeline.schedule=gpipe",)),
+            ("1f1b", ("pipeline.schedule=1f1b",)),
+            ("interleaved 1f1b x2", ("pipeline.schedule=1f1b", "pipeline.repeats=2")),
+        )
     ),
 ]
 

@@ -5,9 +5,10 @@
 
 `--pipeline` compares GPipe and circular schedules with the same microbatches (and no pipeline as
 the baseline) on a deeper model: bubble fraction, peak memory per device = arguments + outputs -
-aliased + temporaries, from `compile().memory_analysis()`. Then GPipe against 1F1B for M = 4, 8, 16
-microbatches of a fixed size (the batch grows with M): temporaries per device and step time side by
-side, with their ratios.
+aliased + temporaries, from `compile().memory_analysis()`. Then GPipe against 1F1B, and the
+circular schedule against interleaved 1F1B (2 chunks per stage), for M = 4, 8, 16 microbatches of a
+fixed size (the batch grows with M): temporaries per device and step time side by side, with their
+ratios.
 
 On fake CPU devices the times only compare layouts against each other (the devices share the cores);
 memory per device and the collectives counted from the compiled HLO are what the layout changes.
@@ -144,10 +145,12 @@ def pipeline_table(config: str, steps: int) -> None:
 
 
 def one_f_one_b_table(config: str, steps: int, rows_per_microbatch: int = 4) -> None:
-    """GPipe vs 1F1B on 4 stages x 2-way data parallel, M microbatches of a fixed size."""
+    """GPipe vs 1F1B and circular vs interleaved 1F1B (2 chunks per stage) on 4 stages x 2-way data
+    parallel, M microbatches of a fixed size."""
+    pairs = {"": ["pipeline.repeats=1"], " x2": ["pipeline.repeats=2"]}
     print(
-        f"\n{'M':>3}{'batch':>7}{'gpipe temp MB':>15}{'1f1b temp MB':>14}{'ratio':>7}"
-        f"{'gpipe ms':>10}{'1f1b ms':>9}{'ratio':>7}  (per device; 4 stages x data 2)"
+        f"\n{'M':>3}{'batch':>7}  {'schedules':<26}{'temp MB':>16}{'ratio':>7}{'ms':>16}{'ratio':>7}"
+        "  (per device; 4 stages x data 2)"
     )
     for m in (4, 8, 16):
         base = PIPELINE_BASE[:1] + [
@@ -157,16 +160,20 @@ def one_f_one_b_table(config: str, steps: int, rows_per_microbatch: int = 4) -> 
             f"pipeline.microbatches={m}",
             "model.dtype=float32",
         ]
-        got = {}
-        for kind in ("gpipe", "1f1b"):
-            ms, mem, _, _ = measure(load_config(config, base + [f"pipeline.schedule={kind}"]), steps)
-            got[kind] = (mem.temp_size_in_bytes / 2**20, ms)
-        (gt, gms), (ot, oms) = got["gpipe"], got["1f1b"]
-        print(
-            f"{m:3d}{m * rows_per_microbatch:7d}{gt:15.2f}{ot:14.2f}{ot / gt:7.2f}{gms:10.1f}{oms:9.1f}"
-            f"{oms / gms:7.2f}",
-            flush=True,
-        )
+        for suffix, extra in pairs.items():
+            got = {}
+            names = ("gpipe", "1f1b") if not suffix else ("circular", "1f1b")
+            for kind in names:
+                cfg = load_config(config, base + extra + [f"pipeline.schedule={kind}"])
+                ms, mem, _, _ = measure(cfg, steps)
+                got[kind] = (mem.temp_size_in_bytes / 2**20, ms)
+            (gt, gms), (ot, oms) = got[names[0]], got[names[1]]
+            label = f"{names[0]}{suffix} vs 1f1b{suffix}"
+            print(
+                f"{m:3d}{m * rows_per_microbatch:7d}  {label:<26}{gt:8.1f}{ot:8.1f}{ot / gt:7.2f}"
+                f"{gms:8.1f}{oms:8.1f}{oms / gms:7.2f}",
+                flush=True,
+            )
 
 
 def main() -> None:

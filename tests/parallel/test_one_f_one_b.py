@@ -73,10 +73,10 @@ def _close(got, want, rtol=1e-6):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=10 * rtol * float(jnp.abs(b).max()))
 
 
-# 4 layers: 3 units on 2 stages (uneven); 7 layers: 6 units in 2 x 2 chunks of 2 (interleaved, uneven)
+# 4 layers: 3 units on 2 stages (uneven); 8 layers: 7 units in 2 x 2 chunks of 2 (interleaved, uneven)
 @pytest.mark.parametrize(
     "layers, micro, repeats",
-    [pytest.param(5, 2, 1, marks=pytest.mark.slow), pytest.param(4, 4, 1, marks=pytest.mark.slow), (7, 4, 2)],
+    [pytest.param(5, 2, 1, marks=pytest.mark.slow), pytest.param(4, 4, 1, marks=pytest.mark.slow), (8, 4, 2)],
 )
 def test_one_device_equals_gpipe_and_unpipelined(layers, micro, repeats):
     base = BASE + [f"model.num_layers={layers}"]
