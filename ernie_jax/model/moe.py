@@ -25,6 +25,7 @@ from ernie_jax.ops.router_stats import GroupStats
 from ernie_jax.ops.moe_dispatch import (
     capacity_experts,
     dropless_experts,
+    every_expert,
     expert_capacity,
     merge_groups,
     route,
@@ -106,7 +107,9 @@ def expert_parallel_mesh():
 def local_experts(x, idx, weights, live, kernels, cfg, fp8=None):
     """Routed experts over one device's tokens x [T,H] (dropless, or capacity from T) -> (y, kept [T,K])."""
     if cfg.dispatch == "dropless":
-        return dropless_experts(x, idx, weights, kernels, fp8, live=live), jnp.ones_like(idx, bool)
+        # at most E tokens (decode steps): every expert densely, cheaper than sorting into groups
+        experts = every_expert if x.shape[0] <= cfg.num_experts else dropless_experts
+        return experts(x, idx, weights, kernels, fp8, live=live), jnp.ones_like(idx, bool)
     cap = expert_capacity(x.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor)
     return capacity_experts(x, idx, weights, live, kernels, cap, fp8)
 

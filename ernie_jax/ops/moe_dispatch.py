@@ -58,6 +58,21 @@ def dropless_experts(
     return jnp.einsum("tkh,tk->th", y, weights.astype(y.dtype))
 
 
+def every_expert(
+    x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None, live: jax.Array | None = None
+) -> jax.Array:
+    """Dropless for a handful of tokens (a decode step): every expert on every token as one batched
+    matmul, the outputs combined with the router weights of the chosen experts (zero elsewhere). The
+    same sum as `dropless_experts`, E/K times its FLOPs, without its sort, ragged groups and unsort,
+    which cost more than the arithmetic when T is about E or less (decode at batch 8: 1.xx x faster)."""
+    t, k = idx.shape
+    num_experts = kernels[0].shape[0]
+    w = weights if live is None else weights * live.astype(weights.dtype)[:, None]
+    dense_w = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx, num_experts, dtype=w.dtype), w)
+    out = swiglu_experts(jnp.broadcast_to(x, (num_experts, t, x.shape[-1])), *kernels, fp8=fp8)
+    return jnp.einsum("eth,te->th", out, dense_w.astype(out.dtype))
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
     return max(1, min(num_tokens, math.ceil(factor * num_tokens * top_k / num_experts)))
 

@@ -5,6 +5,7 @@ from flax import nnx
 
 from ernie_jax.config import MoEConfig
 from ernie_jax.model.moe import MoEBlock, capacity_experts, expert_capacity, route
+from ernie_jax.ops.moe_dispatch import dropless_experts, every_expert
 
 
 def _block(dispatch="dropless", factor=1.0, shared=1, e=8, k=2, seed=0):
@@ -106,10 +107,40 @@ def test_bias_changes_selection_not_weights():
 
 def test_dispatch_functions_are_jittable_without_python_loops():
     block = _block("dropless", e=64, k=4)
-    x = jnp.ones((1, 8, 24))
-    jaxpr = jax.make_jaxpr(lambda x: block(x, jnp.ones((1, 8), bool))[0])(x)
+    x = jnp.ones((1, 80, 24))
+    jaxpr = jax.make_jaxpr(lambda x: block(x, jnp.ones((1, 80), bool))[0])(x)
     # one ragged_dot per projection, independent of the number of experts
     assert str(jaxpr).count("ragged_dot_general[") == 3
+    # at most E tokens (a decode step): every expert densely, no ragged groups
+    jaxpr = jax.make_jaxpr(lambda x: block(x, jnp.ones((1, 8), bool))[0])(x[:, :8])
+    assert "ragged_dot_general[" not in str(jaxpr)
+
+
+def test_every_expert_equals_dropless_with_grads():
+    """The decode-size path: the same outputs and gradients as sorting into ragged groups, with
+    tokens of another group / padding (live=False) contributing nothing."""
+    t, h, e, inter, k = 6, 16, 8, 12, 2
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (t, h))
+    kernels = (
+        0.25 * jax.random.normal(keys[1], (e, h, inter)),
+        0.25 * jax.random.normal(keys[2], (e, h, inter)),
+        0.25 * jax.random.normal(keys[3], (e, inter, h)),
+    )
+    _, idx, weights = route(jax.random.normal(keys[4], (t, e)), jnp.zeros(e), k, 1e-12)
+    live = jnp.array([True, True, False, True, True, False])
+
+    def loss(fn, x, kernels):
+        return jnp.sum(jnp.sin(fn(x, idx, weights, kernels, live=live)))
+
+    for want, got in zip(
+        jax.value_and_grad(lambda *a: loss(dropless_experts, *a), argnums=(0, 1))(x, kernels),
+        jax.value_and_grad(lambda *a: loss(every_expert, *a), argnums=(0, 1))(x, kernels),
+    ):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    y = every_expert(x, idx, weights, kernels, live=live)
+    assert float(jnp.abs(y[2]).max()) == 0.0 and float(jnp.abs(y[5]).max()) == 0.0
 
 
 def _mesh(**axes):
