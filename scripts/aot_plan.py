@@ -77,7 +77,8 @@ PLAN = [
         slices=2,
         patches_per_row=1024,
     ),
-    # pipeline stages: GPipe vs 1F1B vs interleaved 1F1B (2 chunks per stage) memory on the same mesh
+    # pipeline stages: GPipe vs 1F1B vs interleaved 1F1B (2 chunks per stage) vs 1F1B keeping the
+    # forward's residuals, memory on the same mesh
     *(
         row(
             f"{label} 4K, {stages} stages, M={micro}, {kind}",
@@ -96,6 +97,7 @@ PLAN = [
             ("gpipe", ("pipeline.schedule=gpipe",)),
             ("1f1b", ("pipeline.schedule=1f1b",)),
             ("interleaved 1f1b x2", ("pipeline.schedule=1f1b", "pipeline.repeats=2")),
+            ("1f1b, stash residuals", ("pipeline.schedule=1f1b", "pipeline.stash=residuals")),
         )
     ),
 ]

@@ -8,7 +8,8 @@ the baseline) on a deeper model: bubble fraction, peak memory per device = argum
 aliased + temporaries, from `compile().memory_analysis()`. Then GPipe against 1F1B, and the
 circular schedule against interleaved 1F1B (2 chunks per stage), for M = 4, 8, 16 microbatches of a
 fixed size (the batch grows with M): temporaries per device and step time side by side, with their
-ratios.
+ratios. Last, what 1F1B keeps per chunk in flight (`pipeline.stash`: inputs or residuals) under
+model.remat=full and none, at M = 8.
 
 On fake CPU devices the times only compare layouts against each other (the devices share the cores);
 memory per device and the collectives counted from the compiled HLO are what the layout changes.
@@ -176,6 +177,38 @@ def one_f_one_b_table(config: str, steps: int, rows_per_microbatch: int = 4) -> 
             )
 
 
+RESIDUALS = "pipeline.stash=residuals"
+
+
+def stash_table(config: str, steps: int, m: int = 8, rows_per_microbatch: int = 4) -> None:
+    """What 1F1B keeps per chunk in flight: inputs (recompute the chunk in the backward) vs the
+    forward's residuals, under model.remat=full and none, next to GPipe / circular."""
+    base = PIPELINE_BASE[:1] + [
+        f"data.batch_size={m * rows_per_microbatch}",
+        "mesh.data=2",
+        "mesh.pipeline=4",
+        f"pipeline.microbatches={m}",
+        "model.dtype=float32",
+    ]
+    print(
+        f"\n{'remat':<6}{'schedule':<32}{'temp MB':>9}{'step ms':>9}  (per device; 4 stages x data 2, M={m})"
+    )
+    for remat in ("full", "none"):
+        for label, sets in (
+            ("gpipe", ["pipeline.schedule=gpipe"]),
+            ("1f1b, stash inputs", ["pipeline.schedule=1f1b"]),
+            ("1f1b, stash residuals", ["pipeline.schedule=1f1b", RESIDUALS]),
+            ("circular x2", ["pipeline.schedule=circular", "pipeline.repeats=2"]),
+            ("1f1b x2, stash inputs", ["pipeline.schedule=1f1b", "pipeline.repeats=2"]),
+            (
+                "1f1b x2, stash residuals",
+                ["pipeline.schedule=1f1b", "pipeline.repeats=2", "pipeline.stash=residuals"],
+            ),
+        ):
+            ms, mem, _, _ = measure(load_config(config, base + sets + [f"model.remat={remat}"]), steps)
+            print(f"{remat:<6}{label:<32}{mem.temp_size_in_bytes / 2**20:9.1f}{ms:9.0f}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/tiny_moe.yaml")
@@ -185,7 +218,8 @@ def main() -> None:
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {a.config}")
     if a.pipeline:
         pipeline_table(a.config, a.steps)
-        return one_f_one_b_table(a.config, a.steps)
+        one_f_one_b_table(a.config, a.steps)
+        return stash_table(a.config, a.steps)
     print(f"{'layout':<32}{'step ms':>9}{'temp MB/dev':>13}{'args MB/dev':>13}  collectives MB (HLO)")
     for layout in LAYOUTS:
         cfg = load_config(a.config, layout + ["data.batch_size=8", "model.dtype=float32"])

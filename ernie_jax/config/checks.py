@@ -306,6 +306,11 @@ def _validate_pipeline(cfg: Config) -> None:
         f"(pipeline.repeats={pp.repeats}: microbatches go round the stages in groups of {stages})",
     )
     _require(
+        pp.schedule == "1f1b" or pp.stash == "inputs",
+        f"pipeline.stash={pp.stash} is what 1f1b keeps between a chunk's forward and backward; "
+        f"set pipeline.schedule=1f1b or leave pipeline.stash at inputs",
+    )
+    _require(
         pp.schedule != "1f1b" or cfg.data.kind not in ("preference", "prompts"),
         f"pipeline.schedule=1f1b scores each microbatch on its own, which splits the pairs / groups of "
         f"data.kind={cfg.data.kind}; use pipeline.schedule=gpipe",

@@ -165,6 +165,9 @@ class PipelineConfig:
     microbatches: int = 0  # per (accumulation) micro-batch; 0 = mesh.pipeline
     # circular / 1f1b: layer chunks per stage (each microbatch loops the stages this often)
     repeats: int = 1
+    # 1f1b: what a stage keeps of a chunk until its backward: its input (the backward recomputes the
+    # chunk's forward) or the forward's residuals (no recompute beyond model.remat; more memory)
+    stash: Literal["inputs", "residuals"] = "inputs"
 
 
 @dataclass(frozen=True)

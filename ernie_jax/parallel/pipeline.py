@@ -48,6 +48,7 @@ class Schedule:
     # gpipe | circular | 1f1b: the train step's schedule (forward-only calls run gpipe, or circular
     # with the same repeats for interleaved 1f1b)
     kind: str = "gpipe"
+    stash: str = "inputs"  # 1f1b: what a stage keeps per chunk in flight (inputs | residuals)
 
     @property
     def forward_iterations(self) -> int:
@@ -86,7 +87,8 @@ def schedule_for(cfg) -> Schedule | None:
     stages = cfg.mesh.pipeline
     if stages <= 1:
         return None
-    return Schedule(stages, cfg.pipeline.microbatches or stages, cfg.pipeline.repeats, cfg.pipeline.schedule)
+    pp = cfg.pipeline
+    return Schedule(stages, pp.microbatches or stages, pp.repeats, pp.schedule, pp.stash)
 
 
 def check_pipeline_batch(cfg, mesh) -> None:
@@ -259,12 +261,16 @@ def one_f_one_b(
     next visit or (after the last) scored by `post` (the layers after the stack, the head and the
     objective, with their gradients). Its backward starts in that tick and walks the chunks back in
     the mirrored order, one stage back per tick (position q at stage s at tick q + S - 1 - s + V*S - 1),
-    ending with `first`'s backward. A stage keeps the inputs of its chunks in flight (at most
-    2*V*S - 1, whatever M is) and recomputes the chunk's forward inside the backward (`jax.vjp`);
-    nothing else is kept per microbatch, so activation memory does not grow with the number of
-    microbatches. The forward and backward halves of a tick are `lax.cond`s on whether any stage has
-    work: M*V + S - 1 ticks of each, each running one chunk of L units, so the bubble is
-    (S - 1) / (M*V + S - 1) of the stage time, V times less than 1F1B's.
+    ending with `first`'s backward. A stage keeps what the backward needs of its chunks in flight
+    (at most 2*V*S - 1, whatever M is), nothing else per microbatch, so activation memory does not
+    grow with the number of microbatches: with `sched.stash` "inputs" the chunk's input, and the
+    backward recomputes the chunk's forward (`jax.vjp`); with "residuals" the forward is the
+    `jax.vjp` and its pullback's residuals are kept (less the parameters, state and context, which
+    the backward takes again from the stage), so nothing is recomputed beyond the model's own
+    remat policy (under `model.remat=full`: the layers' inputs, one forward per chunk saved). A stage
+    without work in a tick writes to a spare stash slot. The forward and backward halves of a tick
+    are `lax.cond`s on whether any stage has work: M*V + S - 1 ticks of each, each running one chunk
+    of L units, so the bubble is (S - 1) / (M*V + S - 1) of the stage time, V times less than 1F1B's.
 
     first(k, dx=None) -> the stack's input for microbatch k [mb, ...], or (with dx, its cotangent)
     the gradients of the parameters before the stack.
@@ -282,15 +288,35 @@ def one_f_one_b(
     spmd = PIPELINE_AXIS if _mesh_has_pipeline() else None
     ctx_at = lambda k: jax.tree.map(lambda c: jnp.take(c, k, axis=0), ctxs)  # [S, mb, ...]
     pick = lambda tree, v: jax.tree.map(lambda a: a[v], tree)
-    bcast = lambda ok, v: ok.reshape(ok.shape + (1,) * (v.ndim - ok.ndim))
+
+    keep = sched.stash == "residuals"
+    layout = {}  # residuals: the pullback's tree and which of its leaves are the chunk's own inputs
+
+    def own_inputs(p_v, o_v, a_v, ctx):
+        return jax.tree.leaves((p_v, o_v, a_v, ctx))
 
     def forward_one(p, o, a, v, x, ctx):
-        return chunk(pick(p, v), pick(o, v), x, ctx, pick(a, v))
+        """-> (y, stats, what the backward needs: the chunk input, or the pullback's residuals less
+        the parameters, state and context it can take again from the stage)."""
+        p_v, o_v, a_v = pick(p, v), pick(o, v), pick(a, v)
+        if not keep:
+            y, st = chunk(p_v, o_v, x, ctx, a_v)
+            return y, st, [x]
+        (y, st), vjp = jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), p_v, x)
+        leaves, tree = jax.tree.flatten(vjp)
+        known = {id(t): i for i, t in enumerate(own_inputs(p_v, o_v, a_v, ctx))}
+        layout["tree"], layout["from"] = tree, tuple(known.get(id(r)) for r in leaves)
+        return y, st, [r for r, i in zip(leaves, layout["from"]) if i is None]
 
-    def backward_one(p, o, a, v, ok, acc, x, ctx, dy, dstats):
+    def backward_one(p, o, a, v, ok, acc, saved, ctx, dy, dstats):
         """Stage-local: the chunk's vjp, its parameter gradients added to visit v's slot of acc."""
-        o_v, a_v = pick(o, v), pick(a, v)
-        _, vjp = jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), pick(p, v), x)
+        p_v, o_v, a_v = pick(p, v), pick(o, v), pick(a, v)
+        if keep:
+            again, rest = own_inputs(p_v, o_v, a_v, ctx), iter(saved)
+            leaves = [next(rest) if i is None else again[i] for i in layout["from"]]
+            vjp = jax.tree.unflatten(layout["tree"], leaves)
+        else:  # recompute the chunk's forward from its stashed input
+            _, vjp = jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), p_v, saved[0])
         dp, dx = vjp((dy, dstats))  # router statistics are float (counts included): plain cotangents
         acc = jax.tree.map(lambda g, d: g.at[v].add(jnp.where(ok, d, 0).astype(g.dtype)), acc, dp)
         return acc, dx
@@ -301,7 +327,7 @@ def one_f_one_b(
     x_mb = jax.eval_shape(first, jnp.int32(0))
     x0 = constrain_leading(jnp.zeros((s_, *x_mb.shape), x_mb.dtype), "stage", "batch")
     z = jnp.zeros((s_,), jnp.int32)
-    _, stats_shape = jax.eval_shape(forward, params, other, active, z, x0, ctx_at(z))
+    _, stats_shape, saved_shape = jax.eval_shape(forward, params, other, active, z, x0, ctx_at(z))
     # a travelling record of one microbatch's statistics at every (stage, visit): [S, S, V, L, ...]
     rec0 = jax.tree.map(lambda a: jnp.zeros((s_, s_, v_) + a.shape[1:], a.dtype), stats_shape)
     probe = jax.eval_shape(post, x0[0], jax.tree.map(lambda a: a[0], rec0), jnp.int32(0))
@@ -317,9 +343,9 @@ def one_f_one_b(
         def run_forward(fx, frec, stash):
             fresh = vf[0] & (visit_f[0] == 0)  # a microbatch enters; else stage 0 takes the wrap-around
             fx = fx.at[0].set(jax.lax.cond(fresh, first, lambda k: fx[0], mf[0]))
-            y, st = forward(params, other, active, visit_f, fx, ctx_at(mf))
-            slot = jnp.clip(pf, 0, None) % slots
-            stash = stash.at[sid, slot].set(jnp.where(bcast(vf, fx), fx, stash[sid, slot]))
+            y, st, saved = forward(params, other, active, visit_f, fx, ctx_at(mf))
+            slot = jnp.where(vf, pf % slots, slots)  # a stage without work writes to the spare slot
+            stash = jax.tree.map(lambda b, n: b.at[sid, slot].set(n), stash, saved)
             rec = jax.tree.map(lambda r, v: r.at[sid, sid, visit_f].set(v), frec, st)
             last = (y[-1], jax.tree.map(lambda r: r[-1], rec))
             fx = constrain_leading(jnp.roll(y, 1, axis=0), "stage", "batch")
@@ -345,9 +371,9 @@ def one_f_one_b(
             vb, mb, mirrored = _work_item(t - (s_ - 1 - sid) - (v_ * s_ - 1), s_, v_, m_)
             visit = v_ - 1 - mirrored
             pos = (mb // s_) * s_ * v_ + visit * s_ + mb % s_  # the forward position it mirrors
-            x_in = stash[sid, pos % slots]
+            saved = jax.tree.map(lambda b: b[sid, pos % slots], stash)
             own = jax.tree.map(lambda r: r[sid, sid, visit], brec)  # this chunk's statistics' cotangents
-            dparams, dx = backward(params, other, active, visit, vb, dparams, x_in, ctx_at(mb), bdy, own)
+            dparams, dx = backward(params, other, active, visit, vb, dparams, saved, ctx_at(mb), bdy, own)
             leaving = vb[0] & (visit[0] == 0)  # the first chunk's backward: on through `first`
             rest = jax.lax.cond(
                 leaving, lambda r: add(r, first(mb[0], dx[0].astype(x_mb.dtype))), lambda r: r, rest
@@ -361,7 +387,10 @@ def one_f_one_b(
         )
         return (fx, frec, stash, bdy, brec, dparams, loss, aux, rest), None
 
-    stash0 = constrain_leading(jnp.zeros((s_, slots, *x_mb.shape), x_mb.dtype), "stage", None, "batch")
+    lead = ("stage",) if keep else ("stage", None, "batch")  # residuals: their batch dim varies
+    stash0 = jax.tree.map(
+        lambda a: constrain_leading(jnp.zeros((s_, slots + 1, *a.shape[1:]), a.dtype), *lead), saved_shape
+    )
     carry = (
         x0,
         rec0,

@@ -93,6 +93,21 @@ def test_one_device_equals_gpipe_and_unpipelined(layers, micro, repeats):
     _close(_one_f_one_b(cfg, _batch(cfg, True)), _whole_batch(plain, _batch(cfg, True), microbatches=micro))
 
 
+@pytest.mark.parametrize(
+    "layers, repeats, remat", [(8, 2, "full"), pytest.param(4, 1, "none", marks=pytest.mark.slow)]
+)
+def test_residual_stash_equals_unpipelined(layers, repeats, remat):
+    """`pipeline.stash=residuals`: the forward's pullback is kept instead of recomputed (under remat:
+    the layers' inputs; without: every intermediate)."""
+    base = BASE + [f"model.num_layers={layers}", f"model.remat={remat}"]
+    pipe = ["mesh.pipeline=2", "pipeline.microbatches=4", f"pipeline.repeats={repeats}"]
+    cfg = load_config(
+        "configs/tiny_moe.yaml", base + pipe + ["pipeline.schedule=1f1b", "pipeline.stash=residuals"]
+    )
+    plain = load_config("configs/tiny_moe.yaml", base)
+    _close(_one_f_one_b(cfg, _batch(cfg, True)), _whole_batch(plain, _batch(cfg, True), microbatches=4))
+
+
 @pytest.mark.slow
 def test_lora_adapters_equal_gpipe():
     """Under LoRA the stages differentiate the adapters and carry the frozen base as state."""
@@ -129,6 +144,8 @@ def test_bad_1f1b_settings_are_one_line():
             ["model.num_layers=9", "mesh.pipeline=4", "pipeline.microbatches=6", "pipeline.schedule=1f1b"]
             + ["pipeline.repeats=2"],
         )
+    with pytest.raises(ConfigError, match="pipeline.stash=residuals is what 1f1b keeps"):
+        load_config("configs/tiny_moe.yaml", ["mesh.pipeline=2", "pipeline.stash=residuals"])
     with pytest.raises(ConfigError, match="splits the pairs / groups of data.kind=preference"):
         load_config(
             "configs/tiny_moe.yaml", ["mesh.pipeline=2", "pipeline.schedule=1f1b", "data.kind=preference"]
