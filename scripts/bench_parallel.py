@@ -145,6 +145,17 @@ def pipeline_table(config: str, steps: int) -> None:
         )
 
 
+def microbatch_settings(m: int, rows_per_microbatch: int) -> list[str]:
+    """4 stages x data 2 with M = m microbatches of a fixed size (the batch grows with M), fp32."""
+    return PIPELINE_BASE[:1] + [
+        f"data.batch_size={m * rows_per_microbatch}",
+        "mesh.data=2",
+        "mesh.pipeline=4",
+        f"pipeline.microbatches={m}",
+        "model.dtype=float32",
+    ]
+
+
 def one_f_one_b_table(config: str, steps: int, rows_per_microbatch: int = 4) -> None:
     """GPipe vs 1F1B and circular vs interleaved 1F1B (2 chunks per stage) on 4 stages x 2-way data
     parallel, M microbatches of a fixed size."""
@@ -154,13 +165,7 @@ def one_f_one_b_table(config: str, steps: int, rows_per_microbatch: int = 4) -> 
         "  (per device; 4 stages x data 2)"
     )
     for m in (4, 8, 16):
-        base = PIPELINE_BASE[:1] + [
-            f"data.batch_size={m * rows_per_microbatch}",
-            "mesh.data=2",
-            "mesh.pipeline=4",
-            f"pipeline.microbatches={m}",
-            "model.dtype=float32",
-        ]
+        base = microbatch_settings(m, rows_per_microbatch)
         for suffix, extra in pairs.items():
             got = {}
             names = ("gpipe", "1f1b") if not suffix else ("circular", "1f1b")
@@ -183,13 +188,7 @@ RESIDUALS = "pipeline.stash=residuals"
 def stash_table(config: str, steps: int, m: int = 8, rows_per_microbatch: int = 4) -> None:
     """What 1F1B keeps per chunk in flight: inputs (recompute the chunk in the backward) vs the
     forward's residuals, under model.remat=full and none, next to GPipe / circular."""
-    base = PIPELINE_BASE[:1] + [
-        f"data.batch_size={m * rows_per_microbatch}",
-        "mesh.data=2",
-        "mesh.pipeline=4",
-        f"pipeline.microbatches={m}",
-        "model.dtype=float32",
-    ]
+    base = microbatch_settings(m, rows_per_microbatch)
     print(
         f"\n{'remat':<6}{'schedule':<32}{'temp MB':>9}{'step ms':>9}  (per device; 4 stages x data 2, M={m})"
     )
