@@ -1,4 +1,5 @@
-"""The ERNIE 4.5 decoder: pre-norm blocks, stacked and scanned, with optional MoE and MTP.
+"""The ERNIE 4.5 decoder: pre-norm blocks (model/blocks.py), stacked and scanned, with optional MoE
+and MTP.
 
 Layer layout. ERNIE places MoE at layer i iff (i+1) % interval == 0 and start <= i <= end, so the
 decoder is: a `prefix` stack of dense layers, a stack of `units` (interval-1 dense layers then one
@@ -25,23 +26,25 @@ from ernie_jax.config import (  # noqa: F401 - layer_plan re-exported
     layer_plan,
     pipelined_stack,
 )
-from ernie_jax.model.attention import Attention, attention_spec
+from ernie_jax.model.blocks import (
+    BlockContext,
+    DecoderLayer,
+    MoEUnit,
+    MTPLayer,
+    dtype_of,
+    scan_extend,
+    scan_layers,
+    stack_layers,
+)
 from ernie_jax.model.kv_cache import KVCache
-from ernie_jax.model.layers import Embed, Linear, RMSNorm, SwiGLU
-from ernie_jax.model.moe import MoEBlock
+from ernie_jax.model.layers import Embed, Linear, RMSNorm
 from ernie_jax.model.rope import rope_angles, rope_angles_3d
-from ernie_jax.ops import matmul, router_stats
+from ernie_jax.ops import router_stats
 from ernie_jax.ops.cross_entropy import chunked_head_cross_entropy
 from ernie_jax.parallel.context import load_balanced_order
 from ernie_jax.parallel.layout import ModelLayout
 from ernie_jax.parallel.mesh import constrain_batch
 from ernie_jax.parallel.pipeline import pipeline_apply
-from ernie_jax.precision.fp8 import fp8_for
-from ernie_jax.precision.remat import checkpoint_name, remat_policy
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
 
 
 @struct.dataclass
@@ -69,17 +72,6 @@ class ModelOutput:
 
 
 @struct.dataclass
-class BlockContext:
-    """What every decoder block reads besides the residual stream; each field is [B,S,...]."""
-
-    angles: jax.Array  # [B,S,D/2] RoPE angles
-    token_mask: jax.Array  # [B,S] bool: real tokens (padding takes no expert slot)
-    modality: jax.Array  # [B,S] 0 text, 1 vision (heterogeneous MoE routing)
-    segment_ids: jax.Array | None = None  # [B,S] packed documents (None: one per row)
-    token_index: jax.Array | None = None  # [B,S] original positions of reordered tokens (context parallelism)
-
-
-@struct.dataclass
 class Prepared:
     """What the layers after the decoder stacks need besides the hidden states: the blocks' context
     and the labels (all [B,S,...], MTP ones [D,B,S]; None without labels / MTP)."""
@@ -88,180 +80,6 @@ class Prepared:
     labels: jax.Array | None = None
     mtp_ids: jax.Array | None = None
     mtp_labels: jax.Array | None = None
-
-
-class DecoderLayer(nnx.Module):
-    """x = x + Attn(RMSNorm(x)); x = x + FFN(RMSNorm(x)), FFN dense SwiGLU, or MoE when `moe` is given."""
-
-    def __init__(
-        self,
-        m: ModelConfig,
-        moe: MoEConfig | None,
-        precision: PrecisionConfig,
-        *,
-        rngs: nnx.Rngs,
-        expert_parallel: bool = False,
-    ):
-        kw = dict(
-            rngs=rngs,
-            std=m.init_std,
-            dtype=_dtype(m.dtype),
-            param_dtype=_dtype(m.param_dtype),
-            dot_general=linear_dot_general(precision),
-        )
-        self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
-        self.self_attn = Attention(
-            m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, spec=attention_spec(m, causal=True), **kw
-        )
-        self.post_attention_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
-        if moe is not None:
-            p = precision
-            experts_fp8 = fp8_for(p.fp8, p.fp8_recipe, "experts", p.fp8_amax_history)
-            self.mlp = MoEBlock(m.hidden_size, moe, fp8=experts_fp8, expert_parallel=expert_parallel, **kw)
-        else:
-            self.mlp = SwiGLU(m.hidden_size, m.intermediate_size, **kw)
-        self.is_moe = moe is not None
-
-    def __call__(self, x, ctx: BlockContext):
-        x = x + self.self_attn(self.input_layernorm(x), ctx.angles, ctx.segment_ids, ctx.token_index)
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            y, stats = self.mlp(h, ctx.token_mask, ctx.modality)
-        else:
-            y, stats = checkpoint_name(self.mlp(h), "mlp_out"), {}
-        return x + y, stats
-
-    def extend(self, x, ctx: BlockContext, cache: KVCache, slots, prefill: bool):
-        """The block on new tokens during generation (attention through the KV cache) -> (x, cache);
-        slots = (first new slot, first real slot per row)."""
-        a, cache = self.self_attn.extend(
-            self.input_layernorm(x), ctx.angles, cache, *slots, ctx.segment_ids, prefill
-        )
-        x = x + a
-        h = self.post_attention_layernorm(x)
-        y = self.mlp(h, ctx.token_mask, ctx.modality)[0] if self.is_moe else self.mlp(h)
-        return x + y, cache
-
-
-def _scan_extend(stack, x, ctx, cache, slots, prefill: bool):
-    """`extend` of a stacked layer (or unit) over its leading axis. The stack's cache (a KVCache, or
-    a dict of them for units) rides in the carry and each layer gets a view of its own slice."""
-    views = lambda c, f: jax.tree.map(f, c, is_leaf=lambda a: isinstance(a, KVCache))
-    depth = jax.tree.leaves(views(cache, lambda c: c.depth), is_leaf=lambda a: isinstance(a, int))[0]
-
-    @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=nnx.Carry)
-    def body(carry, layer, ctx, slots, i):
-        x, cache = carry
-        x, cache = layer.extend(x, ctx, views(cache, lambda c: c.select(i)), slots, prefill)
-        return x, views(cache, lambda c: c.release())
-
-    return body((x, cache), stack, ctx, slots, jnp.arange(depth))
-
-
-def linear_dot_general(p: PrecisionConfig):
-    """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
-    fp8 = fp8_for(p.fp8, p.fp8_recipe, "linear", p.fp8_amax_history)
-    if fp8 is None:
-        return matmul.dot_general
-    return fp8 if fp8.recipe == "delayed" else fp8.dot_general  # Linear keeps the delayed state itself
-
-
-def _stack(n: int, make, rngs: nnx.Rngs):
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(r):
-        return make(r)
-
-    return create(rngs)
-
-
-def _scan_layers(stack, x, ctx, m, in_stage: bool = False, active: jax.Array | None = None):
-    """Apply a stacked DecoderLayer (or unit) over its leading axis with nnx.scan; the residual
-    stream is pinned batch-sharded at each block boundary (inside a pipeline stage: over the
-    batch axes other than `pipeline`). `active` [L] bool: False layers pass x through and report
-    zero statistics (padding units of uneven pipeline stages)."""
-
-    def apply(layer, x, ctx):
-        return layer(constrain_batch(x, in_stage), ctx)
-
-    if m.remat != "none":
-        apply = nnx.remat(apply, policy=remat_policy(m.remat, m.remat_names, m.remat_offload))
-    if active is None:
-
-        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
-        def body(x, layer, ctx):
-            return apply(layer, x, ctx)
-
-        return body(x, stack, ctx)
-
-    @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0))
-    def masked(x, layer, ctx, on):
-        y, stats = apply(layer, x, ctx)
-        return jnp.where(on, y, x), jax.tree.map(lambda v: jnp.where(on, v, jnp.zeros_like(v)), stats)
-
-    return masked(x, stack, ctx, active)
-
-
-class MoEUnit(nnx.Module):
-    """`dense_per_unit` dense layers followed by one MoE layer (one period of the layer pattern)."""
-
-    def __init__(
-        self,
-        m: ModelConfig,
-        moe: MoEConfig,
-        precision: PrecisionConfig,
-        dense_per_unit: int,
-        *,
-        rngs: nnx.Rngs,
-        in_stage: bool = False,
-        expert_parallel: bool = False,
-    ):
-        self.model_cfg = m
-        self.in_stage = in_stage  # inside a pipeline stage (units are the pipelined stack when there is one)
-        self.dense = (
-            _stack(dense_per_unit, lambda r: DecoderLayer(m, None, precision, rngs=r), rngs)
-            if dense_per_unit
-            else None
-        )
-        self.moe = DecoderLayer(m, moe, precision, rngs=rngs, expert_parallel=expert_parallel)
-
-    def __call__(self, x, ctx: BlockContext):
-        if self.dense is not None:
-            x, _ = _scan_layers(self.dense, x, ctx, self.model_cfg, self.in_stage)
-        return self.moe(x, ctx)
-
-    def extend(self, x, ctx: BlockContext, cache: dict, slots, prefill: bool):
-        """cache {"dense": KVCache [dense_per_unit, ...] (absent without dense layers), "moe": KVCache}."""
-        out = {}
-        if self.dense is not None:
-            x, out["dense"] = _scan_extend(self.dense, x, ctx, cache["dense"], slots, prefill)
-        x, out["moe"] = self.moe.extend(x, ctx, cache["moe"], slots, prefill)
-        return x, out
-
-
-class MTPLayer(nnx.Module):
-    """One multi-token-prediction depth: Linear_{2H->H}([norm(emb_shifted); norm(h_prev)]) -> dense layer."""
-
-    def __init__(self, m: ModelConfig, precision: PrecisionConfig, *, rngs: nnx.Rngs):
-        pd = _dtype(m.param_dtype)
-        self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
-        self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
-        self.linear_proj = Linear(
-            2 * m.hidden_size,
-            m.hidden_size,
-            axes=("concat", "embed"),
-            rngs=rngs,
-            std=m.init_std,
-            dtype=_dtype(m.dtype),
-            param_dtype=pd,
-            dot_general=linear_dot_general(precision),
-        )
-        self.block = DecoderLayer(m, None, precision, rngs=rngs)
-
-    def __call__(self, h, emb, ctx: BlockContext):
-        u = self.linear_proj(jnp.concatenate([self.emb_norm(emb), self.hidden_norm(h)], axis=-1))
-        out, _ = self.block(u, ctx)
-        return out
 
 
 class ErnieForCausalLM(nnx.Module):
@@ -285,12 +103,12 @@ class ErnieForCausalLM(nnx.Module):
         m = model
         self.model_cfg, self.moe_cfg, self.vision_cfg, self.layout = model, moe, vision, layout
         self.plan = plan = LayerPlan.of(model, moe)
-        dt, pd = _dtype(m.dtype), _dtype(m.param_dtype)
+        dt, pd = dtype_of(m.dtype), dtype_of(m.param_dtype)
         self.embed_tokens = Embed(
             m.vocab_size, m.hidden_size, rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd
         )
         dense = lambda r: DecoderLayer(m, None, precision, rngs=r)
-        self.prefix = _stack(plan.num_prefix, dense, rngs) if plan.num_prefix else None
+        self.prefix = stack_layers(plan.num_prefix, dense, rngs) if plan.num_prefix else None
         unit = lambda r: MoEUnit(
             m,
             moe,
@@ -300,8 +118,8 @@ class ErnieForCausalLM(nnx.Module):
             in_stage=layout.schedule is not None,
             expert_parallel=layout.expert_parallel,
         )
-        self.units = _stack(plan.num_units, unit, rngs) if plan.num_units else None
-        self.suffix = _stack(plan.num_suffix, dense, rngs) if plan.num_suffix else None
+        self.units = stack_layers(plan.num_units, unit, rngs) if plan.num_units else None
+        self.suffix = stack_layers(plan.num_suffix, dense, rngs) if plan.num_suffix else None
         self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.lm_head = (
             None
@@ -317,7 +135,7 @@ class ErnieForCausalLM(nnx.Module):
             )
         )
         self.mtp = (
-            _stack(m.mtp_depth, lambda r: MTPLayer(m, precision, rngs=r), rngs) if m.mtp_depth else None
+            stack_layers(m.mtp_depth, lambda r: MTPLayer(m, precision, rngs=r), rngs) if m.mtp_depth else None
         )
 
     def architecture(self) -> Config:
@@ -387,7 +205,7 @@ class ErnieForCausalLM(nnx.Module):
             segment_ids=segment_ids,
             token_index=token_index,
         )
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype_of(m.dtype))
         return x, Prepared(ctx, labels, mtp_ids, mtp_labels)
 
     def finish(self, x, prep: Prepared, stats) -> ModelOutput:
@@ -445,23 +263,23 @@ class ErnieForCausalLM(nnx.Module):
 
     def run_stack(self, name: str, x, ctx):
         """x through the stack `name` (prefix / units / suffix) as one scan (no pipeline schedule)."""
-        return _scan_layers(getattr(self, name), x, ctx, self.model_cfg)
+        return scan_layers(getattr(self, name), x, ctx, self.model_cfg)
 
     def stage_chunk(self, chunk, x, ctx, active=None):
         """One pipeline stage's chunk of the pipelined stack (a stacked module) over x."""
-        return _scan_layers(chunk, x, ctx, self.model_cfg, True, active)
+        return scan_layers(chunk, x, ctx, self.model_cfg, True, active)
 
     def _run_stack(self, stack, x, ctx, pipelined: bool):
         """One scan over a stack, or the pipeline schedule for the pipelined stack when mesh.pipeline > 1."""
         m = self.model_cfg
         sched = self.layout.schedule if pipelined else None
         if sched is None:
-            return _scan_layers(stack, x, ctx, m)
+            return scan_layers(stack, x, ctx, m)
         return pipeline_apply(
             stack,
             x,
             ctx,
-            lambda chunk, x_mb, ctx_mb, active: _scan_layers(chunk, x_mb, ctx_mb, m, True, active),
+            lambda chunk, x_mb, ctx_mb, active: scan_layers(chunk, x_mb, ctx_mb, m, True, active),
             sched,
         )
 
@@ -471,7 +289,7 @@ class ErnieForCausalLM(nnx.Module):
         """Zeroed KV caches for `batch` rows of up to `length` positions, one per stack, shaped like
         the stacks (kv heads only)."""
         m, plan = self.model_cfg, self.plan
-        dtype = _dtype(m.dtype) if dtype is None else dtype
+        dtype = dtype_of(m.dtype) if dtype is None else dtype
         kv = lambda *lead: KVCache.zeros(lead, batch, length, m.num_kv_heads, m.head_dim, dtype)
         cache = {}
         if plan.num_prefix:
@@ -511,12 +329,12 @@ class ErnieForCausalLM(nnx.Module):
         ctx = BlockContext(
             angles=self._angles(positions), token_mask=token_mask, modality=modality, segment_ids=segment_ids
         )
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(m.dtype))
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype_of(m.dtype))
         out = {}
         for name in ("prefix", "units", "suffix"):
             stack = getattr(self, name)
             if stack is not None:
-                x, out[name] = _scan_extend(stack, x, ctx, cache[name], (slot, first_slot), prefill)
+                x, out[name] = scan_extend(stack, x, ctx, cache[name], (slot, first_slot), prefill)
         return x, out
 
     def _angles(self, positions):
