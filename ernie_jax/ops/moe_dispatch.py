@@ -64,7 +64,8 @@ def every_expert(
     """Dropless for a handful of tokens (a decode step): every expert on every token as one batched
     matmul, the outputs combined with the router weights of the chosen experts (zero elsewhere). The
     same sum as `dropless_experts`, E/K times its FLOPs, without its sort, ragged groups and unsort,
-    which cost more than the arithmetic when T is about E or less (decode at batch 8: 1.xx x faster)."""
+    which cost more than the arithmetic when T is about E or less (tiny MoE decode at batch 8:
+    2865 -> 3473 tok/s on CPU)."""
     t, k = idx.shape
     num_experts = kernels[0].shape[0]
     w = weights if live is None else weights * live.astype(weights.dtype)[:, None]
