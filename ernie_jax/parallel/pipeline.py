@@ -20,6 +20,9 @@ the mean over microbatches (as under gradient accumulation) and counts (expert l
 total. Backward is autodiff through the scan; the parameters keep their global layer order in the
 state, so checkpoints do not depend on the pipeline layout (R > 1 costs one all-to-all of the
 pipelined weights over the pipeline axis per step to regroup them by stage).
+
+The train step's 1F1B schedules (plain and interleaved) run forward and backward together in one
+scan of their own: `one_f_one_b` below.
 """
 
 from __future__ import annotations
