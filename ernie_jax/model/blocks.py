@@ -21,10 +21,6 @@ from ernie_jax.precision.fp8 import fp8_for
 from ernie_jax.precision.remat import checkpoint_name, remat_policy
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
 @struct.dataclass
 class BlockContext:
     """What every decoder block reads besides the residual stream; each field is [B,S,...]."""
@@ -51,8 +47,8 @@ class DecoderLayer(nnx.Module):
         kw = dict(
             rngs=rngs,
             std=m.init_std,
-            dtype=dtype_of(m.dtype),
-            param_dtype=dtype_of(m.param_dtype),
+            dtype=jnp.dtype(m.dtype),
+            param_dtype=jnp.dtype(m.param_dtype),
             dot_general=linear_dot_general(precision),
         )
         self.input_layernorm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=kw["param_dtype"])
@@ -189,7 +185,7 @@ class MTPLayer(nnx.Module):
     """One multi-token-prediction depth: Linear_{2H->H}([norm(emb_shifted); norm(h_prev)]) -> dense layer."""
 
     def __init__(self, m: ModelConfig, precision: PrecisionConfig, *, rngs: nnx.Rngs):
-        pd = dtype_of(m.param_dtype)
+        pd = jnp.dtype(m.param_dtype)
         self.emb_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps, param_dtype=pd)
         self.linear_proj = Linear(
@@ -198,7 +194,7 @@ class MTPLayer(nnx.Module):
             axes=("concat", "embed"),
             rngs=rngs,
             std=m.init_std,
-            dtype=dtype_of(m.dtype),
+            dtype=jnp.dtype(m.dtype),
             param_dtype=pd,
             dot_general=linear_dot_general(precision),
         )

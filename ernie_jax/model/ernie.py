@@ -31,7 +31,6 @@ from ernie_jax.model.blocks import (
     DecoderLayer,
     MoEUnit,
     MTPLayer,
-    dtype_of,
     scan_extend,
     scan_layers,
     stack_layers,
@@ -103,7 +102,7 @@ class ErnieForCausalLM(nnx.Module):
         m = model
         self.model_cfg, self.moe_cfg, self.vision_cfg, self.layout = model, moe, vision, layout
         self.plan = plan = LayerPlan.of(model, moe)
-        dt, pd = dtype_of(m.dtype), dtype_of(m.param_dtype)
+        dt, pd = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
         self.embed_tokens = Embed(
             m.vocab_size, m.hidden_size, rngs=rngs, std=m.init_std, dtype=dt, param_dtype=pd
         )
@@ -205,7 +204,7 @@ class ErnieForCausalLM(nnx.Module):
             segment_ids=segment_ids,
             token_index=token_index,
         )
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype_of(m.dtype))
+        x = self._input_embeddings(input_ids, inputs_embeds)
         return x, Prepared(ctx, labels, mtp_ids, mtp_labels)
 
     def finish(self, x, prep: Prepared, stats) -> ModelOutput:
@@ -289,7 +288,7 @@ class ErnieForCausalLM(nnx.Module):
         """Zeroed KV caches for `batch` rows of up to `length` positions, one per stack, shaped like
         the stacks (kv heads only)."""
         m, plan = self.model_cfg, self.plan
-        dtype = dtype_of(m.dtype) if dtype is None else dtype
+        dtype = jnp.dtype(m.dtype) if dtype is None else dtype
         kv = lambda *lead: KVCache.zeros(lead, batch, length, m.num_kv_heads, m.head_dim, dtype)
         cache = {}
         if plan.num_prefix:
@@ -321,7 +320,6 @@ class ErnieForCausalLM(nnx.Module):
         `prefill`: the prompts from slot 0, segment_ids marking padding 0; else decode steps
         attending over the cache. MoE layers route every token (build the model with dropless
         dispatch: capacity would drop)."""
-        m = self.model_cfg
         b, s = input_ids.shape
         token_mask = jnp.ones((b, s), bool) if segment_ids is None else segment_ids > 0
         if modality is None:
@@ -329,13 +327,19 @@ class ErnieForCausalLM(nnx.Module):
         ctx = BlockContext(
             angles=self._angles(positions), token_mask=token_mask, modality=modality, segment_ids=segment_ids
         )
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype_of(m.dtype))
+        x = self._input_embeddings(input_ids, inputs_embeds)
         out = {}
         for name in ("prefix", "units", "suffix"):
             stack = getattr(self, name)
             if stack is not None:
                 x, out[name] = scan_extend(stack, x, ctx, cache[name], (slot, first_slot), prefill)
         return x, out
+
+    def _input_embeddings(self, input_ids, inputs_embeds):
+        """The token embeddings, or the given ones (VL: text and vision merged) in the compute dtype."""
+        if inputs_embeds is None:
+            return self.embed_tokens(input_ids)
+        return inputs_embeds.astype(jnp.dtype(self.model_cfg.dtype))
 
     def _angles(self, positions):
         m = self.model_cfg

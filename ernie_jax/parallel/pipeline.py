@@ -298,6 +298,10 @@ def one_f_one_b(
     def own_inputs(p_v, o_v, a_v, ctx):
         return jax.tree.leaves((p_v, o_v, a_v, ctx))
 
+    def pullback(p_v, o_v, a_v, x, ctx):
+        """((y, stats), the chunk's vjp w.r.t. its parameters and input)."""
+        return jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), p_v, x)
+
     def forward_one(p, o, a, v, x, ctx):
         """-> (y, stats, what the backward needs: the chunk input, or the pullback's residuals less
         the parameters, state and context it can take again from the stage)."""
@@ -305,7 +309,7 @@ def one_f_one_b(
         if not keep:
             y, st = chunk(p_v, o_v, x, ctx, a_v)
             return y, st, [x]
-        (y, st), vjp = jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), p_v, x)
+        (y, st), vjp = pullback(p_v, o_v, a_v, x, ctx)
         leaves, tree = jax.tree.flatten(vjp)
         known = {id(t): i for i, t in enumerate(own_inputs(p_v, o_v, a_v, ctx))}
         layout["tree"], layout["from"] = tree, tuple(known.get(id(r)) for r in leaves)
@@ -319,7 +323,7 @@ def one_f_one_b(
             leaves = [next(rest) if i is None else again[i] for i in layout["from"]]
             vjp = jax.tree.unflatten(layout["tree"], leaves)
         else:  # recompute the chunk's forward from its stashed input
-            _, vjp = jax.vjp(lambda p_v, x: chunk(p_v, o_v, x, ctx, a_v), p_v, saved[0])
+            _, vjp = pullback(p_v, o_v, a_v, saved[0], ctx)
         dp, dx = vjp((dy, dstats))  # router statistics are float (counts included): plain cotangents
         acc = jax.tree.map(lambda g, d: g.at[v].add(jnp.where(ok, d, 0).astype(g.dtype)), acc, dp)
         return acc, dx
