@@ -209,6 +209,7 @@ def _generate(
     ids, positions, embeds, modality = left(ids), left(positions), left(embeds), left(modality)
     real = slots[None] >= pad[:, None]
     cache = model.init_cache(b, p + max_new)
+    table_t = model.head_table_t()  # once, not per token
     hidden, cache = model.extend(
         ids,
         positions,
@@ -246,7 +247,8 @@ def _generate(
             prev[:, None], position, cache, slot, pad, prefill=False, modality=step_modality
         )
         key, sub = jax.random.split(key)
-        token, logp = next_token(model.head(hidden[:, 0]), sub, temperature, top_k, top_p, greedy, nucleus)
+        logits = model.head(hidden[:, 0], table_t)
+        token, logp = next_token(logits, sub, temperature, top_k, top_p, greedy, nucleus)
         token = jnp.where(done, pad_id, token)
         logp = jnp.where(done, 0.0, logp)
         if stream is not None:

@@ -37,8 +37,10 @@ def next_token(
     what policy-gradient ratios need). Static switches skip work a request does not need: `greedy`
     (temperature 0: argmax only), `nucleus` False (top_p = 1: no sort over the vocabulary)."""
     logits = logits.astype(jnp.float32)
-    if greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    if greedy:  # the first index of the max, as argmax (XLA:CPU's argmax reduce is ~3x slower)
+        vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+        token = jnp.min(jnp.where(logits == top, vocab, logits.shape[-1]), axis=-1)
     else:
         if nucleus:
             z = truncated_logits(logits, temperature, top_k, top_p)
@@ -47,5 +49,7 @@ def next_token(
             if top_k > 0:
                 z = jnp.where(z < jax.lax.top_k(z, top_k)[0][:, -1:], jnp.finfo(jnp.float32).min, z)
         token = jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+    # log-softmax at the chosen token only (no [B, V] log-probabilities)
+    log_norm = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    logp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - log_norm
     return token, logp

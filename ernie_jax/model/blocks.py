@@ -87,13 +87,17 @@ class DecoderLayer(nnx.Module):
 
 def scan_extend(stack, x, ctx, cache, slots, prefill: bool):
     """`extend` of a stacked layer (or unit) over its leading axis. The stack's cache (a KVCache, or
-    a dict of them for units) rides in the carry and each layer gets a view of its own slice."""
+    a dict of them for units) rides in the carry and each layer gets a view of its own slice; a
+    stack of one layer has no layer axis in its cache (`KVCache.zeros`), so its write and read
+    are one buffer (a depth-1 axis made XLA:CPU copy the cache ~8 times per decode step)."""
     views = lambda c, f: jax.tree.map(f, c, is_leaf=lambda a: isinstance(a, KVCache))
-    depth = jax.tree.leaves(views(cache, lambda c: c.depth), is_leaf=lambda a: isinstance(a, int))[0]
+    depth = jax.tree.leaves(nnx.state(stack, nnx.Param))[0].shape[0]
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=nnx.Carry)
     def body(carry, layer, ctx, slots, i):
         x, cache = carry
+        if depth == 1:
+            return layer.extend(x, ctx, cache, slots, prefill)
         x, cache = layer.extend(x, ctx, views(cache, lambda c: c.select(i)), slots, prefill)
         return x, views(cache, lambda c: c.release())
 

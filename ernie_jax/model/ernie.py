@@ -141,9 +141,15 @@ class ErnieForCausalLM(nnx.Module):
         """The model's part of a Config (model, MoE and vision settings): what export writes."""
         return Config(model=self.model_cfg, moe=self.moe_cfg, vision=self.vision_cfg)
 
-    def head(self, h: jax.Array) -> jax.Array:
+    def head(self, h: jax.Array, tied_table_t: jax.Array | None = None) -> jax.Array:
+        """Final norm and LM head; tied_table_t: `head_table_t()`, for a decode loop to lay the tied
+        embedding out once."""
         h = self.norm(h)
-        return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return self.embed_tokens.attend(h, tied_table_t) if self.lm_head is None else self.lm_head(h)
+
+    def head_table_t(self) -> jax.Array | None:
+        """The tied embedding as [H, V] (None when the LM head is its own Linear)."""
+        return self.embed_tokens.transposed() if self.lm_head is None else None
 
     def __call__(
         self,

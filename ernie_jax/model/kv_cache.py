@@ -6,9 +6,9 @@ Heads before positions, so a decode step's q . k is a batched matmul over (row, 
 transposing the cache (2.6x faster than [B, T, K, D] on CPU at B 8, T 1152); values are stored
 D-major [B, K, D, T], so p . v contracts their minor dim too (XLA:CPU ran the [B, K, T, D] layout
 as a loop, a fifth of a batch-8 decode step). A stack's caches stay one array [L, ..., B, K, T, D]
-(values [..., D, T]) that the layer scan carries; a layer sees it through a view (`at`: its indices
-on the leading axes) and writes only its new tokens in place, so a decode step never copies the
-cache (scanning it as per-layer inputs and outputs rebuilt it every step)."""
+(values [..., D, T]; no axis for a stack of one layer) that the layer scan carries; a layer sees it
+through a view (`at`: its indices on the leading axes) and writes only its new tokens in place
+(scanning the cache as per-layer inputs and outputs rebuilt it every step)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,11 @@ class KVCache:
 
     @classmethod
     def zeros(cls, lead: tuple[int, ...], batch: int, length: int, kv_heads: int, head_dim: int, dtype):
+        """lead: the stack depths above a layer; a depth of 1 gets no axis (`scan_extend`)."""
+        lead = tuple(n for n in lead if n > 1)
         k = (*lead, batch, kv_heads, length, head_dim)
         v = (*lead, batch, kv_heads, head_dim, length)
         return cls(jnp.zeros(k, dtype), jnp.zeros(v, dtype))
-
-    @property
-    def depth(self) -> int:
-        """Size of the next leading axis (the layers a scan over this cache visits)."""
-        return self.k.shape[len(self.at)]
 
     def select(self, i) -> KVCache:
         return KVCache(self.k, self.v, (*self.at, i))

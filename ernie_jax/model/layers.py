@@ -108,9 +108,18 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        x, e = x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        return matmul.dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())))  # x @ E^T
+    def attend(self, x: jax.Array, table_t: jax.Array | None = None) -> jax.Array:
+        """x @ E^T; table_t: `transposed()`, computed once outside a decode loop (XLA:CPU runs
+        x @ E^T with E [V, H] about 1.7x slower than with E^T laid out as [H, V])."""
+        x = x.astype(self.dtype)
+        if table_t is not None:
+            return matmul.dot_general(x, table_t, (((x.ndim - 1,), (0,)), ((), ())))
+        e = self.embedding[...].astype(self.dtype)
+        return matmul.dot_general(x, e, (((x.ndim - 1,), (1,)), ((), ())))
+
+    def transposed(self) -> jax.Array:
+        """The table as [H, V] in the compute dtype."""
+        return self.embedding[...].astype(self.dtype).T
 
 
 class SwiGLU(nnx.Module):

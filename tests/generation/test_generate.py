@@ -36,7 +36,9 @@ def _hf_greedy(hf, prompt, n):
 
 @pytest.mark.parametrize("moe", [True, False], ids=["moe", "dense"])
 def test_greedy_equals_transformers_in_one_batch(tmp_path, moe):
-    hf, path = make_hf_model(tmp_path, moe=moe, bias_scale=0.3 if moe else 0.0, layers=3, tie=False)
+    # MoE: dense layers between MoE layers and after them (stacks of one layer); dense: a tied head
+    shape = dict(layers=5, interval=2, tie=False) if moe else dict(layers=3, tie=True)
+    hf, path = make_hf_model(tmp_path, moe=moe, bias_scale=0.3 if moe else 0.0, **shape)
     ours = ernie_jax.load_pretrained(path)
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(3, 97, n)) for n in (9, 4, 13)]
