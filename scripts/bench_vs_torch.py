@@ -1,6 +1,8 @@
 """The whole training step (forward, backward, AdamW) of ernie_jax vs transformers' PyTorch ERNIE 4.5
 (`Ernie4_5ForCausalLM`, `Ernie4_5_MoeForCausalLM`) with `torch.optim.AdamW`: same shapes, fp32, CPU,
-the two alternated in one run.
+the two alternated in one run. Also prints how close transformers' step is to this CPU's best fp32
+matmul rate, and the ratio a step doing the model's FLOPs at that rate would reach (the ceiling for
+any framework on the machine).
 
     python scripts/bench_vs_torch.py [--seq 256,2048 --tokens 4096 --repeats 5]
 
@@ -19,10 +21,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ernie_jax.config import load_config
 from ernie_jax.convert.hf_text import config_to_hf
+from ernie_jax.metrics import measure_cpu_peak, train_flops_per_token
 from ernie_jax.model import build_model
 from ernie_jax.parallel.mesh import build_mesh
 from ernie_jax.trainers.compiled import jit_train_step
@@ -127,8 +131,22 @@ def _torch_worker(conn, kind: str, seq: int, batch: int, sets: list[str]) -> Non
     )
     ids = np.random.default_rng(0).integers(3, cfg.model.vocab_size, (1, batch, seq + 1)).astype(np.int32)
     step = theirs(cfg, ids)
-    while conn.recv() == "step":
-        conn.send(_timed_turn(step))
+    while (request := conn.recv()) != "stop":
+        conn.send(_timed_turn(step) if request == "step" else _torch_peak())
+
+
+def _torch_peak(n: int = 2048) -> float:
+    """Best-of-3 FLOP/s of PyTorch's fp32 n^3 matmul (the same probe as `measure_cpu_peak`)."""
+    import torch
+
+    a = torch.ones(n, n)
+    a @ a
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
 
 
 def _timed_turn(step) -> float:
@@ -166,22 +184,34 @@ def main() -> None:
         f"train step fwd+bwd+AdamW, fp32, {os.cpu_count()} threads, {a.tokens} tokens per step; "
         f"ratio = torch time / ours (> 1: faster than transformers)"
     )
-    print(f"{'model':<7}{'S':>6}{'batch':>6} | {'ours ms':>9}{'torch ms':>10}{'ratio':>8}")
+    print(
+        f"{'model':<7}{'S':>6}{'batch':>6} | {'ours ms':>9}{'torch ms':>10}{'ratio':>8} | "
+        f"{'GFLOP':>7}{'torch at':>10}{'ceiling':>9}"
+    )
     for kind in a.kinds.split(","):
         for seq in (int(s) for s in a.seq.split(",")):
             batch = max(1, a.tokens // seq)
             parent, child = ctx.Pipe()
             worker = ctx.Process(target=_torch_worker, args=(child, kind, seq, batch, []), daemon=True)
             worker.start()
-            _, our_step, _ = ours(kind, seq, batch, a.set)
+            cfg, our_step, _ = ours(kind, seq, batch, a.set)
             t_ours, t_torch = best_alternating(our_step, parent, a.repeats)
+            parent.send("peak")
+            peak = max(parent.recv(), measure_cpu_peak(jnp.float32))
             parent.send("stop")
             worker.join()
+            # the ratio a step could reach doing the model's FLOPs at the best fp32 matmul rate
+            flops = train_flops_per_token(cfg, seq) * seq * batch
             print(
                 f"{kind:<7}{seq:6d}{batch:6d} | {t_ours * 1e3:9.1f}{t_torch * 1e3:10.1f}"
-                f"{t_torch / t_ours:7.2f}x",
+                f"{t_torch / t_ours:7.2f}x | {flops / 1e9:7.0f}{flops / t_torch / peak:9.0%}"
+                f"{t_torch / (flops / peak):8.2f}x",
                 flush=True,
             )
+    print(
+        f"torch at: its step's model FLOP/s over the best fp32 matmul rate here (torch's or XLA's "
+        f"{2048}^3 matmul, {peak / 1e9:.0f} GFLOP/s); ceiling: the ratio of a step at that rate"
+    )
 
 
 if __name__ == "__main__":
