@@ -209,8 +209,9 @@ def main() -> None:
                 flush=True,
             )
     print(
-        f"torch at: its step's model FLOP/s over the best fp32 matmul rate here (torch's or XLA's "
-        f"{2048}^3 matmul, {peak / 1e9:.0f} GFLOP/s); ceiling: the ratio of a step at that rate"
+        "torch at: its step's model FLOP/s (6 x active matmul params + attention, per token) over the "
+        "best fp32 rate of a 2048^3 matmul here, torch's or XLA's, measured per row "
+        f"(last: {peak / 1e9:.0f} GFLOP/s); ceiling: the ratio of a step doing those FLOPs at that rate"
     )
 
 
