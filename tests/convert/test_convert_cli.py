@@ -11,6 +11,8 @@ import pytest
 
 import ernie_jax
 from ernie_jax.convert import hf_to_ernie, load_pretrained
+from ernie_jax.convert.hf_text import key_table
+from ernie_jax.convert.param_dir import read_our_config
 from ernie_jax.convert.safetensors_io import SafetensorsFile, save_file
 from ernie_jax.errors import CheckpointError
 from tests.hf_reference import hf_logits, make_hf_model
@@ -174,8 +176,4 @@ def test_export_reads_each_param_once(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "restore_param", lambda p, path: calls.append(path) or real(p, path))
     monkeypatch.setattr(convert, "restore_params", lambda *a, **k: pytest.fail("whole-tree restore"))
     convert.ernie_to_hf(ours, str(tmp_path / "back"), quiet=True)
-    assert (
-        len(calls)
-        == len(set(calls))
-        == len({e.path for e in convert.key_table(convert._read_our_config(ours))})
-    )
+    assert len(calls) == len(set(calls)) == len({e.path for e in key_table(read_our_config(ours))})
