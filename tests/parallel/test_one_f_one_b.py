@@ -75,22 +75,28 @@ def _close(got, want, rtol=1e-6):
 
 # 4 layers: 3 units on 2 stages (uneven); 8 layers: 7 units in 2 x 2 chunks of 2 (interleaved, uneven)
 @pytest.mark.parametrize(
-    "layers, micro, repeats",
-    [pytest.param(5, 2, 1, marks=pytest.mark.slow), pytest.param(4, 4, 1, marks=pytest.mark.slow), (8, 4, 2)],
+    "layers, micro, repeats, all_refs",
+    [
+        pytest.param(5, 2, 1, True, marks=pytest.mark.slow),
+        pytest.param(4, 4, 1, True, marks=pytest.mark.slow),
+        (8, 4, 2, False),
+    ],
 )
-def test_one_device_equals_gpipe_and_unpipelined(layers, micro, repeats):
+def test_one_device_equals_gpipe_and_unpipelined(layers, micro, repeats, all_refs):
     base = BASE + [f"model.num_layers={layers}"]
     pipe = ["mesh.pipeline=2", f"pipeline.microbatches={micro}", f"pipeline.repeats={repeats}"]
     cfg = load_config("configs/tiny_moe.yaml", base + pipe + ["pipeline.schedule=1f1b"])
+    plain = load_config("configs/tiny_moe.yaml", base)
+    # unpipelined, per microbatch (router losses are per microbatch under any pipeline schedule), rows
+    # with padding: the accumulation-style mean over microbatches
+    _close(_one_f_one_b(cfg, _batch(cfg, True)), _whole_batch(plain, _batch(cfg, True), microbatches=micro))
+    if not all_refs:  # the default suite's case stops here (86 s with the references below)
+        return
     got = _one_f_one_b(cfg, _batch(cfg, padded=False))
+    _close(got, _whole_batch(plain, _batch(cfg, False), microbatches=micro))
     # GPipe, or the circular schedule with the same chunks per stage
     gpipe = pipe + (["pipeline.schedule=circular"] if repeats > 1 else [])
     _close(got, _whole_batch(load_config("configs/tiny_moe.yaml", base + gpipe), _batch(cfg, False)))
-    # unpipelined, per microbatch (router losses are per microbatch under any pipeline schedule)
-    plain = load_config("configs/tiny_moe.yaml", base)
-    _close(got, _whole_batch(plain, _batch(cfg, False), microbatches=micro))
-    # rows with padding: the accumulation-style mean over microbatches
-    _close(_one_f_one_b(cfg, _batch(cfg, True)), _whole_batch(plain, _batch(cfg, True), microbatches=micro))
 
 
 @pytest.mark.parametrize(

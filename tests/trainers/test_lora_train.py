@@ -145,6 +145,7 @@ def test_frozen_targets_are_refused(trained, tmp_path):
     assert dataclasses.is_dataclass(cfg.lora)
 
 
+@pytest.mark.slow
 def test_saved_bf16_base_exports_without_its_source(trained, tmp_path):
     src, _ = trained
     workdir = tmp_path / "w"
