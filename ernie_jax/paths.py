@@ -68,6 +68,14 @@ class AppendFile:
             self._f.close()
 
 
+def probe_write(directory, name: str = ".write-probe") -> None:
+    """Write and remove a small file in `directory` (raises OSError when it cannot take one):
+    permission bits and os.access miss read-only mounts and bucket permissions."""
+    probe = as_path(join(directory, name))
+    probe.write_text("ok")
+    probe.unlink()
+
+
 def files_under(directory) -> list[str]:
     """Every file below `directory`, as paths relative to it (sorted)."""
     root = epath.Path(directory)

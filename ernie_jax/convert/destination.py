@@ -9,10 +9,11 @@ import shutil
 import tempfile
 
 from ernie_jax.errors import CheckpointError
-from ernie_jax.paths import as_path, files_under, is_remote, join, shown
+from ernie_jax.paths import as_path, files_under, is_remote, join, probe_write, shown
 
 
 def log_progress(msg: str, quiet: bool) -> None:
+    """A conversion's progress line (readers, writers and entry points share it)."""
     if not quiet:
         print(msg, flush=True)
 
@@ -67,9 +68,7 @@ def check_destination(path: str) -> None:
                 f"destination {path} already exists and is not empty; choose a new directory"
             )
         try:
-            probe = as_path(join(path, ".write-probe"))
-            probe.write_text("ok")
-            probe.unlink()
+            probe_write(path)
         except OSError as e:
             raise CheckpointError(
                 f"destination {path}: cannot write there ({e}); check the bucket and its permissions"

@@ -22,7 +22,7 @@ from ernie_jax.model.lora import base_config
 from ernie_jax.ops.attention import check_backend
 from ernie_jax.parallel.mesh import data_parallel_size, describe
 from ernie_jax.parallel.pipeline import check_pipeline_batch, schedule_for
-from ernie_jax.paths import as_path, join, shown
+from ernie_jax.paths import as_path, join, probe_write, shown
 from ernie_jax.summary import count_params
 from ernie_jax.trainers.state import checkpointed, init_opt_state, init_train_state
 from ernie_jax.trainers.task import Task
@@ -33,9 +33,7 @@ def check_workdir(workdir: str) -> None:
     try:
         as_path(workdir).mkdir(parents=True, exist_ok=True)
         # one probe per process: hosts sharing the workdir (NFS, GCS) must not remove each other's
-        probe = as_path(join(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}"))
-        probe.write_text("ok")
-        probe.unlink()
+        probe_write(workdir, f".write-probe-{socket.gethostname()}-{os.getpid()}")
     except OSError as e:
         raise ConfigError(
             f"--workdir {workdir} is not writable ({e.strerror or e}); pass a directory you can write"
