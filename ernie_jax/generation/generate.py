@@ -98,6 +98,7 @@ def generate(
     pixel_values_videos=None,
     video_grid_thw=None,
     patch_budget: int | None = None,
+    unroll_layers: bool | None = None,
 ) -> Generated:
     """Continue prompts with `model` (ErnieForCausalLM, or ErnieVLForConditionalGeneration with
     images / videos as in its transformers-style call: patches [sum(t*h*w), C*P*P] and grids [n, 3],
@@ -108,7 +109,9 @@ def generate(
     temperature 0 is greedy; top_k 0 and top_p 1 switch truncation off; eos_token_ids end a row
     (default: the model's eos). `stream(step, tokens [B])` is called on the host as each step's
     tokens are chosen (rows that have ended get the pad id). The same seed gives the same samples.
-    `patch_budget` (VL) pads the patches to that many, so batches of other images share one program."""
+    `patch_budget` (VL) pads the patches to that many, so batches of other images share one program.
+    `unroll_layers`: run the layers one by one, each with its own weight and cache buffers, instead
+    of scanning the stacks (default: on CPU only, see `_unrolls_by_default`)."""
     m = model.model_cfg
     if not isinstance(input_ids, (np.ndarray, jax.Array)):
         input_ids, prompt_lengths = pad_prompts(input_ids, m.pad_token_id)
@@ -170,12 +173,23 @@ def generate(
         nucleus=top_p < 1,
         pad_id=m.pad_token_id,
         stream=stream,
+        unroll=_unrolls_by_default() if unroll_layers is None else bool(unroll_layers),
     )
     return Generated(np.asarray(tokens), np.asarray(logps), np.asarray(n))
 
 
+def _unrolls_by_default() -> bool:
+    """Whether decode runs the layers one by one. XLA:CPU hands a matmul only whole buffers, so a
+    scanned layer's weights and cache are copied out of their stacks at every layer of every step
+    (~45% of a batch-8 step of the default MoE); per-layer buffers avoid that (same tokens, ~1.5x
+    faster) at a compile time that grows with depth. GPU and TPU read a slice of a stack in place,
+    so there the stacks stay scanned (compile time independent of depth)."""
+    return jax.default_backend() == "cpu"
+
+
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new", "top_k", "greedy", "nucleus", "pad_id", "stream")
+    jax.jit,
+    static_argnames=("graphdef", "max_new", "top_k", "greedy", "nucleus", "pad_id", "stream", "unroll"),
 )
 def _generate(
     graphdef,
@@ -197,6 +211,7 @@ def _generate(
     nucleus,
     pad_id,
     stream,
+    unroll,
 ):
     """ids, positions ([B,P] or [B,P,3]), embeds [B,P,H] / modality [B,P] (VL; else None) are
     right-padded to P; next_position [B]: the position of each row's first new token."""
@@ -226,6 +241,10 @@ def _generate(
         inputs_embeds=embeds,
         modality=modality,
     )
+    layers_def = layers_state = None
+    if unroll and max_new > 1:  # each layer's weights and cache as their own buffers, sliced once
+        layers_def, layers_state = nnx.split(nnx.List(model.decoder_layers()))
+        cache = model.layer_caches(cache)
     key, sub = jax.random.split(key)
     token, logp = next_token(model.head(hidden[:, -1]), sub, temperature, top_k, top_p, greedy, nucleus)
     if stream is not None:
@@ -235,13 +254,13 @@ def _generate(
     done = jnp.isin(token, eos)
     ended_at = jnp.where(done, 1, max_new)
 
-    def cond(carry):
-        t, *_, done, _, _ = carry
-        return (t < max_new) & ~jnp.all(done)
+    def cond(c: _Decoding):
+        return (c.t < max_new) & ~jnp.all(c.done)
 
-    def body(carry):
-        t, tokens, logps, cache, key, ended_at, done, prev, state = carry
+    def body(c: _Decoding):
+        t, tokens, logps, cache, key, ended_at, done, prev, state, layers_state = c
         model = nnx.merge(graphdef, state)  # the weights ride in the carry: nnx modules stay in one trace
+        layers = None if layers_def is None else list(nnx.merge(layers_def, layers_state))
         slot = p + t - 1  # the previous token's slot (the same in every row)
         position = (next_position + t - 1)[:, None]
         if positions.ndim == 3:  # 3D RoPE: a text token has t = h = w
@@ -249,7 +268,7 @@ def _generate(
         # VL: a new start / end marker routes to the vision experts, as it would in a re-run
         step_modality = None if modality is None else routing_modality(prev[:, None], model.vision_cfg)
         hidden, cache = model.extend(
-            prev[:, None], position, cache, slot, pad, prefill=False, modality=step_modality
+            prev[:, None], position, cache, slot, pad, prefill=False, modality=step_modality, layers=layers
         )
         key, sub = jax.random.split(key)
         logits = model.head(hidden[:, 0], table_t)
@@ -262,11 +281,27 @@ def _generate(
         ended_at = jnp.where(ends, t + 1, ended_at)
         tokens = tokens.at[:, t].set(token)
         logps = logps.at[:, t].set(logp)
-        return t + 1, tokens, logps, cache, key, ended_at, done | ends, token, state
+        return _Decoding(t + 1, tokens, logps, cache, key, ended_at, done | ends, token, state, layers_state)
 
-    carry = (jnp.int32(1), tokens, logps, cache, key, ended_at, done, token, state)
-    _, tokens, logps, _, _, ended_at, *_ = jax.lax.while_loop(cond, body, carry)
-    return tokens, logps, ended_at
+    start = _Decoding(jnp.int32(1), tokens, logps, cache, key, ended_at, done, token, state, layers_state)
+    end = jax.lax.while_loop(cond, body, start)
+    return end.tokens, end.logps, end.ended_at
+
+
+class _Decoding(NamedTuple):
+    """The decode loop's carry: step t (the next token's index), the outputs so far, the cache, the
+    previous tokens and the weights (the model's state; each layer's own with unrolled layers)."""
+
+    t: jax.Array
+    tokens: jax.Array
+    logps: jax.Array
+    cache: dict | list
+    key: jax.Array
+    ended_at: jax.Array
+    done: jax.Array
+    prev: jax.Array
+    state: nnx.State
+    layers_state: nnx.State | None
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -104,6 +104,14 @@ def scan_extend(stack, x, ctx, cache, slots, prefill: bool):
     return body((x, cache), stack, ctx, slots, jnp.arange(depth))
 
 
+def unstack(stack) -> list:
+    """A stack's layers (or units) as separate modules, each holding its own parameter buffers: one
+    slice of every stacked variable per layer, taken once (for the per-layer decode loop)."""
+    graphdef, state = nnx.split(stack)
+    depth = jax.tree.leaves(nnx.state(stack, nnx.Param))[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(depth)]
+
+
 def linear_dot_general(p: PrecisionConfig):
     """The dot_general of every Linear except router and LM head (FP8 under precision.fp8=all_linear)."""
     fp8 = fp8_for(p.fp8, p.fp8_recipe, "linear", p.fp8_amax_history)

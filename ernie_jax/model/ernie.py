@@ -34,6 +34,7 @@ from ernie_jax.model.blocks import (
     scan_extend,
     scan_layers,
     stack_layers,
+    unstack,
 )
 from ernie_jax.model.kv_cache import KVCache
 from ernie_jax.model.layers import Embed, Linear, RMSNorm
@@ -307,6 +308,28 @@ class ErnieForCausalLM(nnx.Module):
             cache["suffix"] = kv(plan.num_suffix)
         return cache
 
+    def decoder_layers(self) -> list:
+        """Every decoder layer in order as its own module (`unstack`): the per-layer decode loop runs
+        these with `layer_caches`, so a layer's weights and cache are whole buffers."""
+        layers = unstack(self.prefix) if self.prefix is not None else []
+        for unit in unstack(self.units) if self.units is not None else []:
+            layers += (unstack(unit.dense) if unit.dense is not None else []) + [unit.moe]
+        return layers + (unstack(self.suffix) if self.suffix is not None else [])
+
+    def layer_caches(self, cache: dict) -> list[KVCache]:
+        """The stacks' caches (`init_cache`, e.g. after a scanned prefill) split into one per layer,
+        in `decoder_layers` order."""
+        split = lambda c: [
+            KVCache(k, v) for k, v in zip(c.k.reshape(-1, *c.k.shape[-4:]), c.v.reshape(-1, *c.v.shape[-4:]))
+        ]
+        out = split(cache["prefix"]) if "prefix" in cache else []
+        if "units" in cache:
+            dense = split(cache["units"]["dense"]) if "dense" in cache["units"] else []
+            d = self.plan.dense_per_unit
+            for u, moe in enumerate(split(cache["units"]["moe"])):
+                out += dense[u * d : (u + 1) * d] + [moe]
+        return out + (split(cache["suffix"]) if "suffix" in cache else [])
+
     def extend(
         self,
         input_ids: jax.Array,
@@ -319,13 +342,15 @@ class ErnieForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         inputs_embeds: jax.Array | None = None,
         modality: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict]:
+        layers: list | None = None,
+    ) -> tuple[jax.Array, dict | list]:
         """Run new tokens input_ids [B,S] at `positions` ([B,S] or [B,S,3]) through the decoder,
         storing their keys and values in cache slots slot .. slot + S - 1 -> (hidden [B,S,H], what
         `head` takes; cache). Prompts are left-padded: row b's real tokens start at first_slot[b].
         `prefill`: the prompts from slot 0, segment_ids marking padding 0; else decode steps
         attending over the cache. MoE layers route every token (build the model with dropless
-        dispatch: capacity would drop)."""
+        dispatch: capacity would drop). `layers`: `decoder_layers()`, run one by one with `cache` a
+        list from `layer_caches` (else the stacks are scanned over the `init_cache` dict)."""
         b, s = input_ids.shape
         token_mask = jnp.ones((b, s), bool) if segment_ids is None else segment_ids > 0
         if modality is None:
@@ -334,6 +359,12 @@ class ErnieForCausalLM(nnx.Module):
             angles=self._angles(positions), token_mask=token_mask, modality=modality, segment_ids=segment_ids
         )
         x = self._input_embeddings(input_ids, inputs_embeds)
+        if layers is not None:
+            out = []
+            for layer, layer_cache in zip(layers, cache, strict=True):
+                x, layer_cache = layer.extend(x, ctx, layer_cache, (slot, first_slot), prefill)
+                out.append(layer_cache)
+            return x, out
         out = {}
         for name in ("prefix", "units", "suffix"):
             stack = getattr(self, name)

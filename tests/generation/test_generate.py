@@ -36,13 +36,21 @@ def _hf_greedy(hf, prompt, n):
 
 @pytest.mark.parametrize("moe", [True, False], ids=["moe", "dense"])
 def test_greedy_equals_transformers_in_one_batch(tmp_path, moe):
-    # MoE: dense layers between MoE layers and after them (stacks of one layer); dense: a tied head
+    # MoE: dense layers between MoE layers and after them (stacks of one layer), decoded with the
+    # layers scanned and one by one; dense: a tied head
     shape = dict(layers=5, interval=2, tie=False) if moe else dict(layers=3, tie=True)
     hf, path = make_hf_model(tmp_path, moe=moe, bias_scale=0.3 if moe else 0.0, **shape)
     ours = ernie_jax.load_pretrained(path)
     rng = np.random.default_rng(1)
     prompts = [list(rng.integers(3, 97, n)) for n in (9, 4, 13)]
-    got = ernie_jax.generate(ours, prompts, max_new_tokens=12, temperature=0.0, eos_token_ids=[EOS])
+    run = lambda unroll: ernie_jax.generate(
+        ours, prompts, max_new_tokens=12, temperature=0.0, eos_token_ids=[EOS], unroll_layers=unroll
+    )
+    got = run(None)  # CPU: the layers one by one
+    if moe:  # the scanned stacks of GPU / TPU decode give the same tokens
+        scanned = run(False)
+        np.testing.assert_array_equal(scanned.tokens, got.tokens)
+        np.testing.assert_allclose(scanned.logprobs, got.logprobs, atol=1e-6)
     for i, p in enumerate(prompts):
         ref, ref_logp = _hf_greedy(hf, p, 12)
         n = len(ref)
