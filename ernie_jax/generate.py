@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=8, help="with --prompts: prompts per batch")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument(
+        "--layers",
+        default="auto",
+        choices=["auto", "unrolled", "scanned"],
+        help="decode the layers one by one (faster on CPU, compile time grows with depth) or scanned "
+        "(compile time independent of depth); auto: unrolled on CPU only",
+    )
     return p
 
 
@@ -227,6 +234,7 @@ def main(argv=None) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             eos_token_ids=ends,
+            unroll_layers={"auto": None, "unrolled": True, "scanned": False}[args.layers],
         )
         if args.prompt is not None:
             ids, lengths = pad_prompts([e.ids for e in encoded], m.pad_token_id, PAD_TO)
