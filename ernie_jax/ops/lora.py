@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from ernie_jax.ops import matmul
+from ernie_jax.ops.grouped_matmul import ragged_dot
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -72,11 +73,11 @@ def base_of(w):
 
 def grouped_dot(xs: jax.Array, w, sizes: jax.Array) -> jax.Array:
     """Rows xs [M, K] sorted by expert (`sizes` [E] rows each) @ their expert's kernel -> [M, N]."""
-    y = jax.lax.ragged_dot(xs, base_of(w), sizes)
+    y = ragged_dot(xs, base_of(w), sizes)
     if not isinstance(w, ExpertKernel):
         return y
-    h = jax.lax.ragged_dot(dropout(xs, w.rate, w.seed), w.a, sizes)
-    return y + jax.lax.ragged_dot(h, w.b, sizes) * jnp.asarray(w.scale, y.dtype)
+    h = ragged_dot(dropout(xs, w.rate, w.seed), w.a, sizes)
+    return y + ragged_dot(h, w.b, sizes) * jnp.asarray(w.scale, y.dtype)
 
 
 def buffer_dot(buf: jax.Array, w) -> jax.Array:
