@@ -27,7 +27,7 @@ from ernie_jax.convert.run_export import checkpoint_tokenizer
 from ernie_jax.data.chat import ChatError, is_chat_file, markers, render_chat
 from ernie_jax.data.text import read_documents, resolve_paths
 from ernie_jax.errors import ConfigError, DataError, ErnieJaxError
-from ernie_jax.generation import generation_model
+from ernie_jax.generation import generation_split
 from ernie_jax.ops.cross_entropy import token_cross_entropy
 from ernie_jax.paths import as_path
 
@@ -116,7 +116,7 @@ def chat_sequences(
 
 def score(model, sequences, batch_size: int, pad_id: int) -> tuple[float, int]:
     """(summed nll in nats, scored tokens) of [(ids, mask)] under `model`, in fixed-shape batches."""
-    graphdef, state = nnx.split(generation_model(model))
+    graphdef, state = generation_split(model)
     width = max(len(ids) for ids, _ in sequences)
     width = -(-width // 64) * 64  # one compiled shape for nearby lengths
     nll, count = 0.0, 0

@@ -1,5 +1,5 @@
 """Generation: `generate(model, input_ids, ...)` with a KV cache and sampling."""
 
-from ernie_jax.generation.generate import Generated, generate, generation_model, pad_prompts
+from ernie_jax.generation.generate import Generated, generate, generation_split, pad_prompts
 
-__all__ = ["Generated", "generate", "generation_model", "pad_prompts"]
+__all__ = ["Generated", "generate", "generation_split", "pad_prompts"]
