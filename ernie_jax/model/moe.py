@@ -27,6 +27,7 @@ from ernie_jax.ops.moe_dispatch import (
     dropless_experts,
     every_expert,
     expert_capacity,
+    gathered_experts,
     merge_groups,
     route,
     split_groups,
@@ -107,11 +108,20 @@ def expert_parallel_mesh():
 def local_experts(x, idx, weights, live, kernels, cfg, fp8=None):
     """Routed experts over one device's tokens x [T,H] (dropless, or capacity from T) -> (y, kept [T,K])."""
     if cfg.dispatch == "dropless":
-        # at most E tokens (decode steps): every expert densely, cheaper than sorting into groups
-        experts = every_expert if x.shape[0] <= cfg.num_experts else dropless_experts
-        return experts(x, idx, weights, kernels, fp8, live=live), jnp.ones_like(idx, bool)
+        return dropless_for(x.shape[0], idx.shape[1], kernels[0].shape[0])(
+            x, idx, weights, kernels, fp8, live=live
+        ), jnp.ones_like(idx, bool)
     cap = expert_capacity(x.shape[0], cfg.top_k, cfg.num_experts, cfg.capacity_factor)
     return capacity_experts(x, idx, weights, live, kernels, cap, fp8)
+
+
+def dropless_for(tokens: int, top_k: int, num_experts: int):
+    """The dropless path for a (static) token count. Decode steps are memory-bound: with T*K at most
+    half of E, gathering each choice's expert reads the fewest weights (`gathered_experts`); up to E
+    tokens, every expert once, densely (cheaper than sorting into groups); beyond, ragged groups."""
+    if 2 * tokens * top_k <= num_experts:
+        return gathered_experts
+    return every_expert if tokens <= num_experts else dropless_experts
 
 
 def per_device_experts(x, idx, weights, live, kernels, cfg, fp8, shape):

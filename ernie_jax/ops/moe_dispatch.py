@@ -12,12 +12,13 @@ Dims: T tokens, H hidden, E experts, K top-k, C capacity, I expert width.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-from ernie_jax.ops.lora import buffer_dot, grouped_dot
+from ernie_jax.ops.lora import ExpertKernel, buffer_dot, grouped_dot
 from ernie_jax.precision.remat import checkpoint_name
 
 
@@ -72,6 +73,44 @@ def every_expert(
     dense_w = jnp.einsum("tke,tk->te", jax.nn.one_hot(idx, num_experts, dtype=w.dtype), w)
     out = swiglu_experts(jnp.broadcast_to(x, (num_experts, t, x.shape[-1])), *kernels, fp8=fp8)
     return jnp.einsum("eth,te->th", out, dense_w.astype(out.dtype))
+
+
+def gathered_experts(
+    x: jax.Array, idx: jax.Array, weights: jax.Array, kernels, fp8=None, live: jax.Array | None = None
+) -> jax.Array:
+    """Dropless for tokens whose T*K choices are a small part of the E experts (decode at a small
+    batch, e.g. 6 of 64 experts per token in ERNIE-4.5-21B): each assignment's expert is applied to
+    its own token, so a step reads T*K experts' weights instead of all E (`every_expert`). Same sum
+    as `dropless_experts`. On CPU the assignments go one by one through a scan (a dynamic slice per
+    expert is a memcpy; XLA:CPU's gather of whole experts was 3x slower: T=1, E=64, K=6, H=1024,
+    I=512: 14.7 ms every expert, 9.7 ms gathered, 2.9 ms one by one); elsewhere one gather and a
+    batched matmul."""
+    t, k = idx.shape
+    xs = jnp.repeat(x, k, axis=0)[:, None]  # [T*K, 1, H]: each assignment its own one-row "expert"
+    run = lambda f: functools.partial(f, fp8=fp8)
+    out = jax.lax.platform_dependent(
+        xs, idx.reshape(-1), kernels, cpu=run(_experts_one_by_one), default=run(_experts_gathered)
+    )
+    w = weights if live is None else weights * live.astype(weights.dtype)[:, None]
+    return jnp.einsum("tkh,tk->th", out.reshape(t, k, -1), w.astype(out.dtype))
+
+
+def _expert_slices(w, take):
+    """`take` applied to a kernel's expert axis (base and adapter of an ExpertKernel)."""
+    return w.replace(base=take(w.base), a=take(w.a), b=take(w.b)) if isinstance(w, ExpertKernel) else take(w)
+
+
+def _experts_gathered(xs, experts, kernels, fp8):
+    return swiglu_experts(xs, *(_expert_slices(w, lambda a: a[experts]) for w in kernels), fp8=fp8)
+
+
+def _experts_one_by_one(xs, experts, kernels, fp8):
+    def one(_, assignment):
+        x1, e = assignment  # [1, H], its expert
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, e, 1, axis=0)
+        return None, swiglu_experts(x1[None], *(_expert_slices(w, take) for w in kernels), fp8=fp8)[0]
+
+    return jax.lax.scan(one, None, (xs, experts))[1]
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:

@@ -1,11 +1,14 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ernie_jax.config import MoEConfig
-from ernie_jax.model.moe import MoEBlock, capacity_experts, expert_capacity, route
-from ernie_jax.ops.moe_dispatch import dropless_experts, every_expert
+from ernie_jax.model.moe import MoEBlock, capacity_experts, dropless_for, expert_capacity, route
+from ernie_jax.ops import moe_dispatch
+from ernie_jax.ops.lora import ExpertKernel
+from ernie_jax.ops.moe_dispatch import dropless_experts, every_expert, gathered_experts
 
 
 def _block(dispatch="dropless", factor=1.0, shared=1, e=8, k=2, seed=0):
@@ -114,19 +117,33 @@ def test_dispatch_functions_are_jittable_without_python_loops():
     assert len(program(64, x).splitlines()) == len(program(16, x).splitlines())
     # at most E tokens (a decode step): every expert densely, no ragged groups
     assert "ragged_dot_general[" not in program(64, x[:, :8])
+    assert dropless_for(8, 4, 64) is gathered_experts and dropless_for(16, 4, 64) is every_expert
 
 
-def test_every_expert_equals_dropless_with_grads():
-    """The decode-size path: the same outputs and gradients as sorting into ragged groups, with
-    tokens of another group / padding (live=False) contributing nothing."""
+@pytest.mark.parametrize(
+    "path, lora",
+    [(every_expert, False), (gathered_experts, False), (gathered_experts, True)],
+    ids=["every_expert", "gathered", "gathered_lora"],
+)
+def test_decode_paths_equal_dropless_with_grads(path, lora):
+    """The decode-size paths: the same outputs and gradients as sorting into ragged groups, with
+    tokens of another group / padding (live=False) contributing nothing; LoRA expert kernels too."""
     t, h, e, inter, k = 6, 16, 8, 12, 2
-    keys = jax.random.split(jax.random.key(0), 5)
+    keys = jax.random.split(jax.random.key(0), 8)
     x = jax.random.normal(keys[0], (t, h))
     kernels = (
         0.25 * jax.random.normal(keys[1], (e, h, inter)),
         0.25 * jax.random.normal(keys[2], (e, h, inter)),
         0.25 * jax.random.normal(keys[3], (e, inter, h)),
     )
+    if lora:  # rank-2 adapters on every routed kernel
+        adapter = lambda w, key: ExpertKernel(
+            w,
+            0.3 * jax.random.normal(key, (e, w.shape[1], 2)),
+            jax.random.normal(key, (e, 2, w.shape[2])),
+            0.5,
+        )
+        kernels = tuple(adapter(w, key) for w, key in zip(kernels, keys[5:]))
     _, idx, weights = route(jax.random.normal(keys[4], (t, e)), jnp.zeros(e), k, 1e-12)
     live = jnp.array([True, True, False, True, True, False])
 
@@ -135,12 +152,20 @@ def test_every_expert_equals_dropless_with_grads():
 
     for want, got in zip(
         jax.value_and_grad(lambda *a: loss(dropless_experts, *a), argnums=(0, 1))(x, kernels),
-        jax.value_and_grad(lambda *a: loss(every_expert, *a), argnums=(0, 1))(x, kernels),
+        jax.value_and_grad(lambda *a: loss(path, *a), argnums=(0, 1))(x, kernels),
     ):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    y = every_expert(x, idx, weights, kernels, live=live)
+    y = path(x, idx, weights, kernels, live=live)
     assert float(jnp.abs(y[2]).max()) == 0.0 and float(jnp.abs(y[5]).max()) == 0.0
+    if path is gathered_experts:  # the GPU / TPU branch (one gather) equals the CPU one (a scan)
+        xs, flat = jnp.repeat(x, k, axis=0)[:, None], idx.reshape(-1)
+        np.testing.assert_allclose(
+            moe_dispatch._experts_gathered(xs, flat, kernels, None),
+            moe_dispatch._experts_one_by_one(xs, flat, kernels, None),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def _mesh(**axes):
