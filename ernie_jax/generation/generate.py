@@ -184,8 +184,8 @@ def _unrolls_by_default() -> bool:
     scanned layer's weights and cache are copied out of their stacks at every layer of every step
     (~45% of a batch-8 step of the default MoE); per-layer buffers avoid that (same tokens, ~1.5x
     faster) at a compile time that grows with depth and a second copy of the decoder weights for the
-    length of the call. GPU and TPU read a slice of a stack in place,
-    so there the stacks stay scanned (compile time independent of depth)."""
+    length of the call. GPU and TPU read a slice of a stack in place, so there the stacks stay
+    scanned (compile time independent of depth)."""
     return jax.default_backend() == "cpu"
 
 

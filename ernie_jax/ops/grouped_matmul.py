@@ -3,10 +3,10 @@
 GPU and TPU run `jax.lax.ragged_dot` (grouped kernels). XLA:CPU has none: it expands a ragged dot
 into one dense matmul over every group with the other groups' rows masked ([M, E*K] x [E*K, N]),
 E times the FLOPs, and its backward is slower still (forward + backward of the default tiny MoE's
-[1024, 128] x [8, 128, 128]: 11.4 ms). On CPU the rows are instead cut into blocks of rows (`block_size`)
-that each belong to one expert (every group padded to whole blocks, as grouped GEMM kernels such as
-megablox lay them out) and a scan multiplies each block by its expert's kernel: at most
-M + E * BLOCK rows of work (2.4 ms for the same shape). The branch is chosen when the program is
+[1024, 128] x [8, 128, 128]: 11.4 ms). On CPU the rows are instead cut into blocks (`block_size`
+rows) that each belong to one expert (every group padded to whole blocks, as grouped GEMM kernels
+such as megablox lay them out) and a scan multiplies each block by its expert's kernel: at most
+M + E * block rows of work (2.5 ms for the same shape). The branch is chosen when the program is
 lowered (`jax.lax.platform_dependent`), so a TPU program compiled ahead of time on a CPU host still
 gets `ragged_dot`.
 """
