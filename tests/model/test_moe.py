@@ -114,7 +114,7 @@ def test_dispatch_functions_are_jittable_without_python_loops():
     program = lambda e, x: str(jax.make_jaxpr(lambda x: blocks[e](x, jnp.ones(x.shape[:2], bool))[0])(x))
     # grouped matmuls (ragged_dot on GPU / TPU, row blocks on CPU) whose program does not grow with E
     assert "ragged_dot_general[" in program(64, x)
-    assert len(program(64, x).splitlines()) == len(program(16, x).splitlines())
+    assert program(64, x).count(" = ") == program(16, x).count(" = ")  # equations, not printed lines
     # at most E tokens (a decode step): every expert densely, no ragged groups
     assert "ragged_dot_general[" not in program(64, x[:, :8])
     assert dropless_for(8, 4, 64) is gathered_experts and dropless_for(16, 4, 64) is every_expert
