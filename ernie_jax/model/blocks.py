@@ -91,7 +91,7 @@ def scan_extend(stack, x, ctx, cache, slots, prefill: bool):
     stack of one layer has no layer axis in its cache (`KVCache.zeros`), so its write and read
     are one buffer (a depth-1 axis made XLA:CPU copy the cache ~8 times per decode step)."""
     views = lambda c, f: jax.tree.map(f, c, is_leaf=lambda a: isinstance(a, KVCache))
-    depth = jax.tree.leaves(nnx.state(stack, nnx.Param))[0].shape[0]
+    depth = stack_depth(stack)
 
     @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=nnx.Carry)
     def body(carry, layer, ctx, slots, i):
@@ -108,8 +108,12 @@ def unstack(stack) -> list:
     """A stack's layers (or units) as separate modules, each holding its own parameter buffers: one
     slice of every stacked variable per layer, taken once (for the per-layer decode loop)."""
     graphdef, state = nnx.split(stack)
-    depth = jax.tree.leaves(nnx.state(stack, nnx.Param))[0].shape[0]
-    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(depth)]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(stack_depth(stack))]
+
+
+def stack_depth(stack) -> int:
+    """Layers (or units) in a stack: the leading axis of its params (LoRA / FP8 state rides along)."""
+    return jax.tree.leaves(nnx.state(stack, nnx.Param))[0].shape[0]
 
 
 def linear_dot_general(p: PrecisionConfig):

@@ -319,16 +319,13 @@ class ErnieForCausalLM(nnx.Module):
     def layer_caches(self, cache: dict) -> list[KVCache]:
         """The stacks' caches (`init_cache`, e.g. after a scanned prefill) split into one per layer,
         in `decoder_layers` order."""
-        split = lambda c: [
-            KVCache(k, v) for k, v in zip(c.k.reshape(-1, *c.k.shape[-4:]), c.v.reshape(-1, *c.v.shape[-4:]))
-        ]
-        out = split(cache["prefix"]) if "prefix" in cache else []
+        out = cache["prefix"].per_layer() if "prefix" in cache else []
         if "units" in cache:
-            dense = split(cache["units"]["dense"]) if "dense" in cache["units"] else []
+            dense = cache["units"]["dense"].per_layer() if "dense" in cache["units"] else []
             d = self.plan.dense_per_unit
-            for u, moe in enumerate(split(cache["units"]["moe"])):
+            for u, moe in enumerate(cache["units"]["moe"].per_layer()):
                 out += dense[u * d : (u + 1) * d] + [moe]
-        return out + (split(cache["suffix"]) if "suffix" in cache else [])
+        return out + (cache["suffix"].per_layer() if "suffix" in cache else [])
 
     def extend(
         self,

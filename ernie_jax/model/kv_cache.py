@@ -45,6 +45,11 @@ class KVCache:
         """This layer's k [B, K, T, D] and v [B, K, D, T]."""
         return (self.k[self.at], self.v[self.at]) if self.at else (self.k, self.v)
 
+    def per_layer(self) -> list[KVCache]:
+        """A stack's cache split into one cache per layer, in stack order (row-major over `lead`)."""
+        k, v = self.k.reshape(-1, *self.k.shape[-4:]), self.v.reshape(-1, *self.v.shape[-4:])
+        return [KVCache(ki, vi) for ki, vi in zip(k, v)]
+
     def write(self, k: jax.Array, v: jax.Array, slot: jax.Array) -> KVCache:
         """k, v [B, S, K, D] of new tokens stored in slots slot .. slot + S - 1 (the same for every
         row: prompts are left-padded), one in-place update of the carried array."""

@@ -37,20 +37,24 @@ def block_size(rows: int, groups: int) -> int:
 @jax.custom_vjp
 def blocked_ragged_dot(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
     """`ragged_dot` as a scan over blocks of rows of one group each (the CPU branch)."""
-    group, rows, slots = _block_rows(sizes, x.shape[0], w.shape[0])
+    return _blocked(x, w, _block_rows(sizes, x.shape[0], w.shape[0]))
+
+
+def _blocked(x, w, layout):
+    group, rows, slots = layout
     return _unblock(_per_block(_gather_rows(x, rows), w, group), slots)
 
 
 def _forward(x, w, sizes):
-    return blocked_ragged_dot(x, w, sizes), (x, w, sizes)
+    layout = _block_rows(sizes, x.shape[0], w.shape[0])  # kept for the backward, not recomputed
+    return _blocked(x, w, layout), (x, w, sizes, layout)
 
 
 def _backward(res, dy):
     """dx: the same blocks times each group's transposed kernel; dw: each block's x^T dy added into
     its group's slice of one carried [E, K, N] (autodiff of the forward scan built a zero [E, K, N]
     per block instead: 2-3x slower)."""
-    x, w, sizes = res
-    group, rows, slots = _block_rows(sizes, x.shape[0], w.shape[0])
+    x, w, sizes, (group, rows, slots) = res
     xb, dyb = _gather_rows(x, rows), _gather_rows(dy.astype(x.dtype), rows)
 
     def one(dw, block_in):
